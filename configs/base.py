@@ -1,0 +1,75 @@
+"""Every config field, commented, with its default. Recipes (quickstart.py, shakespeare_char.py, …)
+start from `get_config()` here and change only what their recipe names."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.num_layers = 4  # Transformer blocks.
+    m.num_heads = 4  # Attention heads; must divide d_model.
+    m.d_model = 128  # Residual stream width.
+    m.mlp_ratio = 4  # MLP hidden width = mlp_ratio · d_model.
+    m.max_seq_len = config_dict.placeholder(int)  # Learned positions; None → data.seq_len.
+    m.vocab_size = config_dict.placeholder(int)  # None → the tokenizer's vocabulary size.
+    m.vocab_multiple = 1  # Pad the vocab up to a multiple (64 pays on GPUs; padded ids are masked).
+    m.dropout = 0.0  # Dropout on embeddings and residual branches.
+    m.attention_dropout = 0.0  # Dropout on attention weights (> 0 uses the explicit-weights path).
+    m.bias = False  # Biases in Dense layers and LayerNorms (GPT-2: True; nanoGPT recipes: False).
+    m.tie_embeddings = True  # LM head shares the token embedding matrix.
+    m.activation = "gelu"  # MLP activation: gelu (exact erf, nanoGPT) | gelu_tanh (GPT-2) | relu.
+    m.norm_eps = 1e-5  # LayerNorm epsilon.
+    m.init_std = 0.02  # GPT-2 init std; residual projections get init_std / sqrt(2·num_layers).
+    m.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
+    m.attention_impl = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn.
+
+    c.data = d = ml_collections.ConfigDict()
+    d.corpus = "pystdlib"  # Named corpus: pystdlib (offline) | shakespeare (downloaded once).
+    d.path = config_dict.placeholder(str)  # A local text file or folder, used instead of corpus.
+    d.tokenizer = "byte"  # byte | char (char vocab is built from the corpus).
+    d.cache_dir = "~/.cache/gpt_jax"  # Downloads and prepared token files, shared between runs.
+    d.val_fraction = 0.1  # The last 10% of the token stream validates (nanoGPT's split).
+    d.seq_len = 128  # Tokens per training sequence (T).
+    # Training windows: epochs (shuffled non-overlapping windows, every token once per epoch) |
+    # random (uniform random starts with replacement, nanoGPT's get_batch).
+    d.sampling = "epochs"
+    d.num_threads = 2  # Grain reader threads.
+    d.prefetch = 4  # Batches Grain prepares ahead of the device.
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-3  # Peak learning rate (AdamW).
+    o.min_lr = 1e-4  # Learning rate at the end of the cosine decay.
+    o.warmup_steps = 100  # Linear warmup from 0.
+    o.decay_steps = config_dict.placeholder(int)  # Cosine decay ends here; None → train.num_steps.
+    o.beta1 = 0.9
+    o.beta2 = 0.99
+    o.eps = 1e-8
+    o.weight_decay = 0.1  # Decoupled weight decay, applied to matrices only (not biases/norms).
+    o.grad_clip = 1.0  # Global-norm clipping threshold; 0 disables.
+
+    c.train = t = ml_collections.ConfigDict()
+    t.num_steps = 1000  # Optimizer steps.
+    t.batch_size = 16  # Global batch, in sequences.
+    t.grad_accum_steps = 1  # Micro-batches per step (batch_size must divide evenly).
+    t.seed = 0  # Seeds init, dropout and data order.
+    t.eval_every = 250  # Steps between evaluations.
+    t.eval_batches = 20  # Fixed val batches per periodic evaluation.
+    t.final_eval = "full"  # At the end: full (every val token, exact) | batches | none.
+
+    c.log = lg = ml_collections.ConfigDict()
+    lg.every = 10  # Steps between train lines in metrics.jsonl / TensorBoard.
+    lg.progress = True  # Console progress bar.
+    lg.tensorboard = True  # Write TensorBoard events to WORKDIR/tb.
+    lg.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0 → look up the device (None on CPU).
+
+    c.sample = s = ml_collections.ConfigDict()
+    s.num_samples = 1  # Samples printed at the end of training (0 disables).
+    s.prompt = "\n"  # Prompt text for the end-of-training sample.
+    s.max_new_tokens = 200
+    s.temperature = 0.8
+    s.top_k = 0  # 0 disables top-k filtering.
+    s.seed = 0
+    return c

@@ -1,0 +1,170 @@
+"""Config handling: validation, the frozen ModelConfig, JSON round trip.
+
+Every default lives in configs/*.py; this module only checks values and derives what follows from
+them. Errors are one line that names the field and the fix, raised before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+FINAL_EVALS = ("full", "batches", "none")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a GPT, built from the `model` config group."""
+
+    vocab_size: int
+    vocab_multiple: int
+    max_seq_len: int
+    num_layers: int
+    num_heads: int
+    d_model: int
+    mlp_ratio: int
+    dropout: float
+    attention_dropout: float
+    bias: bool
+    tie_embeddings: bool
+    activation: str
+    norm_eps: float
+    init_std: float
+    dtype: str
+    attention_impl: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.mlp_ratio * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+        """Builds the model hyperparameters; `vocab_size` comes from the tokenizer unless the
+        config fixes `model.vocab_size` (which must then hold every token id)."""
+        m = config.model
+        if m.vocab_size is not None:
+            if m.vocab_size < vocab_size:
+                raise ConfigError(
+                    f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+                    f"({vocab_size}); raise it or leave it unset to take the tokenizer's."
+                )
+            vocab_size = m.vocab_size
+        max_seq_len = m.max_seq_len if m.max_seq_len is not None else config.data.seq_len
+        return cls(
+            vocab_size=vocab_size,
+            vocab_multiple=m.vocab_multiple,
+            max_seq_len=max_seq_len,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            d_model=m.d_model,
+            mlp_ratio=m.mlp_ratio,
+            dropout=m.dropout,
+            attention_dropout=m.attention_dropout,
+            bias=m.bias,
+            tie_embeddings=m.tie_embeddings,
+            activation=m.activation,
+            norm_eps=m.norm_eps,
+            init_std=m.init_std,
+            dtype=m.dtype,
+            attention_impl=ATTENTION_IMPLS[m.attention_impl],
+        )
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(value: Any, field: str, choices) -> None:
+    _check(value in choices, f"{field}={value!r} is not one of {sorted(choices)}; pick one of those.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every value that would otherwise fail late (or silently) in compilation or training."""
+    from gpt_jax.data.corpora import CORPORA
+    from gpt_jax.data.pipeline import SAMPLINGS
+    from gpt_jax.data.tokenizers import TOKENIZERS
+    from gpt_jax.models.layers import ACTIVATIONS
+
+    m, d, o, t = config.model, config.data, config.optim, config.train
+    for field in ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_multiple"):
+        _check(m[field] >= 1, f"model.{field}={m[field]} must be ≥ 1.")
+    _check(
+        m.d_model % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; "
+        "choose heads so that d_model % num_heads == 0.",
+    )
+    _one_of(m.dtype, "model.dtype", DTYPES)
+    _one_of(m.attention_impl, "model.attention_impl", ATTENTION_IMPLS)
+    _one_of(m.activation, "model.activation", ACTIVATIONS)
+    for field in ("dropout", "attention_dropout"):
+        _check(0.0 <= m[field] < 1.0, f"model.{field}={m[field]} must be in [0, 1).")
+    _check(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be ≥ 1.")
+    if m.max_seq_len is not None:
+        _check(
+            d.seq_len <= m.max_seq_len,
+            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len} (positions); "
+            "lower data.seq_len or raise model.max_seq_len.",
+        )
+    _one_of(d.tokenizer, "data.tokenizer", TOKENIZERS)
+    _one_of(d.sampling, "data.sampling", SAMPLINGS)
+    if d.path is None:
+        _one_of(d.corpus, "data.corpus", CORPORA)
+    _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1).")
+
+    _check(t.num_steps >= 1, f"train.num_steps={t.num_steps} must be ≥ 1.")
+    _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be ≥ 1.")
+    _check(t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be ≥ 1.")
+    _check(
+        t.batch_size % t.grad_accum_steps == 0,
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
+        f"{t.grad_accum_steps}; make the batch a multiple of the accumulation steps.",
+    )
+    _check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be ≥ 1.")
+    _check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be ≥ 1.")
+    _one_of(t.final_eval, "train.final_eval", FINAL_EVALS)
+    _check(config.log.every >= 1, f"log.every={config.log.every} must be ≥ 1.")
+
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0.")
+    _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr].")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be ≥ 0.")
+    decay = o.decay_steps if o.decay_steps is not None else t.num_steps
+    _check(
+        decay > o.warmup_steps,
+        f"optim.decay_steps={decay} must exceed optim.warmup_steps={o.warmup_steps}.",
+    )
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be ≥ 0 (0 disables clipping).")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as pretty JSON (what lands in WORKDIR/config.json)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of `to_json`."""
+    return ml_collections.ConfigDict(json.loads(text))

@@ -1,0 +1,78 @@
+"""`python -m gpt_jax.train --config=configs/FILE.py[:VARIANT] --workdir=DIR [--config.KEY=VALUE]`.
+
+No arguments: configs/quickstart.py into runs/quickstart.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gpt_jax.config import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def default_workdir(config_arg: str) -> str:
+    """runs/quickstart for configs/quickstart.py, runs/shakespeare_char_cpu for …py:cpu."""
+    path, _, variant = config_arg.partition(":")
+    name = pathlib.Path(path).stem
+    return str(pathlib.Path("runs") / (f"{name}_{variant}" if variant else name))
+
+
+def _fail(msg: str) -> None:
+    sys.exit(f"error: {msg}")
+
+
+def _last_line(e: BaseException) -> str:
+    """config_flags wraps a config file's own error in a traceback; its last line is the cause."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def define_flags() -> None:
+    """Defines --config and --workdir. config_flags reads `--config.*` overrides from sys.argv
+    right here, so an unknown field surfaces here: reported in one line, with its 'did you mean'."""
+    try:
+        config_flags.DEFINE_config_file(
+            "config", str(REPO / "configs" / "quickstart.py"), "Config file, optionally `:variant`."
+        )
+    except (AttributeError, KeyError) as e:
+        msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        _fail(f"unknown config field: {msg} (every field is listed in configs/base.py)")
+    flags.DEFINE_string("workdir", None, "Run directory; default runs/<config>[_<variant>].")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing with one-line errors (bad values, unreadable config files)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
+        _fail(_last_line(e))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from gpt_jax.training import trainer  # Imported late so flag errors come fast.
+
+    config_arg = flags.FLAGS["config"].serialize().split("=", 1)[-1]  # FILE.py[:VARIANT]
+    try:
+        config = flags.FLAGS.config
+        config.model  # noqa: B018 — config_flags defers a missing-file error to first access.
+    except OSError as e:
+        _fail(f"cannot load --config={config_arg}: {_last_line(e)}")
+    workdir = flags.FLAGS.workdir or default_workdir(config_arg)
+    logging.set_verbosity(logging.INFO)
+    try:
+        trainer.run(config, workdir)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

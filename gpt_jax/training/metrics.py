@@ -1,0 +1,84 @@
+"""Metric sinks (metrics.jsonl, TensorBoard) and the FLOP count behind MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from gpt_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, by the substring jax reports in `device_kind`. The first match
+# wins, so more specific names come first. Override with log.peak_flops.
+PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 197e12),  # v5e / "TPU v5 lite"
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+)
+
+
+def peak_flops_per_device(device: jax.Device, override: float) -> float | None:
+    """Peak FLOP/s of one device: the override if > 0, else the table; None when unknown (CPU)."""
+    if override > 0:
+        return override
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in device.device_kind.lower():
+            return flops
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token, 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
+
+    N counts the parameters that do matmuls: the position table never does, and an untied token
+    table is a lookup (its LM head is counted). The second term is attention's QK^T and AV.
+    """
+    n = num_params - cfg.max_seq_len * cfg.d_model
+    if not cfg.tie_embeddings:
+        n -= cfg.padded_vocab_size * cfg.d_model
+    return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: pathlib.Path, tensorboard: bool):
+        self._file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 — closed in close().
+        self._tb = SummaryWriter(str(workdir / "tb")) if tensorboard else None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            row[k] = _to_python(v)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _to_python(v: Any) -> Any:
+    if isinstance(v, np.ndarray | np.generic | jax.Array):
+        v = np.asarray(v).item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the line parseable.
+    return v

@@ -1,0 +1,41 @@
+"""Optimizer: AdamW (decay on matrices only), linear warmup + cosine decay, global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to optim.lr, then cosine to optim.min_lr at optim.decay_steps."""
+    o = config.optim
+    decay_steps = o.decay_steps if o.decay_steps is not None else config.train.num_steps
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.lr,
+        warmup_steps=o.warmup_steps,
+        decay_steps=decay_steps,
+        end_value=o.min_lr,
+    )
+
+
+def decay_mask(params):
+    """Weight decay on matrices (kernels, embeddings) only; never on biases or norm scales."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The full update rule of a training step."""
+    o = config.optim
+    adamw = optax.adamw(
+        make_schedule(config),
+        b1=o.beta1,
+        b2=o.beta2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        mask=decay_mask,
+    )
+    if o.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
+    return adamw

@@ -1,0 +1,85 @@
+"""The jitted train and eval steps, and the loss they share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+Array = jax.Array
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimizer state, step, and the dropout key (per-step keys fold in the step)."""
+
+    dropout_key: Array
+
+
+def cross_entropy(logits_BTV: Array, targets_BT: Array, weights_BT: Array) -> tuple[Array, Array]:
+    """Sum of token losses weighted by `weights_BT`, and the sum of weights (float32)."""
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV.astype(jnp.float32), targets_BT
+    )
+    return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def _loss_fn(params, model: nn.Module, batch_BT1: Array, dropout_key: Array | None) -> Array:
+    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    deterministic = dropout_key is None
+    rngs = None if deterministic else {"dropout": dropout_key}
+    logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs)
+    total, count = cross_entropy(logits_BTV, targets_BT, jnp.ones(targets_BT.shape, jnp.float32))
+    return total / count
+
+
+def make_train_step(
+    model: nn.Module, schedule: optax.Schedule, grad_accum_steps: int, use_dropout: bool
+) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Any]]]:
+    """Returns train_step(state, batch_BT1) -> (state, metrics); jit it with the state donated.
+
+    With accumulation the batch is split into `grad_accum_steps` micro-batches whose gradients are
+    averaged in float32 inside one compiled step (a `lax.scan`), so one call is one optimizer step.
+    """
+
+    def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, dict[str, Any]]:
+        step_key = jax.random.fold_in(state.dropout_key, state.step) if use_dropout else None
+        grad_fn = jax.value_and_grad(_loss_fn)
+        if grad_accum_steps == 1:
+            loss, grads = grad_fn(state.params, model, batch_BT1, step_key)
+        else:
+            micro_ABT1 = batch_BT1.reshape(grad_accum_steps, -1, batch_BT1.shape[-1])
+
+            def accumulate(carry, xs):
+                i, micro_BT1 = xs
+                key = None if step_key is None else jax.random.fold_in(step_key, i)
+                loss_i, grads_i = grad_fn(state.params, model, micro_BT1, key)
+                return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(grad_accum_steps), micro_ABT1)
+            )
+            loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+        metrics = {
+            "train/loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
+        return state.apply_gradients(grads=grads), metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
+    """Returns eval_step(params, batch_BT1, weights_BT) -> (sum of losses, sum of weights)."""
+
+    def eval_step(params, batch_BT1: Array, weights_BT: Array) -> tuple[Array, Array]:
+        logits_BTV = model.apply({"params": params}, batch_BT1[:, :-1], deterministic=True)
+        return cross_entropy(logits_BTV, batch_BT1[:, 1:], weights_BT)
+
+    return eval_step

@@ -1,0 +1,110 @@
+"""Configs: every recipe loads and validates, overrides work, typos and bad values fail clearly."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import base, gpt2, quickstart, shakespeare_char
+from gpt_jax import config as config_lib
+from gpt_jax.train import default_workdir
+
+
+@pytest.mark.parametrize(
+    "get_config,arg",
+    [(quickstart.get_config, None), (shakespeare_char.get_config, "cpu"),
+     (shakespeare_char.get_config, "gpu")] + [(gpt2.get_config, s) for s in gpt2.SIZES],
+)
+def test_recipes_validate(get_config, arg):
+    config = get_config(arg)
+    config_lib.validate(config)
+    assert config_lib.from_json(config_lib.to_json(config)).to_dict() == config.to_dict()
+
+
+def test_recipes_keep_every_base_field():
+    """Recipes change values, never the set of fields (so every override works on every recipe)."""
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {
+            x for k, v in d.items() if isinstance(v, dict) for x in keys(v, f"{prefix}{k}.")
+        }
+    want = keys(base.get_config().to_dict())
+    for config in (quickstart.get_config(None), shakespeare_char.get_config("cpu"),
+                   gpt2.get_config("xl")):
+        assert keys(config.to_dict()) == want
+
+
+def test_shakespeare_cpu_mirrors_nanogpt():
+    c = shakespeare_char.get_config("cpu")
+    assert (c.model.num_layers, c.model.num_heads, c.model.d_model) == (4, 4, 128)
+    assert (c.data.seq_len, c.train.batch_size, c.train.num_steps) == (64, 12, 2000)
+    assert (c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.optim.beta2) == (
+        1e-3, 1e-4, 100, 0.99)
+    assert c.model.dropout == 0.0 and not c.model.bias and c.train.eval_batches == 20
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown variant"):
+        shakespeare_char.get_config("tpu")
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("model.num_heads", 5, "does not divide model.d_model"),
+        ("model.dtype", "float16", "model.dtype"),
+        ("model.attention_impl", "flash", "model.attention_impl"),
+        ("data.tokenizer", "bpe7", "data.tokenizer"),
+        ("data.corpus", "wikipedia", "data.corpus"),
+        ("data.sampling", "sequential", "data.sampling"),
+        ("train.grad_accum_steps", 5, "not divisible by train.grad_accum_steps"),
+        ("model.max_seq_len", 64, "exceeds model.max_seq_len"),
+        ("optim.warmup_steps", 5000, "must exceed optim.warmup_steps"),
+    ],
+)
+def test_validation_errors_name_the_field(field, value, match):
+    config = quickstart.get_config(None)
+    group, key = field.split(".")
+    config[group][key] = value
+    with pytest.raises(config_lib.ConfigError, match=match) as e:
+        config_lib.validate(config)
+    assert "\n" not in str(e.value)
+
+
+def test_vocab_size_smaller_than_tokenizer():
+    config = quickstart.get_config(None)
+    config.model.vocab_size = 100
+    with pytest.raises(config_lib.ConfigError, match="model.vocab_size=100"):
+        config_lib.ModelConfig.from_config(config, vocab_size=256)
+
+
+def test_default_workdir():
+    assert default_workdir("configs/quickstart.py") == "runs/quickstart"
+    assert default_workdir("configs/shakespeare_char.py:cpu") == "runs/shakespeare_char_cpu"
+
+
+def _train(*args):
+    return subprocess.run([sys.executable, "-m", "gpt_jax.train", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_a_typo_with_did_you_mean():
+    r = _train("--config.model.num_head=3")
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown config field") and 'Did you mean "num_heads"' in last
+
+
+def test_cli_rejects_a_bad_value_before_compiling(tmp_path):
+    r = _train("--config=configs/shakespeare_char.py:cpu", "--config.model.num_heads=5",
+               f"--workdir={tmp_path}")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: model.num_heads=5 does not divide model.d_model=128; "
+        "choose heads so that d_model % num_heads == 0."
+    )
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_rejects_a_wrong_type():
+    r = _train("--config.train.num_steps=ten")
+    assert r.returncode != 0 and "num_steps" in r.stderr.strip().splitlines()[-1]

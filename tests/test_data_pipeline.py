@@ -1,0 +1,196 @@
+"""Tests for gpt_jax.data.pipeline.
+
+Tokens are np.arange, so a window's first token says where it starts: window i starts at i*T.
+"""
+
+import itertools
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from gpt_jax.data import pipeline
+
+T = 8  # seq_len
+B = 4  # batch_size
+NUM_WINDOWS = 10
+
+
+def _tokens(num_windows: int = NUM_WINDOWS) -> np.ndarray:
+    return np.arange(num_windows * T + 1, dtype=np.uint16)
+
+
+def _dataset(tokens=None, seed=0, shard_index=0, shard_count=1, sampling="epochs"):
+    return pipeline.train_dataset(
+        _tokens() if tokens is None else tokens, seq_len=T, batch_size=B, seed=seed,
+        shard_index=shard_index, shard_count=shard_count, num_threads=2, prefetch=4,
+        sampling=sampling,
+    )
+
+
+def _take(iterator, n: int) -> list[np.ndarray]:
+    return list(itertools.islice(iterator, n))
+
+
+def _window_ids(batches) -> list[int]:
+    return [int(i) for b in batches for i in b[:, 0] // T]
+
+
+def test_window_source():
+    source = pipeline.WindowSource(_tokens(), T)
+    assert len(source) == NUM_WINDOWS
+    np.testing.assert_array_equal(source[2], np.arange(2 * T, 3 * T + 1))
+    assert source[2].dtype == np.int32
+    with pytest.raises(IndexError):
+        source[NUM_WINDOWS]
+    # The last window needs its shifted target: one token short means one window fewer.
+    assert len(pipeline.WindowSource(_tokens()[:-1], T)) == NUM_WINDOWS - 1
+
+
+def test_window_source_repr_is_stable_and_distinguishes_data():
+    a = repr(pipeline.WindowSource(_tokens(), T))
+    assert a == repr(pipeline.WindowSource(_tokens().copy(), T))
+    assert "0x" not in a and "num_windows=10" in a and "seq_len=8" in a
+    assert a != repr(pipeline.WindowSource(_tokens()[::-1].copy(), T))
+
+
+def test_window_source_pickles_memmap_by_path(tmp_path):
+    path = tmp_path / "train.bin"
+    np.arange(100_001, dtype=np.uint16).tofile(path)
+    source = pipeline.WindowSource(np.memmap(path, dtype=np.uint16, mode="r"), T)
+    data = pickle.dumps(source)
+    assert len(data) < 10_000  # Not the 200 KB of tokens.
+    restored = pickle.loads(data)
+    assert repr(restored) == repr(source)
+    np.testing.assert_array_equal(restored[123], source[123])
+
+
+def test_batch_shapes_and_contents():
+    batch = next(iter(_dataset()))
+    assert batch.shape == (B, T + 1) and batch.dtype == np.int32
+    # Each row is one contiguous window on the T grid.
+    np.testing.assert_array_equal(np.diff(batch, axis=1), 1)
+    assert np.all(batch[:, 0] % T == 0)
+
+
+def test_deterministic_from_seed():
+    a = _take(iter(_dataset(seed=3)), 6)
+    b = _take(iter(_dataset(seed=3)), 6)
+    c = _take(iter(_dataset(seed=4)), 6)
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+    assert not np.array_equal(np.stack(a), np.stack(c))
+
+
+def test_each_epoch_is_a_fresh_permutation():
+    num_epochs = 4
+    batches = _take(iter(_dataset()), num_epochs * NUM_WINDOWS // B)
+    ids = _window_ids(batches)
+    epochs = [ids[e * NUM_WINDOWS : (e + 1) * NUM_WINDOWS] for e in range(num_epochs)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(NUM_WINDOWS))
+    assert len({tuple(e) for e in epochs}) == num_epochs
+
+
+def test_shards_are_disjoint_equal_blocks():
+    tokens = _tokens(21)  # 21 windows over 2 shards: 10 each, one left over.
+    epochs = []
+    for shard in range(2):
+        ds = _dataset(tokens, shard_index=shard, shard_count=2)
+        ids = _window_ids(_take(iter(ds), 5))[:10]
+        assert len(set(ids)) == 10
+        epochs.append(set(ids))
+    assert not epochs[0] & epochs[1]
+    assert epochs[0] | epochs[1] == set(range(20))
+
+
+def test_get_state_set_state_resumes_identically():
+    it = iter(_dataset(seed=7))
+    _take(it, 3)
+    state = it.get_state()
+    json.dumps(state)  # The checkpoint stores it.
+    expected = _take(it, 5)
+    resumed = iter(_dataset(seed=7))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(np.stack(_take(resumed, 5)), np.stack(expected))
+
+
+def test_too_few_windows_names_config_fields():
+    with pytest.raises(ValueError, match=r"data\.seq_len.*train\.batch_size"):
+        _dataset(_tokens(B - 1))
+    with pytest.raises(ValueError, match="shard_index"):
+        _dataset(shard_index=2, shard_count=2)
+
+
+def test_eval_batches_fixed_and_in_range():
+    tokens = _tokens()
+    a = pipeline.eval_batches(tokens, T, B, num_batches=3, seed=0)
+    b = pipeline.eval_batches(tokens, T, B, num_batches=3, seed=0)
+    assert len(a) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x.shape == (B, T + 1) and x.dtype == np.int32
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(np.diff(x, axis=1), 1)  # Contiguous windows.
+        assert x.max() <= len(tokens) - 1
+    c = pipeline.eval_batches(tokens, T, B, num_batches=3, seed=1)
+    assert not np.array_equal(np.stack(a), np.stack(c))
+    with pytest.raises(ValueError, match=r"data\.seq_len"):
+        pipeline.eval_batches(tokens[:T], T, B, num_batches=1, seed=0)
+
+
+@pytest.mark.parametrize("num_tokens", [T + 1, 5 * T + 1, 5 * T + 4, 9 * T])
+def test_full_eval_covers_every_target_once(num_tokens):
+    tokens = np.arange(1, num_tokens + 1, dtype=np.uint16)  # No zeros: padding stands out.
+    batches = list(pipeline.full_eval_batches(tokens, T, B))
+    assert len(batches) == pipeline.count_full_eval_batches(num_tokens, T, B)
+    targets = []
+    for batch, weights in batches:
+        assert batch.shape == (B, T + 1) and batch.dtype == np.int32
+        assert weights.shape == (B, T) and weights.dtype == np.float32
+        # Inputs of weighted targets are real tokens; padded targets are 0.
+        assert np.all(batch[:, :-1][weights > 0] > 0)
+        assert np.all(batch[:, 1:][weights == 0] == 0)
+        targets.append(batch[:, 1:][weights > 0])
+    assert sum(w.sum() for _, w in batches) == num_tokens - 1
+    np.testing.assert_array_equal(np.concatenate(targets), tokens[1:])
+
+
+def test_random_sampling_is_uniform_deterministic_and_resumable():
+    tokens = _tokens()
+    batches = _take(iter(_dataset(tokens, sampling="random")), 400)
+    again = _take(iter(_dataset(tokens, sampling="random")), 400)
+    other = _take(iter(_dataset(tokens, seed=1, sampling="random")), 400)
+    np.testing.assert_array_equal(np.stack(batches), np.stack(again))
+    assert not np.array_equal(np.stack(batches), np.stack(other))
+    rows = np.concatenate(batches)
+    assert rows.shape[1] == T + 1 and rows.dtype == np.int32
+    np.testing.assert_array_equal(rows[:, 1:] - rows[:, :-1], 1)  # Consecutive tokens.
+    starts = rows[:, 0]
+    num_starts = len(tokens) - T
+    assert starts.min() >= 0 and starts.max() < num_starts
+    # Every start is reachable, not only multiples of T; counts are roughly uniform.
+    counts = np.bincount(starts, minlength=num_starts)
+    assert (counts > 0).all()
+    assert counts.max() < 3 * counts.mean()
+
+    it = iter(_dataset(tokens, sampling="random"))
+    _take(it, 7)
+    state = it.get_state()
+    want = _take(it, 5)
+    resumed = iter(_dataset(tokens, sampling="random"))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(np.stack(_take(resumed, 5)), np.stack(want))
+
+
+def test_random_sampling_shards_interleave_the_global_stream():
+    tokens = _tokens()
+    whole = np.concatenate(_take(iter(_dataset(tokens, sampling="random")), 4))
+    parts = [np.concatenate(_take(iter(_dataset(tokens, shard_index=p, shard_count=2,
+                                                sampling="random")), 2)) for p in range(2)]
+    np.testing.assert_array_equal(whole[0::2], parts[0])
+    np.testing.assert_array_equal(whole[1::2], parts[1])
+
+
+def test_unknown_sampling_is_rejected():
+    with pytest.raises(ValueError, match="data.sampling"):
+        _dataset(sampling="sequential")
