@@ -106,3 +106,14 @@ def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
         runs[accum] = trainer.run(c, tmp_path / f"acc{accum}")
     np.testing.assert_allclose(runs[1]["train/loss"], runs[4]["train/loss"], rtol=1e-5)
     np.testing.assert_allclose(runs[1]["val/loss"], runs[4]["val/loss"], rtol=1e-5)
+
+
+def test_rerun_in_a_used_workdir_keeps_earlier_metrics(corpus, tmp_path):
+    c = tiny_config(corpus, tmp_path / "cache")
+    c.train.num_steps, c.train.eval_every, c.sample.num_samples = 10, 10, 0
+    trainer.run(c, tmp_path / "w")
+    first = (tmp_path / "w" / "metrics.jsonl").read_text()
+    trainer.run(c, tmp_path / "w")
+    assert (tmp_path / "w" / "metrics.prev1.jsonl").read_text() == first
+    steps = [m["step"] for m in read_metrics(tmp_path / "w") if "train/loss" in m]
+    assert steps == sorted(set(steps))  # No rows from the earlier run mixed in.

@@ -20,7 +20,7 @@ from gpt_jax import config as config_lib
 from gpt_jax.data import corpora, pipeline, prepare, tokenizers
 from gpt_jax.generate import generate
 from gpt_jax.models.gpt import GPT, count_params
-from gpt_jax.training import optim, step
+from gpt_jax.training import allocator, optim, step
 from gpt_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 
 
@@ -40,6 +40,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _keep_previous_metrics(workdir)
     d = config.data
     corpus = corpora.load_corpus(d.corpus, d.path, str(pathlib.Path(d.cache_dir).expanduser()))
     data = prepare.prepare(
@@ -71,6 +72,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run
     return Run(config, workdir, data, model, init(init_key))
 
 
+def _keep_previous_metrics(workdir: pathlib.Path) -> None:
+    """A new run in a used workdir never overwrites or mixes into an earlier run's metrics."""
+    old = workdir / "metrics.jsonl"
+    if old.exists():
+        n = 1
+        while (workdir / f"metrics.prev{n}.jsonl").exists():
+            n += 1
+        old.rename(workdir / f"metrics.prev{n}.jsonl")
+        logging.warning("%s held an earlier run's metrics; kept as metrics.prev%d.jsonl", workdir, n)
+
+
 def evaluate(eval_step, params, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
     """Mean token loss over `batches` of (tokens, weights), summed on device then divided once."""
     total, count = jnp.zeros(()), jnp.zeros(())
@@ -83,6 +95,8 @@ def evaluate(eval_step, params, batches: Iterable[tuple[np.ndarray, np.ndarray]]
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains for train.num_steps and returns the last train and eval metrics."""
+    if config.train.tune_host_malloc:
+        allocator.tune_glibc_malloc()
     r = setup(config, workdir)
     config, t = r.config, r.config.train
     seq_len, batch_size = config.data.seq_len, t.batch_size
@@ -114,7 +128,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     ]
 
     writer = MetricsWriter(r.workdir, config.log.tensorboard)
-    bar = tqdm.tqdm(total=t.num_steps, disable=not config.log.progress, unit="step", smoothing=0.1)
+    bar = tqdm.tqdm(total=t.num_steps, disable=not config.log.progress, unit="step", smoothing=0.1,
+                    mininterval=0.5)
     state, last_train, last_eval = r.state, {}, {}
     pending = None  # (step, device metrics) of a log step, fetched after the next step is queued.
     tick, tick_step = time.perf_counter(), 0
