@@ -1,6 +1,6 @@
 """nanoGPT's character-level Tiny Shakespeare recipes (config/train_shakespeare_char.py).
 
-  :gpu  the "baby GPT": 6 layers, 6 heads, d 384, T 256, batch 64, dropout 0.2, 5000 steps.
+  :gpu  the "baby GPT": 6 layers, 6 heads, d 384, T 256, batch 64, dropout 0.2, 5000 steps, bf16.
   :cpu  nanoGPT's README CPU run: 4 layers, 4 heads, d 128, T 64, batch 12, 2000 steps, no dropout;
         eval on 20 val batches during training and on the whole val split at the end.
 """
@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "gpu":
         c.model.num_layers, c.model.num_heads, c.model.d_model = 6, 6, 384
         c.model.dropout = c.model.attention_dropout = 0.2
+        c.model.dtype = "bfloat16"  # nanoGPT autocasts to bf16 on GPUs that have it.
         c.data.seq_len = 256
         c.train.batch_size = 64
         c.train.num_steps = 5000

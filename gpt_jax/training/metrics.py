@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 from tensorboardX import SummaryWriter
 
 from gpt_jax.config import ModelConfig
@@ -74,6 +76,55 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class TrainLogger:
+    """Writes train lines one step late, so logging never stalls the device.
+
+    `queue(step, metrics)` holds the device arrays of a log step; `flush()` (called after the next
+    step is dispatched) fetches them, adds throughput since the previous fetch, and writes them.
+    """
+
+    def __init__(self, writer: MetricsWriter, bar: tqdm.tqdm, tokens_per_step: int,
+                 flops_per_step: float, peak_flops: float | None):
+        self._writer, self._bar = writer, bar
+        self._tokens_per_step, self._flops_per_step = tokens_per_step, flops_per_step
+        self._peak_flops = peak_flops
+        self._pending: tuple[int, Any] | None = None
+        self.restart_clock(0)
+        self.last: dict[str, Any] = {}
+
+    def restart_clock(self, step: int) -> None:
+        """Throughput counts from here (after a compile or an eval, which are not training)."""
+        self._tick, self._tick_step = time.perf_counter(), step
+
+    def queue(self, step: int, device_metrics: dict[str, Any]) -> None:
+        self.flush()
+        self._pending = (step, device_metrics)
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        step, device_metrics = self._pending
+        self._pending = None
+        m = jax.device_get(device_metrics)  # Waits for that step only; the next one is queued.
+        now = time.perf_counter()
+        steps = step - self._tick_step
+        m["tokens_per_sec"] = m["gflops_per_sec"] = m["mfu"] = None
+        if steps > 0:  # None for the step that holds the compile.
+            steps_per_sec = steps / (now - self._tick)
+            m["tokens_per_sec"] = steps_per_sec * self._tokens_per_step
+            m["gflops_per_sec"] = steps_per_sec * self._flops_per_step / 1e9
+            if self._peak_flops is not None:
+                m["mfu"] = steps_per_sec * self._flops_per_step / self._peak_flops
+        self.restart_clock(step)
+        self._writer.write(step, m)
+        self._bar.set_postfix(
+            loss=f"{float(m['train/loss']):.4f}",
+            tok_s="n/a" if m["tokens_per_sec"] is None else f"{m['tokens_per_sec']:.0f}",
+            mfu="n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%",
+        )
+        self.last = m
 
 
 def _to_python(v: Any) -> Any:

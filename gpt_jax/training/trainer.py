@@ -21,7 +21,12 @@ from gpt_jax.data import corpora, pipeline, prepare, tokenizers
 from gpt_jax.generate import generate
 from gpt_jax.models.gpt import GPT, count_params
 from gpt_jax.training import allocator, optim, step
-from gpt_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from gpt_jax.training.metrics import (
+    MetricsWriter,
+    TrainLogger,
+    flops_per_token,
+    peak_flops_per_device,
+)
 
 
 @dataclasses.dataclass
@@ -103,8 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     num_params = count_params(r.state.params)
     logging.info("model: %s parameters; workdir %s", f"{num_params:,}", r.workdir)
 
-    tokens_per_step = batch_size * seq_len
-    step_flops = flops_per_token(r.model.cfg, num_params, seq_len) * tokens_per_step
+    step_flops = flops_per_token(r.model.cfg, num_params, seq_len) * batch_size * seq_len
     peak = peak_flops_per_device(jax.devices()[0], config.log.peak_flops)
     peak_total = None if peak is None else peak * jax.device_count()
 
@@ -130,33 +134,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     writer = MetricsWriter(r.workdir, config.log.tensorboard)
     bar = tqdm.tqdm(total=t.num_steps, disable=not config.log.progress, unit="step", smoothing=0.1,
                     mininterval=0.5)
-    state, last_train, last_eval = r.state, {}, {}
-    pending = None  # (step, device metrics) of a log step, fetched after the next step is queued.
-    tick, tick_step = time.perf_counter(), 0
-
-    def flush(step_num: int, device_metrics) -> dict:
-        nonlocal tick, tick_step
-        m = jax.device_get(device_metrics)  # Waits for step_num only; the next step is queued.
-        now = time.perf_counter()
-        # Throughput over the steps since the last fetch (none for step 1: it holds the compile).
-        steps_per_sec = (step_num - tick_step) / (now - tick) if step_num > tick_step else None
-        tick, tick_step = now, step_num
-        m["tokens_per_sec"] = m["mfu"] = m["gflops_per_sec"] = None
-        if steps_per_sec is not None:
-            m["tokens_per_sec"] = steps_per_sec * tokens_per_step
-            m["gflops_per_sec"] = steps_per_sec * step_flops / 1e9
-            if peak_total is not None:
-                m["mfu"] = steps_per_sec * step_flops / peak_total
-        writer.write(step_num, m)
-        bar.set_postfix(
-            loss=f"{float(m['train/loss']):.4f}",
-            tok_s="n/a" if m["tokens_per_sec"] is None else f"{m['tokens_per_sec']:.0f}",
-            mfu="n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%",
-        )
-        return m
+    logger = TrainLogger(writer, bar, batch_size * seq_len, step_flops, peak_total)
 
     def run_eval(step_num: int, full: bool) -> dict:
-        nonlocal tick, tick_step
         batches = (pipeline.full_eval_batches(val_tokens, seq_len, batch_size) if full
                    else fixed_val)
         m = evaluate(eval_step, state.params, batches)
@@ -164,40 +144,34 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         writer.write(step_num, m)
         bar.write(f"step {step_num}: val/loss {m['val/loss']:.4f} ({m['val/split']}, "
                   f"{m['val/tokens']:,} tokens)")
-        tick, tick_step = time.perf_counter(), step_num  # Eval time is not training throughput.
+        logger.restart_clock(step_num)
         return m
 
-    start = time.perf_counter()
+    state, start = r.state, time.perf_counter()
     last_eval = run_eval(0, full=False)
     for i in range(1, t.num_steps + 1):
         state, metrics = train_step(state, next(train_it))
-        if pending is not None:
-            last_train = flush(*pending)
-            pending = None
-        if i == 1:  # Compile happens here; time it, then start the throughput clock after it.
+        logger.flush()  # The previous log step's metrics; step i is already queued on the device.
+        if i == 1:  # The compile happens here: time it, and keep it out of the throughput.
             jax.block_until_ready(metrics)
             logging.info("first step done %.1f s after the loop started (compile included)",
                          time.perf_counter() - start)
-            tick, tick_step = time.perf_counter(), 1
-        if i % config.log.every == 0 or i == t.num_steps or i == 1:
-            pending = (i, metrics)
+            logger.restart_clock(1)
+        if i == 1 or i % config.log.every == 0 or i == t.num_steps:
+            logger.queue(i, metrics)
         bar.update(1)
-        is_last = i == t.num_steps
-        if i % t.eval_every == 0 or is_last:
-            if pending is not None:
-                last_train = flush(*pending)
-                pending = None
-            if not is_last or t.final_eval == "batches":
-                last_eval = run_eval(i, full=False)
-            elif t.final_eval == "full":
-                last_eval = run_eval(i, full=True)
+        if i % t.eval_every == 0 or i == t.num_steps:
+            logger.flush()
+            final = i == t.num_steps
+            if not final or t.final_eval != "none":
+                last_eval = run_eval(i, full=final and t.final_eval == "full")
     bar.close()
     writer.close()
     logging.info("trained %d steps in %.1f s", t.num_steps, time.perf_counter() - start)
 
     if config.sample.num_samples > 0:
         print_samples(r, state.params)
-    return {**last_train, **last_eval}
+    return {**logger.last, **last_eval}
 
 
 def print_samples(r: Run, params) -> None:
