@@ -93,6 +93,11 @@ class TrainLogger:
         self._pending: tuple[int, Any] | None = None
         self.restart_clock(0)
         self.last: dict[str, Any] = {}
+        self._throughputs: list[float] = []
+
+    def median_tokens_per_sec(self) -> float | None:
+        """Median of the logged training throughputs (None before two log lines)."""
+        return float(np.median(self._throughputs)) if self._throughputs else None
 
     def restart_clock(self, step: int) -> None:
         """Throughput counts from here (after a compile or an eval, which are not training)."""
@@ -114,6 +119,7 @@ class TrainLogger:
         if steps > 0:  # None for the step that holds the compile.
             steps_per_sec = steps / (now - self._tick)
             m["tokens_per_sec"] = steps_per_sec * self._tokens_per_step
+            self._throughputs.append(m["tokens_per_sec"])
             m["gflops_per_sec"] = steps_per_sec * self._flops_per_step / 1e9
             if self._peak_flops is not None:
                 m["mfu"] = steps_per_sec * self._flops_per_step / self._peak_flops

@@ -167,7 +167,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                 last_eval = run_eval(i, full=final and t.final_eval == "full")
     bar.close()
     writer.close()
-    logging.info("trained %d steps in %.1f s", t.num_steps, time.perf_counter() - start)
+    tps = logger.median_tokens_per_sec()
+    logging.info("trained %d steps in %.1f s; median training throughput %s tokens/s", t.num_steps,
+                 time.perf_counter() - start, "n/a" if tps is None else f"{tps:,.0f}")
 
     if config.sample.num_samples > 0:
         print_samples(r, state.params)
