@@ -58,9 +58,19 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_every = 250  # Steps between evaluations.
     t.eval_batches = 20  # Fixed val batches per periodic evaluation.
     t.final_eval = "full"  # At the end: full (every val token, exact) | batches | none.
+    # A non-finite loss or gradient: stop (a message naming the step; checkpoints untouched) |
+    # skip (that update is dropped; train/nonfinite_steps counts them).
+    t.on_nonfinite = "stop"
     # Keep XLA:CPU temporaries in glibc's heap between steps (~30% faster small CPU models; see
     # gpt_jax/training/allocator.py). Off if host memory is tight.
     t.tune_host_malloc = True
+
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every = 500  # Steps between (async) saves to WORKDIR/checkpoints; one more at the end.
+    ck.keep = 3  # Newest checkpoints kept, plus the one with the lowest val loss.
+    # auto: resume from the workdir's newest checkpoint, else start from scratch | scratch (refused
+    # if the workdir has checkpoints) | a checkpoint folder or workdir to take parameters from.
+    ck.init_from = "auto"
 
     c.log = lg = ml_collections.ConfigDict()
     lg.every = 10  # Steps between train lines in metrics.jsonl / TensorBoard.

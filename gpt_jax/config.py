@@ -17,6 +17,7 @@ import ml_collections
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 FINAL_EVALS = ("full", "batches", "none")
+ON_NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,36 @@ def _one_of(value: Any, field: str, choices) -> None:
     _check(value in choices, f"{field}={value!r} is not one of {sorted(choices)}; pick one of those.")
 
 
+def _reference_config() -> ml_collections.ConfigDict:
+    from configs import base  # Every field's type is fixed by its default there.
+
+    return base.get_config()
+
+
+def _check_types(config, reference, prefix: str = "") -> None:
+    """Each field must have its default's type (an int where a float goes is fine; placeholders
+    take None). config_flags checks command-line values; this catches config files and JSON."""
+    for key in reference:
+        field, want, got = f"{prefix}{key}", reference[key], config.get(key, _MISSING)
+        _check(got is not _MISSING, f"config field {field} is missing; every field is in configs/base.py.")
+        if isinstance(want, ml_collections.ConfigDict):
+            _check(isinstance(got, ml_collections.ConfigDict),
+                   f"config field {field} must be a group of fields, got {got!r}.")
+            _check_types(got, want, f"{field}.")
+            continue
+        kind = reference.get_type(key)
+        if got is None and want is None:
+            continue  # A placeholder left unset.
+        ok = (isinstance(got, kind) and not (kind is int and isinstance(got, bool))) or (
+            kind is float and isinstance(got, int) and not isinstance(got, bool))
+        example = "" if want is None else f" (default {field}={want!r})"
+        _check(ok, f"{field}={got!r} has type {type(got).__name__}; it takes a value of type "
+                   f"{kind.__name__}{example}.")
+
+
+_MISSING = object()
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every value that would otherwise fail late (or silently) in compilation or training."""
     from gpt_jax.data.corpora import CORPORA
@@ -110,6 +141,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from gpt_jax.data.tokenizers import TOKENIZERS
     from gpt_jax.models.layers import ACTIVATIONS
 
+    _check_types(config, _reference_config())
     m, d, o, t = config.model, config.data, config.optim, config.train
     for field in ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_multiple"):
         _check(m[field] >= 1, f"model.{field}={m[field]} must be ≥ 1.")
@@ -147,6 +179,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be ≥ 1.")
     _check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be ≥ 1.")
     _one_of(t.final_eval, "train.final_eval", FINAL_EVALS)
+    _one_of(t.on_nonfinite, "train.on_nonfinite", ON_NONFINITE)
+    ck = config.checkpoint
+    _check(ck.every >= 1, f"checkpoint.every={ck.every} must be ≥ 1.")
+    _check(ck.keep >= 1, f"checkpoint.keep={ck.keep} must be ≥ 1.")
     _check(config.log.every >= 1, f"log.every={config.log.every} must be ≥ 1.")
 
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0.")

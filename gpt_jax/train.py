@@ -33,6 +33,13 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+class _QuietLibraries:
+    """Keeps Orbax's per-save INFO chatter out of the run's log; its warnings still show."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def define_flags() -> None:
     """Defines --config and --workdir. config_flags reads `--config.*` overrides from sys.argv
     right here, so an unknown field surfaces here: reported in one line, with its 'did you mean'."""
@@ -58,6 +65,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from gpt_jax.training import trainer  # Imported late so flag errors come fast.
+    from gpt_jax.training.checkpoint import CheckpointError
+    from gpt_jax.training.preemption import Preempted
 
     config_arg = flags.FLAGS["config"].serialize().split("=", 1)[-1]  # FILE.py[:VARIANT]
     try:
@@ -67,10 +76,15 @@ def main(argv: list[str]) -> None:
         _fail(f"cannot load --config={config_arg}: {_last_line(e)}")
     workdir = flags.FLAGS.workdir or default_workdir(config_arg)
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         trainer.run(config, workdir)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError, trainer.NonFiniteLossError) as e:
         _fail(str(e))
+    except Preempted as e:
+        # 128 + signal: a scheduler reads "terminated by that signal" and can requeue the job.
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

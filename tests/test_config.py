@@ -1,8 +1,10 @@
 """Configs: every recipe loads and validates, overrides work, typos and bad values fail clearly."""
 
+import re
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import base, gpt2, quickstart, shakespeare_char
@@ -108,3 +110,30 @@ def test_cli_rejects_a_bad_value_before_compiling(tmp_path):
 def test_cli_rejects_a_wrong_type():
     r = _train("--config.train.num_steps=ten")
     assert r.returncode != 0 and "num_steps" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "group,key,value,match",
+    [
+        ("model", "dropout", "0.1", "model.dropout='0.1' has type str"),
+        ("model", "bias", 1, "model.bias=1 has type int"),
+        ("train", "num_steps", 10.5, "train.num_steps=10.5 has type float"),
+        ("data", "path", 3, "data.path=3 has type int"),
+    ],
+)
+def test_wrong_value_types_in_a_config_file(group, key, value, match):
+    """config_flags types command-line values; a config built from a dict (a hand-written file,
+    a config.json) is checked field by field against configs/base.py."""
+    d = quickstart.get_config(None).to_dict()
+    d[group][key] = value
+    with pytest.raises(config_lib.ConfigError, match=re.escape(match)):
+        config_lib.validate(ml_collections.ConfigDict(d))
+    d[group].pop(key)
+    with pytest.raises(config_lib.ConfigError, match=f"{group}.{key} is missing"):
+        config_lib.validate(ml_collections.ConfigDict(d))
+
+
+def test_an_int_where_a_float_goes_is_fine():
+    d = quickstart.get_config(None).to_dict()
+    d["model"]["dropout"] = 0
+    config_lib.validate(ml_collections.ConfigDict(d))

@@ -101,3 +101,15 @@ def test_load_prepared_round_trip_and_errors(tmp_path):
         prepare_lib.load_prepared(tmp_path)
     with pytest.raises(ValueError, match="val_fraction"):
         prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=1.0)
+
+
+def test_load_prepared_rejects_a_vocab_too_large_for_its_token_dtype(tmp_path):
+    prepared = prepare_lib.prepare(_corpus(_TEXT), "byte", str(tmp_path), val_fraction=0.1)
+    meta = json.loads((prepared.dir / "meta.json").read_text())
+    meta["dtype"] = "uint8"
+    (prepared.dir / "meta.json").write_text(json.dumps(meta))
+    prepare_lib.load_prepared(prepared.dir)  # 256 ids fit in uint8.
+    (prepared.dir / "tokenizer.json").write_text(json.dumps({"name": "char", "chars": "".join(
+        chr(0x4E00 + i) for i in range(300))}))
+    with pytest.raises(ValueError, match="stores tokens as uint8"):
+        prepare_lib.load_prepared(prepared.dir)

@@ -165,8 +165,7 @@ def test_tiny_model_overfits_one_batch():
     cfg = ModelConfig.from_config(c, vocab_size=64)
     model = GPT(cfg)
     params = init(cfg, 32)
-    state = step.TrainState.create(apply_fn=model.apply, params=params,
-                                   tx=optim.make_optimizer(c), dropout_key=jax.random.key(0))
+    state = step.new_train_state(model.apply, params, optim.make_optimizer(c), jax.random.key(0))
     train_step = jax.jit(step.make_train_step(model, optim.make_schedule(c), 1, False))
     batch = jax.random.randint(jax.random.key(7), (4, 33), 0, 64)
     state, first = train_step(state, batch)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,9 @@ def test_rerun_in_a_used_workdir_keeps_earlier_metrics(corpus, tmp_path):
     c.train.num_steps, c.train.eval_every, c.sample.num_samples = 10, 10, 0
     trainer.run(c, tmp_path / "w")
     first = (tmp_path / "w" / "metrics.jsonl").read_text()
+    trainer.run(c, tmp_path / "w")  # Finished: resumes at step 10 and has nothing to do.
+    assert (tmp_path / "w" / "metrics.jsonl").read_text() == first
+    shutil.rmtree(tmp_path / "w" / "checkpoints")  # Now it starts from scratch again.
     trainer.run(c, tmp_path / "w")
     assert (tmp_path / "w" / "metrics.prev1.jsonl").read_text() == first
     steps = [m["step"] for m in read_metrics(tmp_path / "w") if "train/loss" in m]

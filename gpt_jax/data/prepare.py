@@ -94,12 +94,19 @@ def load_prepared(folder: str | pathlib.Path) -> Prepared:
             f"prepared folder {str(folder)!r} has format version {meta['version']}, this code "
             f"reads version {FORMAT_VERSION}; prepare the data again."
         )
+    tokenizer = tokenizers.load_tokenizer(folder / "tokenizer.json")
+    max_id = np.iinfo(np.dtype(meta["dtype"])).max
+    if tokenizer.vocab_size - 1 > max_id:
+        raise ValueError(
+            f"prepared folder {str(folder)!r} stores tokens as {meta['dtype']} (ids up to {max_id}) "
+            f"but its tokenizer has {tokenizer.vocab_size} ids; prepare the data again."
+        )
     return Prepared(
         dir=folder,
         train_path=folder / "train.bin",
         val_path=folder / "val.bin",
         meta=meta,
-        tokenizer=tokenizers.load_tokenizer(folder / "tokenizer.json"),
+        tokenizer=tokenizer,
     )
 
 

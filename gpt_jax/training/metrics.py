@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+from absl import logging
 from tensorboardX import SummaryWriter
 
 from gpt_jax.config import ModelConfig
@@ -55,11 +56,32 @@ def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
-    def __init__(self, workdir: pathlib.Path, tensorboard: bool):
-        self._file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 — closed in close().
-        self._tb = SummaryWriter(str(workdir / "tb")) if tensorboard else None
+    `resume_after=N` (a run resumed from the checkpoint of step N) first moves the rows of steps
+    after N, written before the interruption, to metrics.rolledback.jsonl, so metrics.jsonl has
+    each step once; TensorBoard drops its events after N the same way (purge_step).
+    """
+
+    def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_after: int = 0):
+        path = workdir / "metrics.jsonl"
+        if resume_after > 0 and path.exists():
+            _roll_back(path, resume_after, workdir / "metrics.rolledback.jsonl")
+        self._file = open(path, "a")  # noqa: SIM115 — closed in close().
+        purge = resume_after + 1 if resume_after > 0 else None
+        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=purge) if tensorboard else None
+
+    @staticmethod
+    def keep_previous(workdir: pathlib.Path) -> None:
+        """A run from scratch in a used workdir keeps the earlier metrics as metrics.prevN.jsonl."""
+        old = workdir / "metrics.jsonl"
+        if old.exists():
+            n = 1
+            while (workdir / f"metrics.prev{n}.jsonl").exists():
+                n += 1
+            old.rename(workdir / f"metrics.prev{n}.jsonl")
+            logging.warning("%s held an earlier run's metrics; kept as metrics.prev%d.jsonl",
+                            workdir, n)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": int(step)}
@@ -131,6 +153,22 @@ class TrainLogger:
             mfu="n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%",
         )
         self.last = m
+
+
+def _roll_back(path: pathlib.Path, step: int, rolled: pathlib.Path) -> None:
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            after = json.loads(line)["step"] > step
+        except (ValueError, KeyError, TypeError):  # A line cut by the kill: not a metric.
+            after = True
+        (drop if after else keep).append(line if line.endswith("\n") else line + "\n")
+    if drop:
+        with open(rolled, "a") as f:
+            f.writelines(drop)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)  # Atomic: a kill here leaves the old or the new file, never half of one.
 
 
 def _to_python(v: Any) -> Any:

@@ -36,6 +36,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         weight_decay=o.weight_decay,
         mask=decay_mask,
     )
-    if o.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
-    return adamw
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+    # A non-finite gradient leaves params and moments as they were (train.on_nonfinite decides
+    # whether the run then stops or goes on). The error budget is unbounded: with a finite budget
+    # optax would apply a non-finite update once it is spent.
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)

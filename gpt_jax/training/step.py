@@ -15,9 +15,25 @@ Array = jax.Array
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimizer state, step, and the dropout key (per-step keys fold in the step)."""
+    """Params, optimizer state, step, the dropout key, and the first non-finite step (0 = none).
+
+    The dropout key is raw uint32 key data (checkpointable as is); each step folds in its number,
+    so a resumed run draws the same masks as an uninterrupted one.
+    """
 
     dropout_key: Array
+    first_nonfinite_step: Array
+
+
+def new_train_state(apply_fn, params, tx: optax.GradientTransformation, seed_key: Array) -> TrainState:
+    """A fresh state at step 0 (`seed_key` is a typed PRNG key)."""
+    return TrainState.create(
+        apply_fn=apply_fn,
+        params=params,
+        tx=tx,
+        dropout_key=jax.random.key_data(seed_key),
+        first_nonfinite_step=jnp.zeros((), jnp.int32),
+    )
 
 
 def cross_entropy(logits_BTV: Array, targets_BT: Array, weights_BT: Array) -> tuple[Array, Array]:
@@ -47,7 +63,8 @@ def make_train_step(
     """
 
     def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, dict[str, Any]]:
-        step_key = jax.random.fold_in(state.dropout_key, state.step) if use_dropout else None
+        base_key = jax.random.wrap_key_data(state.dropout_key)
+        step_key = jax.random.fold_in(base_key, state.step) if use_dropout else None
         grad_fn = jax.value_and_grad(_loss_fn)
         if grad_accum_steps == 1:
             loss, grads = grad_fn(state.params, model, batch_BT1, step_key)
@@ -65,12 +82,20 @@ def make_train_step(
                 accumulate, zeros, (jnp.arange(grad_accum_steps), micro_ABT1)
             )
             loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+        grad_norm = optax.tree.norm(grads)
+        # optax.apply_if_finite (see optim.py) drops a non-finite update; remember the first one.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        first_bad = jnp.where(
+            (state.first_nonfinite_step == 0) & ~finite, state.step + 1, state.first_nonfinite_step
+        )
+        new_state = state.apply_gradients(grads=grads).replace(first_nonfinite_step=first_bad)
         metrics = {
             "train/loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
+            "train/nonfinite_steps": new_state.opt_state.total_notfinite,
         }
-        return state.apply_gradients(grads=grads), metrics
+        return new_state, metrics
 
     return train_step
 

@@ -1,4 +1,5 @@
-"""The training loop: data → state → jitted steps → metrics, evals and a final sample."""
+"""The training loop: data → state (fresh or restored) → jitted steps → metrics, evals,
+checkpoints, and a final sample."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import dataclasses
 import math
 import pathlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,72 +22,61 @@ from gpt_jax import config as config_lib
 from gpt_jax.data import corpora, pipeline, prepare, tokenizers
 from gpt_jax.generate import generate
 from gpt_jax.models.gpt import GPT, count_params
-from gpt_jax.training import allocator, optim, step
+from gpt_jax.training import allocator, checkpoint, optim, step
 from gpt_jax.training.metrics import (
     MetricsWriter,
     TrainLogger,
     flops_per_token,
     peak_flops_per_device,
 )
+from gpt_jax.training.preemption import PreemptionGuard
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss with train.on_nonfinite=stop."""
 
 
 @dataclasses.dataclass
 class Run:
-    """What one training run is made of, built once by `setup` (tests reuse it)."""
+    """What one training run is made of, built once by `setup`."""
 
-    config: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict  # Resolved: vocab size and positions filled in.
     workdir: pathlib.Path
     data: prepare.Prepared
     model: GPT
-    state: step.TrainState
+    init_state: Callable[[], step.TrainState]  # Jitted: a fresh state at step 0.
+    abstract_state: Any  # Shapes and dtypes of the state, for restoring without allocating.
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
-    """Validates the config, prepares the data, writes config.json and tokenizer, builds the state."""
+    """Validates the config, prepares the data, saves the tokenizer, builds model and state init."""
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _keep_previous_metrics(workdir)
     d = config.data
-    corpus = corpora.load_corpus(d.corpus, d.path, str(pathlib.Path(d.cache_dir).expanduser()))
-    data = prepare.prepare(
-        corpus, d.tokenizer, str(pathlib.Path(d.cache_dir).expanduser()), d.val_fraction
-    )
+    cache_dir = str(pathlib.Path(d.cache_dir).expanduser())
+    try:
+        corpus = corpora.load_corpus(d.corpus, d.path, cache_dir)
+        data = prepare.prepare(corpus, d.tokenizer, cache_dir, d.val_fraction)
+    except (OSError, ValueError) as e:  # Missing path, empty corpus, failed download: user input.
+        raise config_lib.ConfigError(str(e)) from e
+    workdir.mkdir(parents=True, exist_ok=True)
     tokenizers.save_tokenizer(data.tokenizer, workdir / "tokenizer.json")
 
     model_cfg = config_lib.ModelConfig.from_config(config, data.tokenizer.vocab_size)
     config = config.copy_and_resolve_references()
     config.model.vocab_size = model_cfg.vocab_size
     config.model.max_seq_len = model_cfg.max_seq_len
-    (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
-
     model = GPT(model_cfg)
     init_key, dropout_key = jax.random.split(jax.random.key(config.train.seed))
     tx = optim.make_optimizer(config)
 
-    @jax.jit
-    def init(init_key: jax.Array) -> step.TrainState:
+    def init() -> step.TrainState:
         tokens_BT = jnp.zeros((1, config.data.seq_len), jnp.int32)
         variables = model.init(init_key, tokens_BT, deterministic=True)
-        return step.TrainState.create(
-            apply_fn=model.apply,
-            params=nn.meta.unbox(variables["params"]),  # Logical axis names stay in the module.
-            tx=tx,
-            dropout_key=dropout_key,
-        )
+        # Logical axis names stay in the module; the state holds plain arrays.
+        return step.new_train_state(model.apply, nn.meta.unbox(variables["params"]), tx, dropout_key)
 
-    return Run(config, workdir, data, model, init(init_key))
-
-
-def _keep_previous_metrics(workdir: pathlib.Path) -> None:
-    """A new run in a used workdir never overwrites or mixes into an earlier run's metrics."""
-    old = workdir / "metrics.jsonl"
-    if old.exists():
-        n = 1
-        while (workdir / f"metrics.prev{n}.jsonl").exists():
-            n += 1
-        old.rename(workdir / f"metrics.prev{n}.jsonl")
-        logging.warning("%s held an earlier run's metrics; kept as metrics.prev%d.jsonl", workdir, n)
+    return Run(config, workdir, data, model, jax.jit(init), jax.eval_shape(init))
 
 
 def evaluate(eval_step, params, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
@@ -98,32 +89,59 @@ def evaluate(eval_step, params, batches: Iterable[tuple[np.ndarray, np.ndarray]]
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0)), "val/tokens": int(count)}
 
 
+def initial_state(r: Run, manager, train_it) -> tuple[step.TrainState, int]:
+    """Resumes from the workdir's newest readable checkpoint, or starts per checkpoint.init_from."""
+    init_from = r.config.checkpoint.init_from
+    model_fields = r.config.model.to_dict()
+    if manager.all_steps():
+        if init_from == "scratch":
+            raise config_lib.ConfigError(
+                f"{r.workdir} already has checkpoints (steps {sorted(manager.all_steps())}); "
+                "resume with checkpoint.init_from=auto or start in a new --workdir."
+            )
+        restored = checkpoint.restore_latest(manager, r.abstract_state, train_it, model_fields)
+        if restored is not None:
+            state, start = restored
+            logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(r.workdir), start)
+            return state, start
+    state = r.init_state()
+    if init_from not in ("auto", "scratch"):
+        state = state.replace(params=checkpoint.load_params(init_from, r.abstract_state.params,
+                                                            model_fields))
+        logging.info("parameters taken from %s", init_from)
+    return state, 0
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Trains for train.num_steps and returns the last train and eval metrics."""
+    """Trains to train.num_steps (resuming if the workdir has checkpoints); returns the last train
+    and eval metrics."""
     if config.train.tune_host_malloc:
         allocator.tune_glibc_malloc()
     r = setup(config, workdir)
     config, t = r.config, r.config.train
     seq_len, batch_size = config.data.seq_len, t.batch_size
-    num_params = count_params(r.state.params)
-    logging.info("model: %s parameters; workdir %s", f"{num_params:,}", r.workdir)
+    train_it = iter(pipeline.train_dataset(
+        r.data.train_tokens(), seq_len, batch_size, t.seed, 0, 1,
+        config.data.num_threads, config.data.prefetch, config.data.sampling,
+    ))
+    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(r.workdir), config.checkpoint.keep)
+    state, start = initial_state(r, manager, train_it)
+    config_json = config_lib.to_json(config)
+    if start == 0:
+        MetricsWriter.keep_previous(r.workdir)
+    (r.workdir / "config.json").write_text(config_json + "\n")
 
+    num_params = count_params(state.params)
+    logging.info("model: %s parameters; workdir %s", f"{num_params:,}", r.workdir)
     step_flops = flops_per_token(r.model.cfg, num_params, seq_len) * batch_size * seq_len
     peak = peak_flops_per_device(jax.devices()[0], config.log.peak_flops)
     peak_total = None if peak is None else peak * jax.device_count()
-
     use_dropout = r.model.cfg.dropout > 0 or r.model.cfg.attention_dropout > 0
     train_step = jax.jit(
         step.make_train_step(r.model, optim.make_schedule(config), t.grad_accum_steps, use_dropout),
         donate_argnums=0,
     )
     eval_step = jax.jit(step.make_eval_step(r.model))
-    train_it = iter(
-        pipeline.train_dataset(
-            r.data.train_tokens(), seq_len, batch_size, t.seed, 0, 1,
-            config.data.num_threads, config.data.prefetch, config.data.sampling,
-        )
-    )
     val_tokens = r.data.val_tokens()
     ones_BT = np.ones((batch_size, seq_len), np.float32)
     fixed_val = [
@@ -131,9 +149,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         for b in pipeline.eval_batches(val_tokens, seq_len, batch_size, t.eval_batches, t.seed)
     ]
 
-    writer = MetricsWriter(r.workdir, config.log.tensorboard)
-    bar = tqdm.tqdm(total=t.num_steps, disable=not config.log.progress, unit="step", smoothing=0.1,
-                    mininterval=0.5)
+    writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=start)
+    bar = tqdm.tqdm(initial=start, total=t.num_steps, disable=not config.log.progress, unit="step",
+                    smoothing=0.1, mininterval=0.5)
     logger = TrainLogger(writer, bar, batch_size * seq_len, step_flops, peak_total)
 
     def run_eval(step_num: int, full: bool) -> dict:
@@ -147,32 +165,70 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         logger.restart_clock(step_num)
         return m
 
-    state, start = r.state, time.perf_counter()
-    last_eval = run_eval(0, full=False)
-    for i in range(1, t.num_steps + 1):
-        state, metrics = train_step(state, next(train_it))
-        logger.flush()  # The previous log step's metrics; step i is already queued on the device.
-        if i == 1:  # The compile happens here: time it, and keep it out of the throughput.
-            jax.block_until_ready(metrics)
-            logging.info("first step done %.1f s after the loop started (compile included)",
-                         time.perf_counter() - start)
-            logger.restart_clock(1)
-        if i == 1 or i % config.log.every == 0 or i == t.num_steps:
-            logger.queue(i, metrics)
-        bar.update(1)
-        if i % t.eval_every == 0 or i == t.num_steps:
+    def check_finite() -> None:
+        """Syncs on the state's non-finite marker (only where the loop syncs anyway)."""
+        bad = int(state.first_nonfinite_step)
+        if bad and t.on_nonfinite == "stop":
+            last = manager.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad}; stopped (train.on_nonfinite=stop). "
+                + (f"The last good checkpoint, step {last}, is untouched. " if last is not None
+                   else "No checkpoint was written. ")
+                + "Lower optim.lr, raise warmup, or set train.on_nonfinite=skip."
+            )
+
+    def save(step_num: int, val: dict) -> None:
+        check_finite()
+        val_loss = val.get("val/loss") if val.get("step") == step_num else None
+        checkpoint.save(manager, step_num, state, train_it, config_json, val_loss)
+
+    last_eval: dict = {}
+    begin = time.perf_counter()
+    with PreemptionGuard() as preemption:
+        try:
+            if start == 0:
+                last_eval = run_eval(0, full=False)
+            for i in range(start + 1, t.num_steps + 1):
+                state, metrics = train_step(state, next(train_it))
+                logger.flush()  # The previous log step's metrics; step i is queued on the device.
+                if logger.last.get("train/nonfinite_steps"):
+                    check_finite()  # Already fetched: stopping early costs no extra sync.
+                if i == start + 1:  # The compile happens here: time it, keep it out of throughput.
+                    jax.block_until_ready(metrics)
+                    logging.info("first step done %.1f s after the loop started (compile included)",
+                                 time.perf_counter() - begin)
+                    logger.restart_clock(i)
+                if i == start + 1 or i % config.log.every == 0 or i == t.num_steps:
+                    logger.queue(i, metrics)
+                bar.update(1)
+                final = i == t.num_steps
+                if i % t.eval_every == 0 or final:
+                    logger.flush()
+                    check_finite()
+                    if not final or t.final_eval != "none":
+                        last_eval = {"step": i, **run_eval(i, full=final and t.final_eval == "full")}
+                if i % config.checkpoint.every == 0 or final:
+                    logger.flush()
+                    save(i, last_eval)
+                if preemption.requested and not final:
+                    logger.flush()
+                    if manager.latest_step() != i:
+                        save(i, last_eval)
+                    manager.wait_until_finished()
+                    preemption.exit(i, checkpoint.checkpoint_dir(r.workdir))
             logger.flush()
-            final = i == t.num_steps
-            if not final or t.final_eval != "none":
-                last_eval = run_eval(i, full=final and t.final_eval == "full")
-    bar.close()
-    writer.close()
+            check_finite()
+        finally:
+            manager.wait_until_finished()  # Never exit with a save half-written.
+            bar.close()
+            writer.close()
     tps = logger.median_tokens_per_sec()
-    logging.info("trained %d steps in %.1f s; median training throughput %s tokens/s", t.num_steps,
-                 time.perf_counter() - start, "n/a" if tps is None else f"{tps:,.0f}")
+    logging.info("trained to step %d in %.1f s; median training throughput %s tokens/s",
+                 t.num_steps, time.perf_counter() - begin, "n/a" if tps is None else f"{tps:,.0f}")
 
     if config.sample.num_samples > 0:
         print_samples(r, state.params)
+    last_eval.pop("step", None)
     return {**logger.last, **last_eval}
 
 

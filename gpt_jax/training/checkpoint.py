@@ -1,0 +1,143 @@
+"""Orbax checkpoints in WORKDIR/checkpoints: async saves, newest-N plus best retention, restore
+with fallback past unreadable checkpoints.
+
+A checkpoint holds three items: `state` (params, optimizer state, step, dropout key), `data` (the
+Grain iterator's position) and `config` (the resolved config as JSON). Orbax writes each step
+into a temporary folder and renames it when complete, so a kill mid-save never leaves a
+checkpoint that looks valid, and retention only deletes after a newer save has committed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+VAL_METRIC = "val/loss"
+# Model fields that change parameter shapes: resuming across a change in one of them cannot work.
+SHAPE_FIELDS = ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size", "vocab_multiple",
+                "max_seq_len", "bias", "tie_embeddings")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot serve this run; the message says which and what to do."""
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(workdir).resolve() / "checkpoints"
+
+
+def make_manager(directory: pathlib.Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    """Keeps the newest `keep` checkpoints plus the one with the lowest val loss."""
+    policy = pp.AnyPreservationPolicy([
+        pp.LatestN(n=keep),
+        pp.BestN(get_metric_fn=lambda m: -m[VAL_METRIC], n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, create=not read_only, read_only=read_only
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "config"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+         config_json: str, val_loss: float | None) -> None:
+    """Starts an async save of `step` (call `manager.wait_until_finished()` before exiting)."""
+    metrics = None if val_loss is None else {VAL_METRIC: float(val_loss)}
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(json.loads(config_json)),
+        ),
+        metrics=metrics,
+        force=True,
+    )
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The resolved config a checkpoint was written with."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def check_compatible(saved: dict, config_model: dict, step: int) -> None:
+    """Raises a one-line CheckpointError naming the first shape-changing field that differs."""
+    for field in SHAPE_FIELDS:
+        if saved["model"].get(field) != config_model.get(field):
+            raise CheckpointError(
+                f"the checkpoint at step {step} has model.{field}={saved['model'].get(field)!r} but "
+                f"this run has model.{field}={config_model.get(field)!r}; resume with the "
+                "checkpoint's value, or start a new run in another --workdir."
+            )
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
+                   config_model: dict) -> tuple[Any, int] | None:
+    """Restores the newest readable checkpoint into (state, step), and the iterator in place.
+
+    An unreadable checkpoint (truncated, garbage, files missing) is logged and moved aside to
+    `checkpoints/unreadable/` (kept, never deleted) so that the run can save that step again;
+    the previous one is tried next. Returns None when there is no checkpoint at all. A checkpoint
+    of a different model shape is an error, not a fallback.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            saved = saved_config(manager, step)
+        except Exception as e:  # Any failure to read means "unreadable".
+            _set_aside(manager, step, e)
+            continue
+        check_compatible(saved, config_model, step)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ))
+        except Exception as e:
+            _set_aside(manager, step, e)
+            continue
+        return restored["state"], step
+    return None
+
+
+def load_params(path: str, abstract_params: Any, config_model: dict) -> Any:
+    """Parameters from another run's checkpoint (a workdir, its checkpoints/ or one step folder;
+    a folder holds several: the newest), placed like `abstract_params`. The optimizer state,
+    step and data position are not taken: this starts a new run from those weights."""
+    p = pathlib.Path(path).expanduser().resolve()
+    step = None
+    if (p / "state").is_dir():  # One step's folder.
+        p, step = p.parent, int(p.name)
+    elif (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint.init_from={path!r}: no such folder; give a workdir, its "
+                              "checkpoints/ folder or one step's folder (or auto / scratch).")
+    manager = make_manager(p, keep=1, read_only=True)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"checkpoint.init_from={path!r} holds no checkpoint.")
+    check_compatible(saved_config(manager, step), config_model, step)
+    # Restored without a target (as host arrays), so a run with another optimizer can start from it.
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, s.dtype)), state["params"],
+                        abstract_params)
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    directory = pathlib.Path(manager.directory)
+    aside = directory / "unreadable"
+    aside.mkdir(exist_ok=True)
+    target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    (directory / str(step)).rename(target)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    logging.warning("checkpoint step %d cannot be restored (%s: %s); moved to %s, trying the one "
+                    "before", step, type(error).__name__, first_line, target)
+    manager.reload()
