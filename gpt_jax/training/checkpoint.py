@@ -10,6 +10,7 @@ checkpoint that looks valid, and retention only deletes after a newer save has c
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -35,14 +36,23 @@ def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(workdir).resolve() / "checkpoints"
 
 
+def _val_loss(metrics: dict) -> float:
+    """A checkpoint saved without an eval at its step ranks last."""
+    return metrics.get(VAL_METRIC, math.inf)
+
+
 def make_manager(directory: pathlib.Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the newest `keep` checkpoints plus the one with the lowest val loss."""
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
-        pp.BestN(get_metric_fn=lambda m: -m[VAL_METRIC], n=1, keep_checkpoints_without_metrics=False),
+        pp.BestN(get_metric_fn=_val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, create=not read_only, read_only=read_only
+        preservation_policy=policy,
+        best_fn=_val_loss,  # Orbax writes metrics, and answers best_step(), only with a best_fn.
+        best_mode="min",
+        create=not read_only,
+        read_only=read_only,
     )
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "config"))
 
@@ -50,7 +60,7 @@ def make_manager(directory: pathlib.Path, keep: int, read_only: bool = False) ->
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
          config_json: str, val_loss: float | None) -> None:
     """Starts an async save of `step` (call `manager.wait_until_finished()` before exiting)."""
-    metrics = None if val_loss is None else {VAL_METRIC: float(val_loss)}
+    metrics = {} if val_loss is None else {VAL_METRIC: float(val_loss)}
     manager.save(
         step,
         args=ocp.args.Composite(
