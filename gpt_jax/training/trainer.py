@@ -198,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                     logging.info("first step done %.1f s after the loop started (compile included)",
                                  time.perf_counter() - begin)
                     logger.restart_clock(i)
-                if i == start + 1 or i % config.log.every == 0 or i == t.num_steps:
+                if i == 1 or i % config.log.every == 0 or i == t.num_steps:  # Same after a resume.
                     logger.queue(i, metrics)
                 bar.update(1)
                 final = i == t.num_steps
