@@ -51,6 +51,8 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
     """Validates the config, prepares the data, saves the tokenizer, builds model and state init."""
     config_lib.validate(config)
+    if config.train.tune_host_malloc:
+        allocator.tune_glibc_malloc()  # Before the first large allocation.
     workdir = pathlib.Path(workdir)
     d = config.data
     cache_dir = str(pathlib.Path(d.cache_dir).expanduser())
@@ -115,8 +117,6 @@ def initial_state(r: Run, manager, train_it) -> tuple[step.TrainState, int]:
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains to train.num_steps (resuming if the workdir has checkpoints); returns the last train
     and eval metrics."""
-    if config.train.tune_host_malloc:
-        allocator.tune_glibc_malloc()
     r = setup(config, workdir)
     config, t = r.config, r.config.train
     seq_len, batch_size = config.data.seq_len, t.batch_size
