@@ -194,6 +194,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"optim.decay_steps={decay} must exceed optim.warmup_steps={o.warmup_steps}.",
     )
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be ≥ 0 (0 disables clipping).")
+    for field in ("beta1", "beta2"):
+        _check(0 <= o[field] < 1, f"optim.{field}={o[field]} must be in [0, 1).")
+    s = config.sample
+    for field in ("num_samples", "max_new_tokens", "top_k", "temperature"):
+        _check(s[field] >= 0, f"sample.{field}={s[field]} must be ≥ 0.")
+    _check(s.num_samples == 0 or len(s.prompt) > 0,
+           "sample.prompt is empty; give at least one character (e.g. a newline) or set "
+           "sample.num_samples=0.")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -121,13 +121,14 @@ def test_sigkill_then_resume_is_exact(reference, kill_after, tmp_path):
     assert_same_run(workdir, ref / "run")
 
 
-def test_sigterm_saves_and_exits_then_resumes_exactly(reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_exits_then_resumes_exactly(reference, tmp_path, sig):
     ref, o = reference
     workdir = tmp_path / "run"
-    code, _, err = start_and_signal(workdir, o, 23, signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM
+    code, _, err = start_and_signal(workdir, o, 23, sig)
+    assert code == 128 + sig
     last = err.strip().splitlines()[-1]
-    assert last.startswith("SIGTERM: saved a checkpoint at step ") and str(workdir) in last
+    assert last.startswith(f"{sig.name}: saved a checkpoint at step ") and str(workdir) in last
     saved = int(last.split("step ")[1].split()[0])
     assert saved > 23 and (workdir / "checkpoints" / str(saved)).is_dir()
     r = subprocess.run(cli(workdir, o), capture_output=True, text=True, timeout=300)
@@ -258,3 +259,29 @@ def test_cli_one_line_errors(corpus, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert empty.returncode != 0 and empty.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_resume_refusals_keep_the_checkpoints(corpus, tmp_path):
+    o = overrides(corpus, tmp_path / "cache", **{"train.num_steps": 10})
+    trainer.run(config_from(o), tmp_path / "w")
+    ck = tmp_path / "w" / "checkpoints"
+    tokenizer = (tmp_path / "w" / "tokenizer.json").read_text()
+    # An optimizer change alters the saved state's tree: an error, not "unreadable".
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this run's state"):
+        trainer.run(config_from({**o, "optim.grad_clip": 0.0}), tmp_path / "w")
+    with pytest.raises(ConfigError, match="past train.num_steps=5"):
+        trainer.run(config_from({**o, "train.num_steps": 5, "optim.warmup_steps": 2}), tmp_path / "w")
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.replace("g", "h"))  # Same vocabulary size, other characters.
+    with pytest.raises(checkpoint.CheckpointError, match="another tokenizer"):
+        trainer.run(config_from({**o, "data.path": other}), tmp_path / "w")
+    assert (tmp_path / "w" / "tokenizer.json").read_text() == tokenizer
+    assert sorted(p.name for p in ck.iterdir()) == ["10"]  # Nothing set aside or lost.
+
+
+def test_short_splits_and_bad_prompts_are_config_errors(corpus, tmp_path):
+    o = overrides(corpus, tmp_path / "cache", **{"train.num_steps": 10})
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        trainer.run(config_from({**o, "data.seq_len": 4000, "train.batch_size": 64}), tmp_path / "a")
+    with pytest.raises(ConfigError, match="sample.prompt"):
+        trainer.run(config_from({**o, "sample.prompt": "Ω", "sample.num_samples": 1}), tmp_path / "b")

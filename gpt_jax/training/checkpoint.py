@@ -89,31 +89,82 @@ def check_compatible(saved: dict, config_model: dict, step: int) -> None:
             )
 
 
+# Fields whose change makes a resumed run differ from an uninterrupted one (warned about).
+TRAINING_FIELDS = ("data", "optim", "train")
+
+
+def check_structure(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+    """Raises a one-line CheckpointError if the saved state's tree differs from this run's (e.g.
+    an optimizer setting that changes the optimizer state). Reading the metadata may raise other
+    errors: those mean the checkpoint is unreadable."""
+    saved = ocp.StandardCheckpointer().metadata(
+        pathlib.Path(manager.directory) / str(step) / "state").item_metadata
+    def by_path(tree) -> dict:  # "opt_state/1/0/mu/wte/embedding": leaf, whatever the containers.
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in flat}
+
+    want, got = by_path(abstract_state), by_path(saved)
+    if not got:  # Orbax returns no metadata (with a warning) when it cannot parse it.
+        raise ValueError("the state's metadata is missing or unreadable")
+    for path in sorted(set(want) | set(got)):
+        if path not in got or path not in want or tuple(got[path].shape) != tuple(want[path].shape):
+            have = "absent" if path not in got else f"shape {tuple(got[path].shape)}"
+            need = "absent" if path not in want else f"shape {tuple(want[path].shape)}"
+            raise CheckpointError(
+                f"the checkpoint at step {step} does not fit this run's state: {path} is {have} "
+                f"there and {need} here (an optimizer or model setting changed); resume with "
+                "the settings it was saved with, or start a new run in another --workdir."
+            )
+
+
+def changed_fields(saved: dict, config: dict) -> list[str]:
+    """'group.field: saved → now' for every training-relevant field that differs."""
+    out = []
+    for group in TRAINING_FIELDS:
+        for field in sorted(set(saved.get(group, {})) | set(config.get(group, {}))):
+            a, b = saved.get(group, {}).get(field), config.get(group, {}).get(field)
+            if a != b:
+                out.append(f"{group}.{field}: {a!r} → {b!r}")
+    return out
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
-                   config_model: dict) -> tuple[Any, int] | None:
-    """Restores the newest readable checkpoint into (state, step), and the iterator in place.
+                   config: dict) -> tuple[Any, int, dict] | None:
+    """Restores the newest readable checkpoint: (state, step, saved config); the iterator in place.
 
     An unreadable checkpoint (truncated, garbage, files missing) is logged and moved aside to
     `checkpoints/unreadable/` (kept, never deleted) so that the run can save that step again;
-    the previous one is tried next. Returns None when there is no checkpoint at all. A checkpoint
-    of a different model shape is an error, not a fallback.
+    the previous one is tried next. A checkpoint that does not fit this run (model shape,
+    optimizer state) is an error, not a fallback. Returns None when there is no checkpoint; if
+    there were some and none could be read, that is an error too: starting over is the user's
+    call (checkpoint.init_from=scratch).
     """
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
         try:
             saved = saved_config(manager, step)
         except Exception as e:  # Any failure to read means "unreadable".
             _set_aside(manager, step, e)
             continue
-        check_compatible(saved, config_model, step)
+        check_compatible(saved, config["model"], step)
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-            ))
+            check_structure(manager, step, abstract_state)
+            # State first, the iterator only once the state is in: a failure leaves it untouched.
+            state = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+            manager.restore(step, args=ocp.args.Composite(
+                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        except CheckpointError:
+            raise
         except Exception as e:
             _set_aside(manager, step, e)
             continue
-        return restored["state"], step
+        return state, step, saved
+    if steps:
+        raise CheckpointError(
+            f"none of the checkpoints {sorted(steps)} in {manager.directory} could be restored; "
+            "they were moved to unreadable/ (kept). Start over with checkpoint.init_from=scratch."
+        )
     return None
 
 

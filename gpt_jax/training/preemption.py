@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import sys
 import threading
 import types
-
-from absl import logging
 
 
 class Preempted(Exception):  # noqa: N818 — an event, not an error.
@@ -25,8 +22,8 @@ class PreemptionGuard:
     """Within `with PreemptionGuard() as g:`, SIGTERM and SIGINT only set `g.requested`.
 
     The loop checks it after each step, saves synchronously and calls `g.exit`. A second SIGINT
-    (Ctrl-C twice) exits at once: a checkpoint being written then is left in Orbax's temporary
-    folder, never mistaken for a complete one.
+    (Ctrl-C twice) ends the process at once: a checkpoint being written then is left in Orbax's
+    temporary folder, never mistaken for a complete one.
     """
 
     def __init__(self):
@@ -35,13 +32,14 @@ class PreemptionGuard:
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         del frame
-        if self.requested is not None and signum == signal.SIGINT:
-            sys.stderr.write("\nsecond interrupt: aborting now, without saving.\n")
-            sys.stderr.flush()
-            os._exit(128 + signum)
         self.requested = signum
-        logging.warning("%s received: finishing this step, then saving a checkpoint and exiting "
-                        "(Ctrl-C again aborts at once)", signal.Signals(signum).name)
+        # The kernel's default action for the next Ctrl-C: it ends the process at once, even
+        # inside a compile or a device wait where a Python handler would only run afterwards.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # os.write, not logging or sys.stderr: the handler may interrupt a write to stderr, and
+        # re-entering its lock would raise inside the training loop.
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving a "
+                    "checkpoint and exiting (Ctrl-C again aborts at once).\n".encode())
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():  # Signals go to the main thread.

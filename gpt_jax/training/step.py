@@ -92,7 +92,8 @@ def make_train_step(
         metrics = {
             "train/loss": loss,
             "grad_norm": grad_norm,
-            "lr": schedule(state.step),
+            # Skipped (non-finite) steps do not advance the optimizer's own count.
+            "lr": schedule(state.step - state.opt_state.total_notfinite),
             "train/nonfinite_steps": new_state.opt_state.total_notfinite,
         }
         return new_state, metrics

@@ -61,8 +61,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run
         data = prepare.prepare(corpus, d.tokenizer, cache_dir, d.val_fraction)
     except (OSError, ValueError) as e:  # Missing path, empty corpus, failed download: user input.
         raise config_lib.ConfigError(str(e)) from e
+    try:
+        data.tokenizer.encode(config.sample.prompt)  # Fail now, not after training.
+    except ValueError as e:
+        raise config_lib.ConfigError(f"sample.prompt: {e}") from e
     workdir.mkdir(parents=True, exist_ok=True)
-    tokenizers.save_tokenizer(data.tokenizer, workdir / "tokenizer.json")
 
     model_cfg = config_lib.ModelConfig.from_config(config, data.tokenizer.vocab_size)
     config = config.copy_and_resolve_references()
@@ -92,25 +95,39 @@ def evaluate(eval_step, params, batches: Iterable[tuple[np.ndarray, np.ndarray]]
 
 
 def initial_state(r: Run, manager, train_it) -> tuple[step.TrainState, int]:
-    """Resumes from the workdir's newest readable checkpoint, or starts per checkpoint.init_from."""
+    """Resumes from the workdir's newest readable checkpoint, or starts per checkpoint.init_from.
+    Writes the run's tokenizer.json once the workdir is known to be this run's."""
     init_from = r.config.checkpoint.init_from
-    model_fields = r.config.model.to_dict()
+    config = r.config.to_dict()
+    tokenizer_path = r.workdir / "tokenizer.json"
     if manager.all_steps():
         if init_from == "scratch":
             raise config_lib.ConfigError(
                 f"{r.workdir} already has checkpoints (steps {sorted(manager.all_steps())}); "
                 "resume with checkpoint.init_from=auto or start in a new --workdir."
             )
-        restored = checkpoint.restore_latest(manager, r.abstract_state, train_it, model_fields)
-        if restored is not None:
-            state, start = restored
-            logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(r.workdir), start)
-            return state, start
+        state, start, saved = checkpoint.restore_latest(manager, r.abstract_state, train_it, config)
+        if tokenizer_path.exists() and (tokenizers.load_tokenizer(tokenizer_path).to_dict()
+                                        != r.data.tokenizer.to_dict()):
+            raise checkpoint.CheckpointError(
+                f"this run's data gives another tokenizer than {tokenizer_path}, which the "
+                "checkpoints were trained with; resume with the same data.* settings.")
+        if start > r.config.train.num_steps:
+            raise config_lib.ConfigError(
+                f"the workdir's checkpoint is at step {start}, past train.num_steps="
+                f"{r.config.train.num_steps}; raise train.num_steps to train on.")
+        for change in checkpoint.changed_fields(saved, config):
+            logging.warning("resuming with a changed setting, so the run is no longer the one "
+                            "an uninterrupted run would have been: %s", change)
+        logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(r.workdir), start)
+        tokenizers.save_tokenizer(r.data.tokenizer, tokenizer_path)
+        return state, start
     state = r.init_state()
     if init_from not in ("auto", "scratch"):
         state = state.replace(params=checkpoint.load_params(init_from, r.abstract_state.params,
-                                                            model_fields))
+                                                            config["model"]))
         logging.info("parameters taken from %s", init_from)
+    tokenizers.save_tokenizer(r.data.tokenizer, tokenizer_path)
     return state, 0
 
 
@@ -120,10 +137,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     r = setup(config, workdir)
     config, t = r.config, r.config.train
     seq_len, batch_size = config.data.seq_len, t.batch_size
-    train_it = iter(pipeline.train_dataset(
-        r.data.train_tokens(), seq_len, batch_size, t.seed, 0, 1,
-        config.data.num_threads, config.data.prefetch, config.data.sampling,
-    ))
+    val_tokens = r.data.val_tokens()
+    try:  # A split too short for one window or batch: the fix is in data.* / train.*.
+        train_it = iter(pipeline.train_dataset(
+            r.data.train_tokens(), seq_len, batch_size, t.seed, 0, 1,
+            config.data.num_threads, config.data.prefetch, config.data.sampling,
+        ))
+        fixed_batches = pipeline.eval_batches(val_tokens, seq_len, batch_size, t.eval_batches, t.seed)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(r.workdir), config.checkpoint.keep)
     state, start = initial_state(r, manager, train_it)
     config_json = config_lib.to_json(config)
@@ -142,12 +164,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         donate_argnums=0,
     )
     eval_step = jax.jit(step.make_eval_step(r.model))
-    val_tokens = r.data.val_tokens()
     ones_BT = np.ones((batch_size, seq_len), np.float32)
-    fixed_val = [
-        (b, ones_BT)
-        for b in pipeline.eval_batches(val_tokens, seq_len, batch_size, t.eval_batches, t.seed)
-    ]
+    fixed_val = [(b, ones_BT) for b in fixed_batches]
 
     writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=start)
     bar = tqdm.tqdm(initial=start, total=t.num_steps, disable=not config.log.progress, unit="step",
@@ -167,8 +185,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
     def check_finite() -> None:
         """Syncs on the state's non-finite marker (only where the loop syncs anyway)."""
+        if t.on_nonfinite != "stop":
+            return
         bad = int(state.first_nonfinite_step)
-        if bad and t.on_nonfinite == "stop":
+        if bad:
             last = manager.latest_step()
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad}; stopped (train.on_nonfinite=stop). "
@@ -210,6 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                 if i % config.checkpoint.every == 0 or final:
                     logger.flush()
                     save(i, last_eval)
+                    logger.restart_clock(i)  # The save's host copy is not training time.
                 if preemption.requested and not final:
                     logger.flush()
                     if manager.latest_step() != i:
