@@ -65,6 +65,41 @@ def get_config() -> ml_collections.ConfigDict:
     # gpt_jax/training/allocator.py). Off if host memory is tight.
     t.tune_host_malloc = True
 
+    # Device mesh: axes data (batch split, params replicated), fsdp (batch split, params and
+    # optimizer state sharded), tensor (Megatron-style: heads / MLP / vocab split). The sizes must
+    # multiply to the device count; -1 takes all remaining devices (data's default -1 yields to
+    # an explicit -1 on fsdp or tensor). See docs/scaling.md.
+    c.mesh = mh = ml_collections.ConfigDict()
+    mh.data = -1
+    mh.fsdp = 1
+    mh.tensor = 1
+    # Across nodes or slices (DCN): each mesh axis is dcn_<axis> × <axis>, the dcn_ factor spanning
+    # nodes (processes on GPUs, slices on TPUs) and the other the devices within one. 1 = one node.
+    mh.dcn_data = 1
+    mh.dcn_fsdp = 1
+    mh.dcn_tensor = 1
+    # Logical axis → mesh axes (comma-separated; empty = replicated). Parameters and activations
+    # name logical axes; these rules alone decide the parallelism. `batch` is resolved first, so
+    # an activation's embed dimension stays whole when batch takes fsdp. A dimension a mesh axis
+    # does not divide is kept whole on that axis (logged for parameters).
+    mh.rules = r = ml_collections.ConfigDict()
+    r.batch = "data,fsdp"
+    r.length = ""
+    r.embed = "fsdp"
+    r.heads = "tensor"
+    r.kv = ""
+    r.mlp = "tensor"
+    r.vocab = "tensor"
+    r.norm = ""
+    # Multi-process (several hosts, or tools/launch_local.py): auto joins a distributed run when
+    # one is configured (coordinator below or JAX_COORDINATOR_ADDRESS) or detected (SLURM with
+    # several tasks, Open MPI, a multi-host TPU pod); on: always (JAX's own cluster detection);
+    # off: single process.
+    mh.distributed = "auto"
+    mh.coordinator_address = config_dict.placeholder(str)  # host:port of process 0.
+    mh.num_processes = config_dict.placeholder(int)
+    mh.process_id = config_dict.placeholder(int)
+
     c.checkpoint = ck = ml_collections.ConfigDict()
     ck.every = 500  # Steps between (async) saves to WORKDIR/checkpoints; one more at the end.
     ck.keep = 3  # Newest checkpoints kept, plus the one with the lowest val loss.

@@ -1,8 +1,11 @@
 """GPT-2 shapes (124M / 350M / 774M / 1.5B), T 1024, vocab 50257 padded to 50304.
 
 Optimisation follows nanoGPT's GPT-2 reproduction: AdamW β2 0.95, lr 6e-4 → 6e-5, 2000 warmup,
-weight decay 0.1, ~0.5M tokens per step (480 × 1024). The data defaults to the offline byte corpus
-until a GPT-2 BPE dataset is prepared.
+weight decay 0.1, ~0.5M tokens per step (512 × 1024, as GPT-3's small models), accumulated over 32
+micro-batches of 16 sequences: one H100 runs GPT-2 small so; on a mesh, each micro-batch is split
+over the data × fsdp devices (16 must divide by their number; lower train.grad_accum_steps for more
+sequences per device, see docs/scaling.md). The data defaults to the offline byte corpus until a
+GPT-2 BPE dataset is prepared.
 """
 
 import ml_collections
@@ -36,8 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.beta2 = 0.95
     c.optim.weight_decay = 0.1
     c.train.num_steps = 600_000
-    c.train.batch_size = 480
-    c.train.grad_accum_steps = 40
+    c.train.batch_size = 512
+    c.train.grad_accum_steps = 32
     c.train.eval_every = 1000
     c.train.eval_batches = 200
     return c

@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.seq_len = 256
         c.train.batch_size = 64
         c.train.num_steps = 5000
+        c.optim.decay_steps = 5000  # nanoGPT's lr_decay_iters: a shorter run keeps this schedule.
         c.train.eval_batches = 200
     else:
         c.model.num_layers, c.model.num_heads, c.model.d_model = 4, 4, 128
@@ -46,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.seq_len = 64
         c.train.batch_size = 12
         c.train.num_steps = 2000
+        c.optim.decay_steps = 2000  # nanoGPT's lr_decay_iters: a shorter run keeps this schedule.
         c.train.eval_batches = 20
     c.train.final_eval = "full"
     return c

@@ -6,10 +6,14 @@ and exact; a KV cache is the faster path for long generations.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gpt_jax.parallel.sharding import put_replicated_host
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -38,11 +42,21 @@ def generate(
         raise ValueError("the prompt is empty; pass at least one token (e.g. a newline).")
     window = model.cfg.max_seq_len
     total = len(prompt) + max_new_tokens
-    buf_BS = jnp.zeros((num_samples, max(total, window)), jnp.int32)
-    buf_BS = buf_BS.at[:, : len(prompt)].set(jnp.asarray(prompt, jnp.int32))
+    buf_BS = np.zeros((num_samples, max(total, window)), np.int32)
+    buf_BS[:, : len(prompt)] = np.asarray(prompt, np.int32)
+    key_data = np.asarray(jax.random.key_data(key))
+    # Params sharded on a mesh (the training run's): inputs and output are whole on every device
+    # of it, so every process of a multi-process run can read the result.
+    first = jax.tree.leaves(params)[0].sharding
+    replicated = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(first, jax.sharding.NamedSharding) else None)
+    if replicated is not None:
+        buf_BS, key_data = (put_replicated_host(a, replicated) for a in (buf_BS, key_data))
 
-    @jax.jit
-    def run(params, buf_BS, key):
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def run(params, buf_BS, key_data):
+        key = jax.random.wrap_key_data(key_data)
+
         def body(pos, carry):
             buf_BS, key = carry
             key, sub = jax.random.split(key)
@@ -57,4 +71,4 @@ def generate(
         buf_BS, _ = jax.lax.fori_loop(len(prompt), total, body, (buf_BS, key))
         return buf_BS
 
-    return np.asarray(run(params, buf_BS, key))[:, :total]
+    return np.asarray(run(params, buf_BS, key_data))[:, :total]

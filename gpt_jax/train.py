@@ -5,6 +5,7 @@ No arguments: configs/quickstart.py into runs/quickstart.
 
 from __future__ import annotations
 
+import logging as std_logging
 import pathlib
 import sys
 
@@ -37,7 +38,8 @@ class _QuietLibraries:
     """Keeps Orbax's per-save INFO chatter out of the run's log; its warnings still show."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        # Python's levels (absl.logging.WARNING is absl's verbosity number, not a levelno).
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def define_flags() -> None:

@@ -136,39 +136,41 @@ def train_dataset(
     prefetch: int,
     sampling: str,
 ) -> grain.IterDataset:
-    """Returns an endless stream of [batch_size, seq_len + 1] int32 batches of this shard's windows.
+    """Returns an endless stream of this shard's rows of each global batch: [batch_size /
+    shard_count, seq_len + 1] int32 arrays, rows [shard_index·b, (shard_index+1)·b) of the
+    global batch of `batch_size` windows.
 
-    The windows are split into `shard_count` equal contiguous blocks (leftovers dropped) and this
-    process reads only block `shard_index`. Each epoch over the block is a fresh permutation
-    (derived from `seed` and the epoch number); batches run on across epoch boundaries, so no
-    window is ever dropped. `iter()` of the result supports get_state/set_state.
-
-    `sampling="random"` instead draws every window at a uniformly random start (nanoGPT's
-    get_batch), element i of process p being global element i·shard_count + p.
+    Every shard walks the same global order and reads only its own rows, so the global batches
+    are the same whatever the number of processes. `sampling="epochs"`: each epoch is a fresh
+    permutation of all windows (derived from `seed` and the epoch number), and batches run on
+    across epoch boundaries, so no window is ever dropped. `sampling="random"`: every window
+    starts at a uniformly random token (nanoGPT's get_batch), a pure function of (seed, index).
+    `iter()` of the result supports get_state/set_state.
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count}).")
+    if batch_size % shard_count:
+        raise ValueError(f"train.batch_size={batch_size} does not split over {shard_count} "
+                         "processes; make it a multiple of the process count.")
     if sampling not in SAMPLINGS:
         raise ValueError(f"data.sampling={sampling!r} is not one of {SAMPLINGS}.")
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     if sampling == "random":
-        source = RandomWindowSource(tokens, seq_len, seed, length=1 << 62)
-        ds = grain.MapDataset.source(source)[shard_index::shard_count]
-        return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(read)
-    source = WindowSource(tokens, seq_len)
-    per_shard = len(source) // shard_count
-    if per_shard < batch_size:
-        raise ValueError(
-            f"the train split has {len(tokens)} tokens: {len(source)} windows of "
-            f"data.seq_len={seq_len} across {shard_count} shard(s), {per_shard} per shard, fewer "
-            f"than one batch of {batch_size} (train.batch_size per process); lower data.seq_len "
-            "or train.batch_size, or use a bigger corpus."
-        )
-    start = shard_index * per_shard
-    ds = grain.MapDataset.source(source)[start : start + per_shard]
-    # shuffle before repeat: Grain reseeds the shuffle per epoch from the index's epoch number.
-    ds = ds.shuffle(seed=_shuffle_seed(seed)).repeat(None)
-    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(read)
+        ds = grain.MapDataset.source(RandomWindowSource(tokens, seq_len, seed, length=1 << 62))
+    else:
+        source = WindowSource(tokens, seq_len)
+        if len(source) < batch_size:
+            raise ValueError(
+                f"the train split has {len(tokens)} tokens: {len(source)} windows of "
+                f"data.seq_len={seq_len}, fewer than one batch of {batch_size} (train.batch_size); "
+                "lower data.seq_len or train.batch_size, or use a bigger corpus."
+            )
+        # shuffle before repeat: Grain reseeds the shuffle per epoch from the index's epoch number.
+        ds = grain.MapDataset.source(source).shuffle(seed=_shuffle_seed(seed)).repeat(None)
+    ds = ds.batch(batch_size // shard_count, drop_remainder=True)
+    if shard_count > 1:  # Global batch b is local batches b·count … b·count + count − 1.
+        ds = ds[shard_index::shard_count]
+    return ds.to_iter_dataset(read)
 
 
 def _check_split(tokens: np.ndarray, seq_len: int, batch_size: int) -> None:

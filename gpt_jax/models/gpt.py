@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from gpt_jax.config import ModelConfig
 from gpt_jax.models.layers import Block, layer_norm
+from gpt_jax.parallel.sharding import constrain
 
 Array = jax.Array
 
@@ -43,7 +44,7 @@ class GPT(nn.Module):
             name="wpe",
         )
         x_BTD = wte(tokens_BT) + wpe(jnp.arange(T))[None]
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         for i in range(cfg.num_layers):
             x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic)
@@ -60,7 +61,7 @@ class GPT(nn.Module):
                 kernel_init=nn.with_logical_partitioning(emb_init, ("embed", "vocab")),
                 name="lm_head",
             )(x_BTD)
-        logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+        logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
         logits_BTV = logits_BTV.astype(jnp.float32)
         if cfg.padded_vocab_size != cfg.vocab_size:
             valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size

@@ -1,8 +1,9 @@
 """Transformer building blocks: causal self-attention, MLP, pre-LN block.
 
 Every module is a pure Flax Linen module usable on its own (init/apply). Parameters carry logical
-axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`); the mapping to mesh axes lives in the config,
-never here. Shapes are named in suffixes: B batch, T time, D d_model, N heads, H head dim, F mlp.
+axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `norm`), and so do the main activations
+(`batch`, `length`, … through `constrain`); the mapping to mesh axes lives in the config, never
+here. Shapes are named in suffixes: B batch, T time, D d_model, N heads, H head dim, F mlp.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt_jax.config import ModelConfig
+from gpt_jax.parallel.sharding import constrain
 
 Array = jax.Array
 
@@ -67,6 +69,7 @@ class CausalSelfAttention(nn.Module):
             bias_init=bias_init((None, "heads", "kv")),
             name="qkv",
         )(x_BTD)
+        qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "length", None, "heads", "kv"))
         q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
 
         use_dropout = not deterministic and cfg.attention_dropout > 0.0
@@ -87,7 +90,7 @@ class CausalSelfAttention(nn.Module):
             out_BTNH = jax.nn.dot_product_attention(
                 q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=cfg.attention_impl
             )
-        out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "kv"))
+        out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "kv"))
         y_BTD = nn.DenseGeneral(
             features=cfg.d_model,
             axis=(-2, -1),
@@ -118,7 +121,7 @@ class MLP(nn.Module):
             bias_init=bias_init(("mlp",)),
             name="fc",
         )(x_BTD)
-        h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
+        h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
         h_BTF = ACTIVATIONS[cfg.activation](h_BTF)
         y_BTD = nn.Dense(
             cfg.d_model,
@@ -143,4 +146,4 @@ class Block(nn.Module):
             layer_norm(self.cfg, "ln_1")(x_BTD), deterministic
         )
         x_BTD = x_BTD + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln_2")(x_BTD), deterministic)
-        return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        return constrain(x_BTD, ("batch", "length", "embed"))

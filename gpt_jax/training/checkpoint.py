@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from gpt_jax.parallel import distributed, sharding
+
 VAL_METRIC = "val/loss"
 # Model fields that change parameter shapes: resuming across a change in one of them cannot work.
 SHAPE_FIELDS = ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size", "vocab_multiple",
@@ -188,17 +190,20 @@ def load_params(path: str, abstract_params: Any, config_model: dict) -> Any:
     check_compatible(saved_config(manager, step), config_model, step)
     # Restored without a target (as host arrays), so a run with another optimizer can start from it.
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, s.dtype)), state["params"],
-                        abstract_params)
+    return jax.tree.map(
+        lambda a, s: sharding.put_replicated_host(np.asarray(a, s.dtype), s.sharding),
+        state["params"], abstract_params)
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
     directory = pathlib.Path(manager.directory)
-    aside = directory / "unreadable"
-    aside.mkdir(exist_ok=True)
-    target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    (directory / str(step)).rename(target)
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    logging.warning("checkpoint step %d cannot be restored (%s: %s); moved to %s, trying the one "
-                    "before", step, type(error).__name__, first_line, target)
+    if distributed.is_primary():  # Every process failed on the same files; one moves them.
+        aside = directory / "unreadable"
+        aside.mkdir(exist_ok=True)
+        target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        (directory / str(step)).rename(target)
+        logging.warning("checkpoint step %d cannot be restored (%s: %s); moved to %s, trying the "
+                        "one before", step, type(error).__name__, first_line, target)
+    distributed.barrier(f"set aside checkpoint {step}")
     manager.reload()

@@ -63,7 +63,12 @@ class MetricsWriter:
     each step once; TensorBoard drops its events after N the same way (purge_step).
     """
 
-    def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_after: int = 0):
+    def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_after: int = 0,
+                 active: bool = True):
+        """`active=False` (every process but 0 of a multi-process run) writes nothing."""
+        self._file, self._tb = None, None
+        if not active:
+            return
         path = workdir / "metrics.jsonl"
         if resume_after > 0 and path.exists():
             _roll_back(path, resume_after, workdir / "metrics.rolledback.jsonl")
@@ -84,6 +89,8 @@ class MetricsWriter:
                             workdir, n)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         row = {"step": int(step)}
         for k, v in metrics.items():
             row[k] = _to_python(v)
@@ -95,7 +102,8 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -53,4 +53,5 @@ class PreemptionGuard:
 
     def exit(self, step: int, directory: pathlib.Path) -> None:
         """Ends the run by raising Preempted (call after the checkpoint of `step` is saved)."""
-        raise Preempted(self.requested, step, directory)
+        # A process that got no signal itself stops because another did (multi-process runs).
+        raise Preempted(self.requested or signal.SIGTERM, step, directory)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from gpt_jax.parallel.sharding import constrain
+
 Array = jax.Array
 
 
@@ -69,7 +71,10 @@ def make_train_step(
         if grad_accum_steps == 1:
             loss, grads = grad_fn(state.params, model, batch_BT1, step_key)
         else:
-            micro_ABT1 = batch_BT1.reshape(grad_accum_steps, -1, batch_BT1.shape[-1])
+            # Strided micro-batches (rows i, i + A, …): each device splits its own rows, so a
+            # batch sharded over devices stays sharded without moving data.
+            micro_ABT1 = batch_BT1.reshape(-1, grad_accum_steps, batch_BT1.shape[-1]).swapaxes(0, 1)
+            micro_ABT1 = constrain(micro_ABT1, (None, "batch", None))
 
             def accumulate(carry, xs):
                 i, micro_BT1 = xs

@@ -4,6 +4,7 @@ checkpoints, and a final sample."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import pathlib
 import time
@@ -22,6 +23,8 @@ from gpt_jax import config as config_lib
 from gpt_jax.data import corpora, pipeline, prepare, tokenizers
 from gpt_jax.generate import generate
 from gpt_jax.models.gpt import GPT, count_params
+from gpt_jax.parallel import distributed, sharding
+from gpt_jax.parallel import mesh as mesh_lib
 from gpt_jax.training import allocator, checkpoint, optim, step
 from gpt_jax.training.metrics import (
     MetricsWriter,
@@ -44,44 +47,117 @@ class Run:
     workdir: pathlib.Path
     data: prepare.Prepared
     model: GPT
-    init_state: Callable[[], step.TrainState]  # Jitted: a fresh state at step 0.
-    abstract_state: Any  # Shapes and dtypes of the state, for restoring without allocating.
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules  # Logical axis → mesh axes (mesh.rules).
+    init_state: Callable[[], step.TrainState]  # Jitted: a fresh state at step 0, already sharded.
+    abstract_state: Any  # Shapes, dtypes and shardings of the state (restore, AOT lowering).
+    state_shardings: Any
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
-    """Validates the config, prepares the data, saves the tokenizer, builds model and state init."""
+def check_batch_split(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                      rules: sharding.Rules) -> None:
+    """Each micro-batch must split evenly over the mesh axes the batch is sharded on."""
+    axes = dict(rules)["batch"] or ()
+    shards = math.prod(mesh.shape[a] for a in axes)
+    t = config.train
+    micro = t.batch_size // t.grad_accum_steps
+    if micro % shards:
+        raise config_lib.ConfigError(
+            f"train.batch_size={t.batch_size} / train.grad_accum_steps={t.grad_accum_steps} = "
+            f"{micro} sequences per micro-batch do not split over the {shards} batch shards "
+            f"({'×'.join(axes)} of mesh {mesh_lib.describe(mesh)}); make train.batch_size a "
+            f"multiple of {t.grad_accum_steps * shards} or lower train.grad_accum_steps.")
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          devices: list[jax.Device] | None = None) -> Run:
+    """Validates the config, joins a multi-process run, builds the mesh (over `devices`, default
+    all), prepares the data, builds the model and the sharded state init."""
     config_lib.validate(config)
     if config.train.tune_host_malloc:
         allocator.tune_glibc_malloc()  # Before the first large allocation.
+    distributed.initialize(config.mesh)  # Before anything touches a device.
+    if not distributed.is_primary():
+        logging.set_verbosity(logging.WARNING)  # Process 0 speaks for the run.
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config.mesh)
+    check_batch_split(config, mesh, rules)
     workdir = pathlib.Path(workdir)
     d = config.data
     cache_dir = str(pathlib.Path(d.cache_dir).expanduser())
-    try:
-        corpus = corpora.load_corpus(d.corpus, d.path, cache_dir)
-        data = prepare.prepare(corpus, d.tokenizer, cache_dir, d.val_fraction)
-    except (OSError, ValueError) as e:  # Missing path, empty corpus, failed download: user input.
-        raise config_lib.ConfigError(str(e)) from e
+    data = None
+    for turn in ("primary", "others"):  # Process 0 tokenizes; the others then read its files.
+        if (turn == "primary") == distributed.is_primary():
+            try:
+                corpus = corpora.load_corpus(d.corpus, d.path, cache_dir)
+                data = prepare.prepare(corpus, d.tokenizer, cache_dir, d.val_fraction)
+            except (OSError, ValueError) as e:  # Missing path, empty corpus, failed download.
+                raise config_lib.ConfigError(str(e)) from e
+        distributed.barrier(f"prepared data: {turn}")
+    assert data is not None
     try:
         data.tokenizer.encode(config.sample.prompt)  # Fail now, not after training.
     except ValueError as e:
         raise config_lib.ConfigError(f"sample.prompt: {e}") from e
     workdir.mkdir(parents=True, exist_ok=True)
 
-    model_cfg = config_lib.ModelConfig.from_config(config, data.tokenizer.vocab_size)
+    config, model = build_model(config, data.tokenizer.vocab_size)
+    init_state, abstract_state, state_sh = build_state(config, model, mesh, rules)
+    return Run(config, workdir, data, model, mesh, rules, init_state, abstract_state, state_sh)
+
+
+def build_model(config: ml_collections.ConfigDict,
+                vocab_size: int) -> tuple[ml_collections.ConfigDict, GPT]:
+    """The model for a tokenizer of `vocab_size`, and the config with vocab size and positions
+    filled in."""
+    model_cfg = config_lib.ModelConfig.from_config(config, vocab_size)
     config = config.copy_and_resolve_references()
     config.model.vocab_size = model_cfg.vocab_size
     config.model.max_seq_len = model_cfg.max_seq_len
-    model = GPT(model_cfg)
+    return config, GPT(model_cfg)
+
+
+def build_state(config: ml_collections.ConfigDict, model: GPT, mesh: jax.sharding.Mesh,
+                rules: sharding.Rules) -> tuple[Callable[[], step.TrainState], Any, Any]:
+    """(init_state, abstract_state, state_shardings): a jitted init that creates the state
+    already sharded (no device ever holds all of it), its shapes with shardings (for restoring
+    and AOT lowering, nothing allocated), and the shardings."""
     init_key, dropout_key = jax.random.split(jax.random.key(config.train.seed))
     tx = optim.make_optimizer(config)
 
-    def init() -> step.TrainState:
+    def init_params():  # Parameters boxed with their logical axis names.
         tokens_BT = jnp.zeros((1, config.data.seq_len), jnp.int32)
-        variables = model.init(init_key, tokens_BT, deterministic=True)
-        # Logical axis names stay in the module; the state holds plain arrays.
-        return step.new_train_state(model.apply, nn.meta.unbox(variables["params"]), tx, dropout_key)
+        return model.init(init_key, tokens_BT, deterministic=True)["params"]
 
-    return Run(config, workdir, data, model, jax.jit(init), jax.eval_shape(init))
+    def init() -> step.TrainState:  # The state holds plain arrays; the shardings say where.
+        return step.new_train_state(model.apply, nn.meta.unbox(init_params()), tx, dropout_key)
+
+    with sharding.activation_context(mesh, rules):
+        param_sh = sharding.param_shardings(jax.eval_shape(init_params), mesh, rules)
+        abstract = jax.eval_shape(init)
+    state_sh = sharding.state_shardings(abstract, param_sh, tx, mesh)
+    init_state = jax.jit(init, out_shardings=state_sh)
+    return init_state, sharding.with_shardings(abstract, state_sh), state_sh
+
+
+def compile_steps(config: ml_collections.ConfigDict, model: GPT, mesh: jax.sharding.Mesh,
+                  rules: sharding.Rules, state_shardings: Any) -> tuple[Callable, Callable]:
+    """The jitted train step (state donated) and eval step: state placed per the rules, batches
+    split over the batch axes, metrics replicated."""
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    use_dropout = model.cfg.dropout > 0 or model.cfg.attention_dropout > 0
+    train_step = jax.jit(
+        step.make_train_step(model, optim.make_schedule(config), config.train.grad_accum_steps,
+                             use_dropout),
+        in_shardings=(state_shardings, batch_sh),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(step.make_eval_step(model),
+                        in_shardings=(state_shardings.params, batch_sh, batch_sh),
+                        out_shardings=replicated)
+    return train_step, eval_step
 
 
 def evaluate(eval_step, params, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
@@ -120,14 +196,16 @@ def initial_state(r: Run, manager, train_it) -> tuple[step.TrainState, int]:
             logging.warning("resuming with a changed setting, so the run is no longer the one "
                             "an uninterrupted run would have been: %s", change)
         logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(r.workdir), start)
-        tokenizers.save_tokenizer(r.data.tokenizer, tokenizer_path)
+        if distributed.is_primary():
+            tokenizers.save_tokenizer(r.data.tokenizer, tokenizer_path)
         return state, start
     state = r.init_state()
     if init_from not in ("auto", "scratch"):
         state = state.replace(params=checkpoint.load_params(init_from, r.abstract_state.params,
                                                             config["model"]))
         logging.info("parameters taken from %s", init_from)
-    tokenizers.save_tokenizer(r.data.tokenizer, tokenizer_path)
+    if distributed.is_primary():
+        tokenizers.save_tokenizer(r.data.tokenizer, tokenizer_path)
     return state, 0
 
 
@@ -135,12 +213,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains to train.num_steps (resuming if the workdir has checkpoints); returns the last train
     and eval metrics."""
     r = setup(config, workdir)
+    with sharding.activation_context(r.mesh, r.rules):  # Every trace sees the mesh and rules.
+        return _train(r)
+
+
+def _train(r: Run) -> dict:
     config, t = r.config, r.config.train
     seq_len, batch_size = config.data.seq_len, t.batch_size
+    primary = distributed.is_primary()
     val_tokens = r.data.val_tokens()
+    batch_sh = sharding.batch_sharding(r.mesh, r.rules)
+    global_shape = (batch_size, seq_len + 1)
+    shard_index, shard_count = sharding.process_rows(batch_sh, global_shape)
     try:  # A split too short for one window or batch: the fix is in data.* / train.*.
         train_it = iter(pipeline.train_dataset(
-            r.data.train_tokens(), seq_len, batch_size, t.seed, 0, 1,
+            r.data.train_tokens(), seq_len, batch_size, t.seed, shard_index, shard_count,
             config.data.num_threads, config.data.prefetch, config.data.sampling,
         ))
         fixed_batches = pipeline.eval_batches(val_tokens, seq_len, batch_size, t.eval_batches, t.seed)
@@ -149,37 +236,41 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     manager = checkpoint.make_manager(checkpoint.checkpoint_dir(r.workdir), config.checkpoint.keep)
     state, start = initial_state(r, manager, train_it)
     config_json = config_lib.to_json(config)
-    if start == 0:
-        MetricsWriter.keep_previous(r.workdir)
-    (r.workdir / "config.json").write_text(config_json + "\n")
+    if primary:
+        if start == 0:
+            MetricsWriter.keep_previous(r.workdir)
+        (r.workdir / "config.json").write_text(config_json + "\n")
 
     num_params = count_params(state.params)
-    logging.info("model: %s parameters; workdir %s", f"{num_params:,}", r.workdir)
+    logging.info("model: %s parameters; workdir %s; mesh %s", f"{num_params:,}", r.workdir,
+                 mesh_lib.describe(r.mesh))
     step_flops = flops_per_token(r.model.cfg, num_params, seq_len) * batch_size * seq_len
     peak = peak_flops_per_device(jax.devices()[0], config.log.peak_flops)
     peak_total = None if peak is None else peak * jax.device_count()
-    use_dropout = r.model.cfg.dropout > 0 or r.model.cfg.attention_dropout > 0
-    train_step = jax.jit(
-        step.make_train_step(r.model, optim.make_schedule(config), t.grad_accum_steps, use_dropout),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(step.make_eval_step(r.model))
-    ones_BT = np.ones((batch_size, seq_len), np.float32)
-    fixed_val = [(b, ones_BT) for b in fixed_batches]
+    train_step, eval_step = compile_steps(config, r.model, r.mesh, r.rules, r.state_shardings)
 
-    writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=start)
-    bar = tqdm.tqdm(initial=start, total=t.num_steps, disable=not config.log.progress, unit="step",
-                    smoothing=0.1, mininterval=0.5)
+    def to_device(batch: np.ndarray, weights: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        # Eval batches are whole on every process (they are small); each device takes its rows.
+        return (sharding.put_replicated_host(batch, batch_sh),
+                sharding.put_replicated_host(weights, batch_sh))
+
+    ones_BT = np.ones((batch_size, seq_len), np.float32)
+    fixed_val = [to_device(b, ones_BT) for b in fixed_batches]
+
+    writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=start, active=primary)
+    bar = tqdm.tqdm(initial=start, total=t.num_steps, disable=not (config.log.progress and primary),
+                    unit="step", smoothing=0.1, mininterval=0.5)
     logger = TrainLogger(writer, bar, batch_size * seq_len, step_flops, peak_total)
 
     def run_eval(step_num: int, full: bool) -> dict:
-        batches = (pipeline.full_eval_batches(val_tokens, seq_len, batch_size) if full
-                   else fixed_val)
+        batches = (itertools.starmap(to_device, pipeline.full_eval_batches(
+            val_tokens, seq_len, batch_size)) if full else fixed_val)
         m = evaluate(eval_step, state.params, batches)
         m["val/split"] = "full" if full else "batches"
         writer.write(step_num, m)
-        bar.write(f"step {step_num}: val/loss {m['val/loss']:.4f} ({m['val/split']}, "
-                  f"{m['val/tokens']:,} tokens)")
+        if primary:
+            bar.write(f"step {step_num}: val/loss {m['val/loss']:.4f} ({m['val/split']}, "
+                      f"{m['val/tokens']:,} tokens)")
         logger.restart_clock(step_num)
         return m
 
@@ -209,7 +300,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
             if start == 0:
                 last_eval = run_eval(0, full=False)
             for i in range(start + 1, t.num_steps + 1):
-                state, metrics = train_step(state, next(train_it))
+                batch = sharding.global_batch(next(train_it), batch_sh, global_shape)
+                state, metrics = train_step(state, batch)
                 logger.flush()  # The previous log step's metrics; step i is queued on the device.
                 if logger.last.get("train/nonfinite_steps"):
                     check_finite()  # Already fetched: stopping early costs no extra sync.
@@ -231,7 +323,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                     logger.flush()
                     save(i, last_eval)
                     logger.restart_clock(i)  # The save's host copy is not training time.
-                if preemption.requested and not final:
+                # Every process must stop at the same step: with several, they agree at log
+                # steps (one tiny collective), since a signal may reach them at different steps.
+                agree = jax.process_count() == 1 or i % config.log.every == 0
+                if agree and not final and distributed.any_process(preemption.requested is not None):
                     logger.flush()
                     if manager.latest_step() != i:
                         save(i, last_eval)
@@ -248,7 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                  t.num_steps, time.perf_counter() - begin, "n/a" if tps is None else f"{tps:,.0f}")
 
     if config.sample.num_samples > 0:
-        print_samples(r, state.params)
+        print_samples(r, state.params)  # Every process computes (the params are sharded).
     last_eval.pop("step", None)
     return {**logger.last, **last_eval}
 
@@ -259,5 +354,6 @@ def print_samples(r: Run, params) -> None:
     prompt = r.data.tokenizer.encode(s.prompt)
     out = generate(r.model, params, prompt, s.max_new_tokens, jax.random.key(s.seed),
                    s.temperature, s.top_k, s.num_samples)
-    for row in out:
-        print("-" * 40 + "\n" + r.data.tokenizer.decode(row.tolist()), flush=True)
+    if distributed.is_primary():
+        for row in out:
+            print("-" * 40 + "\n" + r.data.tokenizer.decode(row.tolist()), flush=True)

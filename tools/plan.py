@@ -1,0 +1,170 @@
+"""Ahead-of-time plan of a training config on a mesh: will it fit, and what does a step cost?
+
+    python tools/plan.py --config=configs/gpt2.py:xl --config.mesh.fsdp=16 --config.mesh.tensor=4 --hbm_gb=80
+
+Simulates the mesh's devices on this machine's CPU (`--num_devices`, default the product of the
+mesh sizes), lowers and compiles the real train step with abstract inputs (nothing is allocated),
+and prints per-device bytes of parameters, optimizer state and XLA's temporaries, the FLOPs of a
+step, and whether it fits `--hbm_gb` per device. XLA:CPU's buffer assignment stands in for the
+accelerator's, so temporaries are an estimate (GPU fusion and flash attention need less).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+config_flags.DEFINE_config_file("config", str(REPO / "configs" / "gpt2.py"), "Config file[:variant].")
+flags.DEFINE_integer("num_devices", 0, "Devices to simulate; 0: the product of the mesh sizes (-1 as 1).")
+flags.DEFINE_float("hbm_gb", 80.0, "Memory per device, GB (1e9 bytes), to check the plan against.")
+flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
+FLAGS = flags.FLAGS
+AXES = ("data", "fsdp", "tensor")
+GB = 1e9
+
+
+def mesh_device_count(mesh_cfg) -> int:
+    """Devices the config's mesh names, counting -1 as 1."""
+    sizes = [mesh_cfg[a] for a in AXES] + [mesh_cfg[f"dcn_{a}"] for a in AXES]
+    return math.prod(max(n, 1) for n in sizes)
+
+
+def simulate_devices(n: int) -> None:
+    """n CPU devices for this process; must run before jax is imported."""
+    if "jax" in sys.modules:
+        raise RuntimeError("simulate_devices must run before jax is imported")
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={n}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def plan(config, hbm_gb: float) -> dict:
+    """Lowers and compiles the train step of `config` on the mesh over all (simulated) devices."""
+    import jax
+    import numpy as np
+
+    from gpt_jax import config as config_lib
+    from gpt_jax.data import tokenizers
+    from gpt_jax.models.gpt import count_params
+    from gpt_jax.parallel import mesh as mesh_lib
+    from gpt_jax.parallel import sharding
+    from gpt_jax.training import metrics, trainer
+
+    config_lib.validate(config)
+    vocab = config.model.vocab_size
+    if vocab is None:
+        if config.data.tokenizer != "byte":
+            raise config_lib.ConfigError(
+                f"the vocabulary of data.tokenizer={config.data.tokenizer!r} depends on the corpus; "
+                "set --config.model.vocab_size to plan without preparing data.")
+        vocab = tokenizers.ByteTokenizer.vocab_size
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.mesh)
+    trainer.check_batch_split(config, mesh, rules)
+    config, model = trainer.build_model(config, vocab)
+    t0 = time.perf_counter()
+    _, abstract_state, state_sh = trainer.build_state(config, model, mesh, rules)
+    train_step, _ = trainer.compile_steps(config, model, mesh, rules, state_sh)
+    batch = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len + 1), np.int32,
+                                 sharding=sharding.batch_sharding(mesh, rules))
+    with sharding.activation_context(mesh, rules):
+        lowered = train_step.lower(abstract_state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    params_b = sharding.per_device_bytes(abstract_state.params)
+    opt_b = sharding.per_device_bytes(abstract_state.opt_state)
+    # Donated state: outputs reuse the argument buffers (alias), so the peak is arguments +
+    # non-aliased outputs + temporaries.
+    total_b = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+               + mem.temp_size_in_bytes)
+    n_params = count_params(abstract_state.params)
+    tokens = config.train.batch_size * config.data.seq_len
+    model_flops = metrics.flops_per_token(model.cfg, n_params, config.data.seq_len) * tokens
+    return {
+        "config": FLAGS["config"].serialize().split("=", 1)[-1],
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "parameters": n_params,
+        "batch": {"sequences": config.train.batch_size, "seq_len": config.data.seq_len,
+                  "grad_accum_steps": config.train.grad_accum_steps},
+        "dtype": config.model.dtype,
+        "per_device_gb": {
+            "params": params_b / GB,
+            "optimizer_state": opt_b / GB,
+            "arguments": mem.argument_size_in_bytes / GB,
+            "temporaries": mem.temp_size_in_bytes / GB,
+            "outputs_not_aliased": (mem.output_size_in_bytes - mem.alias_size_in_bytes) / GB,
+            "total": total_b / GB,
+        },
+        "hbm_gb": hbm_gb,
+        "fits": total_b <= hbm_gb * GB,
+        "flops_per_step": {
+            "model_6N_plus_attention": model_flops,
+            # XLA counts a loop body once: the accumulation scan's body is one micro-batch.
+            "xla_per_device": (float(cost["flops"]) * config.train.grad_accum_steps
+                               if cost and "flops" in cost else None),
+        },
+        "seconds": {"lower": t1 - t0, "compile": t2 - t1},
+    }
+
+
+def report(p: dict) -> str:
+    """The plan as a short human-readable table."""
+    g = p["per_device_gb"]
+    mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    lines = [
+        f"{p['config']}: {p['parameters'] / 1e6:,.1f}M parameters ({p['dtype']} compute), "
+        f"batch {p['batch']['sequences']} × {p['batch']['seq_len']} in "
+        f"{p['batch']['grad_accum_steps']} micro-batch(es)",
+        f"mesh {mesh} ({p['devices']} simulated devices)",
+        "per device:",
+        f"  params            {g['params']:9.3f} GB",
+        f"  optimizer state   {g['optimizer_state']:9.3f} GB",
+        f"  arguments (all)   {g['arguments']:9.3f} GB   state + batch",
+        f"  temporaries       {g['temporaries']:9.3f} GB   activations, gradients, XLA buffers",
+        f"  outputs (new)     {g['outputs_not_aliased']:9.3f} GB   beyond the donated state",
+        f"  total             {g['total']:9.3f} GB   of {p['hbm_gb']:g} GB: "
+        + ("fits" if p["fits"] else "DOES NOT FIT"),
+        f"FLOPs per step: {p['flops_per_step']['model_6N_plus_attention']:.3e} (6N + attention, "
+        "whole mesh)"
+        + (f"; XLA's count per device {p['flops_per_step']['xla_per_device']:.3e}"
+           if p["flops_per_step"]["xla_per_device"] else ""),
+        f"lowered in {p['seconds']['lower']:.1f} s, compiled in {p['seconds']['compile']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    simulate_devices(FLAGS.num_devices or mesh_device_count(config.mesh))
+    from gpt_jax.config import ConfigError
+
+    try:
+        p = plan(config, FLAGS.hbm_gb)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    print(report(p))
+    if FLAGS.json:
+        pathlib.Path(FLAGS.json).write_text(json.dumps(p, indent=2) + "\n")
+    sys.exit(0 if p["fits"] else 2)
+
+
+if __name__ == "__main__":
+    app.run(main)
