@@ -128,8 +128,9 @@ def train_losses(workdir: pathlib.Path) -> dict[int, float]:
 
 
 def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
-    """2 processes × 2 devices train to step 6, save, resume to 9; a 1-process 4-device run
-    straight to 9 logs the same losses and val loss."""
+    """2 processes × 2 devices train to step 6 (FSDP over 4), save, resume to 9 on a DCN mesh
+    (data across the processes, FSDP within each); a 1-process 4-device run straight to 9 logs
+    the same losses and val loss."""
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
     flags = [f"--config.data.path={corpus}", f"--config.data.cache_dir={tmp_path / 'cache'}",
@@ -142,11 +143,12 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
     launch = [sys.executable, str(REPO / "tools" / "launch_local.py"), "--num_processes=2",
               "--devices_per_process=2", "--"]
     multi = tmp_path / "multi"
-    for steps in (6, 9):
-        out = subprocess.run([*launch, *flags, f"--config.train.num_steps={steps}", f"--workdir={multi}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    for steps, mesh in ((6, []), (9, ["--config.mesh.dcn_data=2"])):
+        out = subprocess.run([*launch, *flags, *mesh, f"--config.train.num_steps={steps}",
+                              f"--workdir={multi}"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
         assert out.returncode == 0, out.stderr[-4000:]
-    assert "resumed from" in out.stderr
+    assert "resumed from" in out.stderr and "mesh data=2 fsdp=2 tensor=1 (4 devices, 2 process" in out.stderr
     assert sorted(p.name for p in (multi / "checkpoints" / "9" / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
     assert out.stdout.count("-" * 40) == 1  # Only process 0 prints the sample.

@@ -13,6 +13,8 @@ process fails the others are stopped, and the launcher exits with the first fail
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import pathlib
 import re
@@ -54,6 +56,14 @@ def child_env(devices: int) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: Linux kills it if the launcher dies (even by SIGKILL), so no
+    process is left waiting on a collective with peers that are gone."""
+    # Not Linux: no prctl, but the launcher's own signal handling still stops the children.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _relay(stream, prefix: str) -> None:
     for line in iter(stream.readline, b""):
         sys.stderr.buffer.write(prefix.encode() + line)
@@ -72,9 +82,10 @@ def launch(train_args: list[str], num_processes: int, devices_per_process: int, 
                f"--config.mesh.coordinator_address={address}",
                f"--config.mesh.num_processes={num_processes}", f"--config.mesh.process_id={i}"]
         if i == 0:
-            procs.append(subprocess.Popen(cmd, env=env))
+            procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
             continue
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             preexec_fn=_die_with_parent)
         t = threading.Thread(target=_relay, args=(p.stdout, f"[process {i}] "), daemon=True)
         t.start()
         procs.append(p)

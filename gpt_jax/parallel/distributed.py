@@ -76,3 +76,14 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.process_allgather(jax.numpy.int32(flag)).any())
+
+
+def must_sync_each_step() -> bool:
+    """Whether to wait for each step before dispatching the next: multi-process CPU runs.
+
+    With XLA:CPU's gloo collectives (jax 0.10.2), a few dozen collective programs queued by async
+    dispatch deadlock across processes (tests/test_parallel.py runs such a run; a 300-call burst
+    of a jitted sum over 2 processes × 2 devices hangs, one wait every 8 calls does not).
+    CPU multi-process is for tests and laptops, so the lost overlap costs nothing that matters.
+    """
+    return jax.process_count() > 1 and jax.devices()[0].platform == "cpu"

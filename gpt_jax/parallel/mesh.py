@@ -74,16 +74,16 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
     `jax.make_mesh` default, turns constraints into assertions).
     """
     devices = list(jax.devices() if devices is None else devices)
-    granule_of = (lambda d: d.slice_index) if hasattr(devices[0], "slice_index") else (
-        lambda d: d.process_index)
-    num_granules = len({granule_of(d) for d in devices})
+    # Nodes are TPU slices (ICI within one), else processes (one per host on GPUs).
+    by_slice = devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+    num_granules = len({d.slice_index if by_slice else d.process_index for d in devices})
     ici, dcn = axis_sizes(mesh_cfg, len(devices), num_granules)
     types = (jax.sharding.AxisType.Auto,) * len(AXES)
     if math.prod(dcn.values()) == 1:
         return jax.make_mesh(tuple(ici.values()), AXES, axis_types=types, devices=devices)
     grid = mesh_utils.create_hybrid_device_mesh(
         tuple(ici.values()), tuple(dcn.values()), devices,
-        process_is_granule=not hasattr(devices[0], "slice_index"),
+        process_is_granule=not by_slice,
     )
     return jax.sharding.Mesh(np.asarray(grid), AXES, axis_types=types)
 

@@ -161,11 +161,15 @@ def compile_steps(config: ml_collections.ConfigDict, model: GPT, mesh: jax.shard
 
 
 def evaluate(eval_step, params, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Mean token loss over `batches` of (tokens, weights), summed on device then divided once."""
-    total, count = jnp.zeros(()), jnp.zeros(())
+    """Mean token loss over `batches` of (tokens, weights): per-batch sums stay on the device
+    until the end, then add up in float64 on the host."""
+    sync = distributed.must_sync_each_step()
+    sums = []
     for batch, weights in batches:
-        s, n = eval_step(params, batch, weights)
-        total, count = total + s, count + n
+        sums.append(eval_step(params, batch, weights))
+        if sync:
+            jax.block_until_ready(sums[-1])
+    total, count = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
     loss = float(total / count)
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0)), "val/tokens": int(count)}
 
@@ -294,6 +298,7 @@ def _train(r: Run) -> dict:
         checkpoint.save(manager, step_num, state, train_it, config_json, val_loss)
 
     last_eval: dict = {}
+    sync_each_step = distributed.must_sync_each_step()
     begin = time.perf_counter()
     with PreemptionGuard() as preemption:
         try:
@@ -302,6 +307,8 @@ def _train(r: Run) -> dict:
             for i in range(start + 1, t.num_steps + 1):
                 batch = sharding.global_batch(next(train_it), batch_sh, global_shape)
                 state, metrics = train_step(state, batch)
+                if sync_each_step:
+                    jax.block_until_ready(metrics)
                 logger.flush()  # The previous log step's metrics; step i is queued on the device.
                 if logger.last.get("train/nonfinite_steps"):
                     check_finite()  # Already fetched: stopping early costs no extra sync.
