@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.init_std = 0.02  # GPT-2 init std; residual projections get init_std / sqrt(2·num_layers).
     m.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
     m.attention_impl = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn.
+    # Rematerialisation of each block in the backward pass (memory for compute): none | full
+    # (keep only block inputs) | dots_saveable (keep matmul outputs) | dots_with_no_batch_dims_saveable.
+    m.remat = "none"
 
     c.data = d = ml_collections.ConfigDict()
     d.corpus = "pystdlib"  # Named corpus: pystdlib (offline) | shakespeare (downloaded once).

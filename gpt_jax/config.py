@@ -16,6 +16,7 @@ import ml_collections
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 FINAL_EVALS = ("full", "batches", "none")
 ON_NONFINITE = ("stop", "skip")
 
@@ -44,6 +45,7 @@ class ModelConfig:
     init_std: float
     dtype: str
     attention_impl: str
+    remat: str
 
     @property
     def head_dim(self) -> int:
@@ -92,6 +94,7 @@ class ModelConfig:
             init_std=m.init_std,
             dtype=m.dtype,
             attention_impl=ATTENTION_IMPLS[m.attention_impl],
+            remat=m.remat,
         )
 
 
@@ -153,6 +156,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(m.dtype, "model.dtype", DTYPES)
     _one_of(m.attention_impl, "model.attention_impl", ATTENTION_IMPLS)
     _one_of(m.activation, "model.activation", ACTIVATIONS)
+    _one_of(m.remat, "model.remat", REMAT_POLICIES)
     for field in ("dropout", "attention_dropout"):
         _check(0.0 <= m[field] < 1.0, f"model.{field}={m[field]} must be in [0, 1).")
     _check(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be ≥ 1.")

@@ -172,3 +172,27 @@ def test_tiny_model_overfits_one_batch():
     for _ in range(149):
         state, last = train_step(state, batch)
     assert float(last["train/loss"]) < 0.1 * float(first["train/loss"])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_give_the_same_loss_and_gradients(policy):
+    tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, 50)
+
+    def loss_and_grads(cfg):
+        model = GPT(cfg)
+        params = nn.meta.unbox(model.init(jax.random.key(0), tokens[:, :-1])["params"])
+
+        def loss(p):
+            logits = model.apply({"params": p}, tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        grad_fn = jax.value_and_grad(loss)
+        return str(jax.make_jaxpr(grad_fn)(params)), jax.jit(grad_fn)(params)
+
+    plain, (want_loss, want_grads) = loss_and_grads(tiny_cfg())
+    remat, (got_loss, got_grads) = loss_and_grads(tiny_cfg(remat=policy))
+    assert "remat" not in plain and remat.count("remat") >= 2  # One per block.
+    assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)  # Same checkpoints.
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_grads,
+                 want_grads)

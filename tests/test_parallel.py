@@ -159,9 +159,19 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
                           f"--workdir={single}"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
+    # Elastic: the 2-process workdir resumes in 1 process (4 devices) and goes on to step 12, as
+    # the 1-process run does.
+    logs = {}
+    for workdir in (multi, single):
+        out = subprocess.run([sys.executable, "-m", "gpt_jax.train", *flags, "--config.train.num_steps=12",
+                              "--config.optim.decay_steps=12", f"--workdir={workdir}"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-4000:]
+        logs[workdir] = out.stderr
+    assert "written by 2 process(es), this run has 1" in logs[multi]
     a, b = train_losses(multi), train_losses(single)
-    assert sorted(a) == sorted(b) == list(range(1, 10))
-    np.testing.assert_allclose([a[s] for s in range(1, 10)], [b[s] for s in range(1, 10)], rtol=1e-5)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    np.testing.assert_allclose([a[s] for s in range(1, 13)], [b[s] for s in range(1, 13)], rtol=1e-5)
     val = [json.loads(x).get("val/loss") for x in (multi / "metrics.jsonl").read_text().splitlines()]
     val_single = [json.loads(x).get("val/loss") for x in (single / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([v for v in val if v], [v for v in val_single if v], rtol=1e-5)

@@ -46,8 +46,12 @@ class GPT(nn.Module):
         x_BTD = wte(tokens_BT) + wpe(jnp.arange(T))[None]
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+        block = Block
+        if cfg.remat != "none":  # Recompute in the backward pass what the policy does not save.
+            policy = None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat)
+            block = nn.remat(Block, policy=policy, static_argnums=(2,))  # self, x, deterministic.
         for i in range(cfg.num_layers):
-            x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic)
+            x_BTD = block(cfg, name=f"h_{i}")(x_BTD, deterministic)
         x_BTD = layer_norm(cfg, "ln_f")(x_BTD)
 
         if cfg.tie_embeddings:

@@ -154,8 +154,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
             # State first, the iterator only once the state is in: a failure leaves it untouched.
             state = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
-            manager.restore(step, args=ocp.args.Composite(
-                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            restore_iterator(manager, step, data_iterator)
         except CheckpointError:
             raise
         except Exception as e:
@@ -168,6 +167,31 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
             "they were moved to unreadable/ (kept). Start over with checkpoint.init_from=scratch."
         )
     return None
+
+
+def restore_iterator(manager: ocp.CheckpointManager, step: int, data_iterator: Any) -> None:
+    """Puts the Grain iterator where the checkpoint of `step` left it.
+
+    Each process saves its own position (data/process_P-of-N.json). The pipeline gives every
+    process the same global batches, so a position is the number of global batches consumed
+    whatever the process count, and a run may resume with another number of processes.
+    """
+    folder = pathlib.Path(manager.directory) / str(step) / "data"
+    saved = sorted(folder.glob("process_*-of-*.json"))
+    count = int(saved[0].stem.rsplit("-of-", 1)[1]) if saved else jax.process_count()
+    if count == jax.process_count():
+        manager.restore(step, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        return
+    states = [json.loads(f.read_text()) for f in saved]
+    if any(st != states[0] for st in states) or set(states[0]) != {"next_index"}:
+        raise CheckpointError(
+            f"the checkpoint at step {step} was written by {count} processes whose data "
+            f"positions differ ({states[:2]}…); resume it with {count} processes.")
+    logging.warning("the checkpoint at step %d was written by %d process(es), this run has %d; "
+                    "the data stream continues at global batch %d", step, count,
+                    jax.process_count(), states[0]["next_index"])
+    data_iterator.set_state(states[0])
 
 
 def load_params(path: str, abstract_params: Any, config_model: dict) -> Any:
