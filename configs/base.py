@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Rematerialisation of each block in the backward pass (memory for compute): none | full
     # (keep only block inputs) | dots_saveable (keep matmul outputs) | dots_with_no_batch_dims_saveable.
     m.remat = "none"
+    # Run the blocks under nn.scan: compile time stays flat in depth; parameters are stacked on a
+    # leading `layers` axis (params/h/...), so checkpoints do not mix with unrolled ones (h_0 …).
+    m.scan_layers = False
 
     c.data = d = ml_collections.ConfigDict()
     d.corpus = "pystdlib"  # Named corpus: pystdlib (offline) | shakespeare (downloaded once).
@@ -94,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     r.mlp = "tensor"
     r.vocab = "tensor"
     r.norm = ""
+    r.layers = ""  # The stacked-layers axis of scan_layers parameters.
     # Multi-process (several hosts, or tools/launch_local.py): auto joins a distributed run when
     # one is configured (coordinator below or JAX_COORDINATOR_ADDRESS) or detected (SLURM with
     # several tasks, Open MPI, a multi-host TPU pod); on: always (JAX's own cluster detection);

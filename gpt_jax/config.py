@@ -46,6 +46,7 @@ class ModelConfig:
     dtype: str
     attention_impl: str
     remat: str
+    scan_layers: bool
 
     @property
     def head_dim(self) -> int:
@@ -95,6 +96,7 @@ class ModelConfig:
             dtype=m.dtype,
             attention_impl=ATTENTION_IMPLS[m.attention_impl],
             remat=m.remat,
+            scan_layers=m.scan_layers,
         )
 
 

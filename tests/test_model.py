@@ -196,3 +196,37 @@ def test_remat_policies_give_the_same_loss_and_gradients(policy):
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_grads,
                  want_grads)
+
+
+def test_scanned_layers_equal_unrolled_outputs_and_gradients():
+    """scan_layers stacks h_0 … h_{L-1} on a leading `layers` axis; same function, same gradients."""
+    tokens = jax.random.randint(jax.random.key(4), (2, 17), 0, 50)
+    unrolled, scanned = GPT(tiny_cfg(bias=True)), GPT(tiny_cfg(bias=True, scan_layers=True))
+    params = nn.meta.unbox(unrolled.init(jax.random.key(0), tokens[:, :-1])["params"])
+    boxed = scanned.init(jax.random.key(0), tokens[:, :-1])["params"]
+    assert boxed["h"]["attn"]["qkv"]["kernel"].names == ("layers", "embed", None, "heads", "kv")
+    layers = [params[f"h_{i}"] for i in range(2)]
+    stacked = {k: v for k, v in params.items() if not k.startswith("h_")}
+    stacked["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+    def loss(model, p):
+        logits = model.apply({"params": p}, tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    want, want_g = jax.value_and_grad(lambda p: loss(unrolled, p))(params)
+    got, got_g = jax.value_and_grad(lambda p: loss(scanned, p))(stacked)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for i in range(2):
+        jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7),
+                     got_g["h"], want_g[f"h_{i}"])
+    np.testing.assert_allclose(got_g["wte"]["embedding"], want_g["wte"]["embedding"], rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_weight_decay_on_matrices_only_whatever_their_rank():
+    params = nn.meta.unbox(GPT(tiny_cfg(bias=True, scan_layers=True)).init(
+        jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
+    mask = optim.decay_mask(params)
+    assert mask["h"]["attn"]["qkv"]["kernel"] and mask["wte"]["embedding"]
+    assert not mask["h"]["attn"]["qkv"]["bias"]  # 3-D per layer, 4-D stacked: still a bias.
+    assert not mask["h"]["ln_1"]["scale"] and not mask["ln_f"]["scale"]

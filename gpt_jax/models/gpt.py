@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt_jax.config import ModelConfig
-from gpt_jax.models.layers import Block, layer_norm
+from gpt_jax.models.layers import Block, ScannedBlock, layer_norm
 from gpt_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -46,12 +46,23 @@ class GPT(nn.Module):
         x_BTD = wte(tokens_BT) + wpe(jnp.arange(T))[None]
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
-        block = Block
+        block = ScannedBlock if cfg.scan_layers else Block
         if cfg.remat != "none":  # Recompute in the backward pass what the policy does not save.
             policy = None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat)
-            block = nn.remat(Block, policy=policy, static_argnums=(2,))  # self, x, deterministic.
-        for i in range(cfg.num_layers):
-            x_BTD = block(cfg, name=f"h_{i}")(x_BTD, deterministic)
+            block = nn.remat(block, policy=policy, static_argnums=(2,))  # self, x, deterministic.
+        if cfg.scan_layers:  # One traced layer, its parameters stacked on a leading `layers` axis.
+            block = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BTD, _ = block(cfg, name="h")(x_BTD, deterministic)
+        else:
+            for i in range(cfg.num_layers):
+                x_BTD = block(cfg, name=f"h_{i}")(x_BTD, deterministic)
         x_BTD = layer_norm(cfg, "ln_f")(x_BTD)
 
         if cfg.tie_embeddings:

@@ -147,3 +147,10 @@ class Block(nn.Module):
         )
         x_BTD = x_BTD + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln_2")(x_BTD), deterministic)
         return constrain(x_BTD, ("batch", "length", "embed"))
+
+
+class ScannedBlock(Block):
+    """A Block as an `nn.scan` body: (carry, deterministic) → (carry, no per-layer output)."""
+
+    def __call__(self, x_BTD: Array, deterministic: bool = True) -> tuple[Array, None]:
+        return super().__call__(x_BTD, deterministic), None

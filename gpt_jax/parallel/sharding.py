@@ -29,7 +29,7 @@ from gpt_jax.parallel.mesh import AXES
 # Rule precedence when two dimensions of one array want the same mesh axis: batch first (an
 # activation's embed dimension then stays whole under FSDP), tensor-parallel axes before embed
 # (a kernel's heads/mlp dimension gets `tensor` even if embed is also mapped to it).
-LOGICAL_AXES = ("batch", "length", "heads", "mlp", "vocab", "kv", "embed", "norm")
+LOGICAL_AXES = ("batch", "length", "heads", "mlp", "vocab", "kv", "embed", "norm", "layers")
 
 Rules = tuple[tuple[str, tuple[str, ...] | None], ...]
 

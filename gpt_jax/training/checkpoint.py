@@ -27,7 +27,7 @@ from gpt_jax.parallel import distributed, sharding
 VAL_METRIC = "val/loss"
 # Model fields that change parameter shapes: resuming across a change in one of them cannot work.
 SHAPE_FIELDS = ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size", "vocab_multiple",
-                "max_seq_len", "bias", "tie_embeddings")
+                "max_seq_len", "bias", "tie_embeddings", "scan_layers")
 
 
 class CheckpointError(ValueError):

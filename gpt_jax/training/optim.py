@@ -21,8 +21,12 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on matrices (kernels, embeddings) only; never on biases or norm scales."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices (kernels, embeddings) only; never on biases or norm scales. By
+    name, not rank: a fused QKV bias is 3-D, and scan_layers stacks every parameter."""
+    def decays(path, _) -> bool:
+        return getattr(path[-1], "key", None) in ("kernel", "embedding")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

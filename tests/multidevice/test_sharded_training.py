@@ -53,22 +53,22 @@ def make_config(corpus, mesh, **extra):
 
 @pytest.fixture(scope="module")
 def stepped(corpus, tmp_path_factory):
-    """stepped(mesh_name, accum) → (state after one step, init params, loss, params), cached."""
+    """stepped(mesh_name, accum, scan) → (state after one step, init params, loss, params), cached."""
     cache = {}
 
-    def get(name, accum):
-        if (name, accum) not in cache:
+    def get(name, accum, scan=False):
+        if (name, accum, scan) not in cache:
             mesh, devices = ((1, 1, 1), jax.devices()[:1]) if name == "one" else (
                 MESHES[name], jax.devices()[:8])
-            workdir = tmp_path_factory.mktemp(f"{name}_{accum}")
-            cache[name, accum] = one_step(corpus, workdir, mesh, devices, accum)
-        return cache[name, accum]
+            workdir = tmp_path_factory.mktemp(f"{name}_{accum}_{scan}")
+            cache[name, accum, scan] = one_step(corpus, workdir, mesh, devices, accum, scan)
+        return cache[name, accum, scan]
 
     return get
 
 
-def one_step(corpus, workdir, mesh, devices, accum):
-    config = make_config(corpus, mesh, **{"train.grad_accum_steps": accum})
+def one_step(corpus, workdir, mesh, devices, accum, scan):
+    config = make_config(corpus, mesh, **{"train.grad_accum_steps": accum, "model.scan_layers": scan})
     r = trainer.setup(config, workdir, devices=devices)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, r.model.cfg.vocab_size, (16, 17)).astype(np.int32)
@@ -82,10 +82,11 @@ def one_step(corpus, workdir, mesh, devices, accum):
     return state, init_params, float(metrics["train/loss"]), jax.tree.map(np.asarray, state.params)
 
 
-@pytest.mark.parametrize(("name", "accum"), [(n, 1) for n in MESHES] + [("dp_fsdp_tp", 2)])
-def test_sharded_step_equals_one_device(stepped, name, accum):
-    _, init1, loss1, params1 = stepped("one", accum)
-    _, init8, loss8, params8 = stepped(name, accum)
+@pytest.mark.parametrize(("name", "accum", "scan"),
+                         [(n, 1, False) for n in MESHES] + [("dp_fsdp_tp", 2, False), ("fsdp_tp", 1, True)])
+def test_sharded_step_equals_one_device(stepped, name, accum, scan):
+    _, init1, loss1, params1 = stepped("one", accum, scan)
+    _, init8, loss8, params8 = stepped(name, accum, scan)
     jax.tree.map(np.testing.assert_array_equal, init8, init1)  # Same init whatever the mesh.
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params8, params1)
@@ -133,6 +134,9 @@ def test_param_and_optimizer_shardings_follow_the_rules(stepped, name):
         assert params[path].sharding.spec == spec, path
         assert mu[path].sharding.spec == spec, f"Adam moment of {path}"
     assert state.step.sharding.is_fully_replicated
+    if name == "fsdp_tp":  # Stacked layers: the leading `layers` axis stays whole.
+        scanned = by_path(stepped(name, 1, True)[0].params)
+        assert scanned["h/mlp/fc/kernel"].sharding.spec == P(None, "fsdp", "tensor")
     shard_bytes = params["h_0/mlp/fc/kernel"].addressable_shards[0].data.nbytes
     full_bytes = params["h_0/mlp/fc/kernel"].nbytes
     assert shard_bytes == full_bytes // (1 if name == "dp" else 8)
