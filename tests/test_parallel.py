@@ -175,3 +175,12 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
     val = [json.loads(x).get("val/loss") for x in (multi / "metrics.jsonl").read_text().splitlines()]
     val_single = [json.loads(x).get("val/loss") for x in (single / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([v for v in val if v], [v for v in val_single if v], rtol=1e-5)
+
+
+def test_launcher_passes_on_a_failure(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "launch_local.py"), "--num_processes=2",
+                          "--devices_per_process=1", "--", "--config.model.num_heads=5",
+                          f"--workdir={tmp_path / 'w'}"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert "error: model.num_heads=5 does not divide model.d_model=128" in out.stderr
