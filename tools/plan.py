@@ -54,20 +54,13 @@ def plan(config, hbm_gb: float) -> dict:
     import numpy as np
 
     from gpt_jax import config as config_lib
-    from gpt_jax.data import tokenizers
     from gpt_jax.models.gpt import count_params
     from gpt_jax.parallel import mesh as mesh_lib
     from gpt_jax.parallel import sharding
     from gpt_jax.training import metrics, trainer
 
     config_lib.validate(config)
-    vocab = config.model.vocab_size
-    if vocab is None:
-        if config.data.tokenizer != "byte":
-            raise config_lib.ConfigError(
-                f"the vocabulary of data.tokenizer={config.data.tokenizer!r} depends on the corpus; "
-                "set --config.model.vocab_size to plan without preparing data.")
-        vocab = tokenizers.ByteTokenizer.vocab_size
+    vocab = trainer.vocab_size_without_data(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.mesh)
     trainer.check_batch_split(config, mesh, rules)

@@ -106,6 +106,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     return Run(config, workdir, data, model, mesh, rules, init_state, abstract_state, state_sh)
 
 
+def vocab_size_without_data(config: ml_collections.ConfigDict) -> int:
+    """model.vocab_size, else the tokenizer's where it does not depend on the corpus (byte): what
+    tools that build the model without preparing data (plan, benchmark) use."""
+    if config.model.vocab_size is not None:
+        return config.model.vocab_size
+    if config.data.tokenizer == "byte":
+        return tokenizers.ByteTokenizer.vocab_size
+    raise config_lib.ConfigError(
+        f"the vocabulary of data.tokenizer={config.data.tokenizer!r} depends on the corpus; set "
+        "--config.model.vocab_size to build the model without preparing data.")
+
+
 def build_model(config: ml_collections.ConfigDict,
                 vocab_size: int) -> tuple[ml_collections.ConfigDict, GPT]:
     """The model for a tokenizer of `vocab_size`, and the config with vocab size and positions

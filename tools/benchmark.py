@@ -1,0 +1,228 @@
+"""Training-step benchmark on whatever backend is present: compile time, step time, tokens/s, MFU.
+
+    python tools/benchmark.py --preset=shakespeare_char:cpu --steps=50
+    python tools/benchmark.py --preset=gpt2:xl --compile_only
+
+A preset is a config from configs/ plus the overrides that make it a single-device benchmark.
+The step is the real training step (same code, shardings and donation as `gpt_jax.train`) fed
+with random tokens prepared on the host and put on the device each step as the loop does; the
+Grain pipeline is not part of the figure. Reported:
+
+- compile time (lower + compile of the train step);
+- the median of per-step times after warm-up, each step waited for (`block_until_ready`), and
+  the pipelined time per step (steps dispatched back to back, one wait at the end);
+- from the median step: tokens/s, model FLOP/s (6N + 12·L·H·Q·T per token, as metrics.py),
+  and MFU against the peak table in gpt_jax/training/metrics.py (or --peak_flops); on CPU,
+  where no peak is known, the fraction of this machine's measured float32 matmul throughput;
+- peak device memory where the backend reports it, else the process's peak RSS;
+- decode tokens/s of gpt_jax.generate (batch 1).
+
+Writes BENCH.json and BENCH.md (a one-row markdown table) into --out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# name: (config file, variant, overrides). Overrides fix the vocabulary (no data is prepared)
+# and make GPT-2 runs fit one accelerator.
+PRESETS = {
+    "quickstart": ("quickstart.py", None, {}),
+    "shakespeare_char:cpu": ("shakespeare_char.py", "cpu", {"model.vocab_size": 65}),
+    "shakespeare_char:gpu": ("shakespeare_char.py", "gpu", {"model.vocab_size": 65}),
+    "gpt2:small": ("gpt2.py", "small", {"train.batch_size": 16, "train.grad_accum_steps": 1}),
+    "gpt2:xl": ("gpt2.py", "xl", {"train.batch_size": 8, "train.grad_accum_steps": 1,
+                                  "model.scan_layers": True, "model.remat": "full"}),
+}
+
+flags.DEFINE_enum("preset", "quickstart", list(PRESETS), "What to benchmark.")
+flags.DEFINE_integer("steps", 30, "Timed steps after warm-up.", lower_bound=20)
+flags.DEFINE_integer("warmup", 3, "Untimed steps after the compile.", lower_bound=1)
+flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step.")
+flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU; 0: the table's.")
+flags.DEFINE_integer("decode_tokens", 200, "Tokens to sample for the decode figure (0: skip).")
+flags.DEFINE_string("out", "runs/benchmarks", "Folder for the JSON and markdown results.")
+flags.DEFINE_multi_string("set", [], "Extra override GROUP.FIELD=VALUE (Python literal or text).")
+FLAGS = flags.FLAGS
+
+
+def preset_config(name: str, extra: list[str]):
+    """The preset's config with its overrides, then `extra` ones ('model.dtype=bfloat16')."""
+    import ast
+    import contextlib
+    import importlib
+
+    file, variant, overrides = PRESETS[name]
+    module = importlib.import_module(f"configs.{file.removesuffix('.py')}")
+    config = module.get_config(variant) if variant else module.get_config()
+    for key, value in list(overrides.items()) + [e.split("=", 1) for e in extra]:
+        group, field = key.split(".")
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError, SyntaxError):  # Else text, e.g. bfloat16.
+                value = ast.literal_eval(value)
+        config[group][field] = value
+    return config
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matmul throughput through XLA, GFLOP/s (best of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, peak_override: float,
+              decode_tokens: int) -> dict:
+    """Runs the benchmark of one preset; returns its figures."""
+    import jax
+    import numpy as np
+
+    from gpt_jax import config as config_lib
+    from gpt_jax.generate import generate
+    from gpt_jax.models.gpt import count_params
+    from gpt_jax.parallel import mesh as mesh_lib
+    from gpt_jax.parallel import sharding
+    from gpt_jax.training import allocator, metrics, trainer
+
+    config_lib.validate(config)
+    if config.train.tune_host_malloc:
+        allocator.tune_glibc_malloc()
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.mesh)
+    trainer.check_batch_split(config, mesh, rules)
+    config, model = trainer.build_model(config, trainer.vocab_size_without_data(config))
+    B, T = config.train.batch_size, config.data.seq_len
+    device = jax.devices()[0]
+    result = {
+        "preset": name, "date": datetime.date.today().isoformat(),
+        "device": f"{jax.device_count()} × {device.device_kind}", "backend": jax.default_backend(),
+        "host": platform.processor() or platform.machine(), "jax": jax.__version__,
+        "batch": B, "seq_len": T, "dtype": config.model.dtype,
+        "remat": config.model.remat, "scan_layers": config.model.scan_layers,
+    }
+    with sharding.activation_context(mesh, rules):
+        init_state, abstract_state, state_sh = trainer.build_state(config, model, mesh, rules)
+        train_step, _ = trainer.compile_steps(config, model, mesh, rules, state_sh)
+        batch_sh = sharding.batch_sharding(mesh, rules)
+        abstract_batch = jax.ShapeDtypeStruct((B, T + 1), np.int32, sharding=batch_sh)
+        t0 = time.perf_counter()
+        compiled = train_step.lower(abstract_state, abstract_batch).compile()
+        result["compile_s"] = time.perf_counter() - t0
+        n_params = count_params(abstract_state.params)
+        result["parameters"] = n_params
+        step_flops = metrics.flops_per_token(model.cfg, n_params, T) * B * T
+        if compile_only:
+            return result
+
+        rng = np.random.default_rng(0)
+        batches = [rng.integers(0, model.cfg.vocab_size, (B, T + 1), dtype=np.int32)
+                   for _ in range(4)]
+        state = init_state()
+
+        def one(i):
+            nonlocal state
+            batch = sharding.global_batch(batches[i % len(batches)], batch_sh, (B, T + 1))
+            state, m = compiled(state, batch)
+            return m
+
+        for i in range(warmup):
+            jax.block_until_ready(one(i))
+        times = []
+        for i in range(steps):
+            t = time.perf_counter()
+            jax.block_until_ready(one(i))
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(steps):
+            m = one(i)
+        jax.block_until_ready(m)
+        pipelined = (time.perf_counter() - t) / steps
+
+        step_s = statistics.median(times)
+        result.update({
+            "step_ms_median": 1e3 * step_s,
+            "step_ms_pipelined": 1e3 * pipelined,
+            "tokens_per_sec": B * T / step_s,
+            "tokens_per_sec_pipelined": B * T / pipelined,
+            "model_tflops_per_sec": step_flops / step_s / 1e12,
+        })
+        peak = metrics.peak_flops_per_device(device, peak_override)
+        result["mfu"] = None if peak is None else step_flops / step_s / (peak * jax.device_count())
+        if device.platform == "cpu":
+            ceiling = matmul_gflops()
+            result["cpu_matmul_ceiling_gflops"] = ceiling
+            result["fraction_of_matmul_ceiling"] = step_flops / step_s / 1e9 / ceiling
+        stats = device.memory_stats() or {}
+        result["peak_device_memory_gb"] = (stats["peak_bytes_in_use"] / 1e9
+                                           if "peak_bytes_in_use" in stats else None)
+        result["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        if decode_tokens > 0:
+            prompt = np.zeros(1, np.int32)
+            key = jax.random.key(0)
+            generate(model, state.params, prompt, 8, key, 1.0, 0, 1)  # Compile.
+            t = time.perf_counter()
+            generate(model, state.params, prompt, decode_tokens, key, 1.0, 0, 1)
+            result["decode_tokens_per_sec"] = decode_tokens / (time.perf_counter() - t)
+    return result
+
+
+COLUMNS = (("date", "{}"), ("device", "{}"), ("preset", "{}"), ("compile_s", "{:.1f}"),
+           ("step_ms_median", "{:.1f}"), ("tokens_per_sec", "{:,.0f}"),
+           ("model_tflops_per_sec", "{:.3f}"), ("mfu", "{:.1%}"),
+           ("fraction_of_matmul_ceiling", "{:.1%}"), ("peak_device_memory_gb", "{:.2f}"),
+           ("decode_tokens_per_sec", "{:,.0f}"))
+
+
+def markdown(r: dict) -> str:
+    """A markdown table of one result (absent figures shown as n/a)."""
+    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    rule = "|" + " --- |" * len(COLUMNS)
+    cells = [fmt.format(r[c]) if r.get(c) is not None else "n/a" for c, fmt in COLUMNS]
+    return "\n".join([head, rule, "| " + " | ".join(cells) + " |"]) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from gpt_jax.config import ConfigError
+
+    try:
+        config = preset_config(FLAGS.preset, FLAGS.set)
+        r = benchmark(FLAGS.preset, config, FLAGS.steps, FLAGS.warmup, FLAGS.compile_only,
+                      FLAGS.peak_flops, FLAGS.decode_tokens)
+    except (ConfigError, KeyError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    out = pathlib.Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{FLAGS.preset.replace(':', '_')}{'_compile' if FLAGS.compile_only else ''}"
+    (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
+    table = markdown(r)
+    (out / f"{stem}.md").write_text(table)
+    print(json.dumps(r, indent=2))
+    print(table, end="")
+    print(f"written: {out / stem}.json, .md")
+
+
+if __name__ == "__main__":
+    app.run(main)
