@@ -151,7 +151,8 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
     assert "resumed from" in out.stderr and "mesh data=2 fsdp=2 tensor=1 (4 devices, 2 process" in out.stderr
     assert sorted(p.name for p in (multi / "checkpoints" / "9" / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
-    assert out.stdout.count("-" * 40) == 1  # Only process 0 prints the sample.
+    assert out.stdout.count("-" * 40) == 1  # Process 0 prints the sample …
+    assert f"[process 1] {'-' * 40}" not in out.stderr  # … and process 1 does not.
 
     single = tmp_path / "single"
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"}
