@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_layers, c.model.num_heads, c.model.d_model = 4, 4, 128
     c.train.batch_size = 8
     c.train.num_steps = 2000
+    c.optim.decay_steps = 2000  # Fixed, so a shorter run (--config.train.num_steps=N) keeps this schedule.
     c.train.eval_every = 250
     c.train.eval_batches = 10
     c.train.final_eval = "batches"  # The stdlib val split is 1.2M tokens: a full pass takes minutes.
