@@ -79,11 +79,14 @@ def any_process(flag: bool) -> bool:
 
 
 def must_sync_each_step() -> bool:
-    """Whether to wait for each step before dispatching the next: multi-process CPU runs.
+    """Whether to wait for each step before dispatching the next: CPU runs over several devices.
 
-    With XLA:CPU's gloo collectives (jax 0.10.2), a few dozen collective programs queued by async
-    dispatch deadlock across processes (tests/test_parallel.py runs such a run; a 300-call burst
-    of a jitted sum over 2 processes × 2 devices hangs, one wait every 8 calls does not).
-    CPU multi-process is for tests and laptops, so the lost overlap costs nothing that matters.
+    XLA:CPU runs each device's part of a program on a shared thread pool, and a collective waits
+    until every participant has a thread. With a few dozen collective programs queued by async
+    dispatch, threads fill up with participants of different programs and the rendezvous never
+    completes: 8 simulated devices in one process abort after 40 s ("Expected 8 threads to join
+    the rendezvous"), 2 processes × 2 devices (gloo) hang. Both seen with jax 0.10.2 during the
+    full eval's burst of ~150 programs. Simulated CPU meshes are for tests and laptops, so the
+    lost overlap costs nothing that matters; one device, and GPUs and TPUs, stay asynchronous.
     """
-    return jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
+    return jax.devices()[0].platform == "cpu" and jax.device_count() > 1
