@@ -98,20 +98,15 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
     import jax
     import numpy as np
 
-    from gpt_jax import config as config_lib
     from gpt_jax.generate import generate
     from gpt_jax.models.gpt import count_params
-    from gpt_jax.parallel import mesh as mesh_lib
     from gpt_jax.parallel import sharding
     from gpt_jax.training import allocator, metrics, trainer
 
-    config_lib.validate(config)
     if config.train.tune_host_malloc:
-        allocator.tune_glibc_malloc()
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config.mesh)
-    trainer.check_batch_split(config, mesh, rules)
-    config, model = trainer.build_model(config, trainer.vocab_size_without_data(config))
+        allocator.tune_glibc_malloc()  # Before the first large allocation, as the trainer does.
+    r = trainer.setup_without_data(config)
+    config, model, mesh, rules = r.config, r.model, r.mesh, r.rules
     B, T = config.train.batch_size, config.data.seq_len
     device = jax.devices()[0]
     result = {
@@ -122,12 +117,11 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
         "remat": config.model.remat, "scan_layers": config.model.scan_layers,
     }
     with sharding.activation_context(mesh, rules):
-        init_state, abstract_state, state_sh = trainer.build_state(config, model, mesh, rules)
-        train_step, _ = trainer.compile_steps(config, model, mesh, rules, state_sh)
+        init_state, abstract_state = r.init_state, r.abstract_state
+        train_step, _ = trainer.compile_steps(config, model, mesh, rules, r.state_shardings)
         batch_sh = sharding.batch_sharding(mesh, rules)
-        abstract_batch = jax.ShapeDtypeStruct((B, T + 1), np.int32, sharding=batch_sh)
         t0 = time.perf_counter()
-        compiled = train_step.lower(abstract_state, abstract_batch).compile()
+        compiled = train_step.lower(abstract_state, trainer.abstract_batch(r)).compile()
         result["compile_s"] = time.perf_counter() - t0
         n_params = count_params(abstract_state.params)
         result["parameters"] = n_params

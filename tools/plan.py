@@ -50,28 +50,16 @@ def simulate_devices(n: int) -> None:
 
 def plan(config, hbm_gb: float) -> dict:
     """Lowers and compiles the train step of `config` on the mesh over all (simulated) devices."""
-    import jax
-    import numpy as np
-
-    from gpt_jax import config as config_lib
     from gpt_jax.models.gpt import count_params
-    from gpt_jax.parallel import mesh as mesh_lib
     from gpt_jax.parallel import sharding
     from gpt_jax.training import metrics, trainer
 
-    config_lib.validate(config)
-    vocab = trainer.vocab_size_without_data(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config.mesh)
-    trainer.check_batch_split(config, mesh, rules)
-    config, model = trainer.build_model(config, vocab)
     t0 = time.perf_counter()
-    _, abstract_state, state_sh = trainer.build_state(config, model, mesh, rules)
-    train_step, _ = trainer.compile_steps(config, model, mesh, rules, state_sh)
-    batch = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len + 1), np.int32,
-                                 sharding=sharding.batch_sharding(mesh, rules))
-    with sharding.activation_context(mesh, rules):
-        lowered = train_step.lower(abstract_state, batch)
+    r = trainer.setup_without_data(config)
+    config, model, mesh, abstract_state = r.config, r.model, r.mesh, r.abstract_state
+    train_step, _ = trainer.compile_steps(config, model, mesh, r.rules, r.state_shardings)
+    with sharding.activation_context(mesh, r.rules):
+        lowered = train_step.lower(abstract_state, trainer.abstract_batch(r))
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

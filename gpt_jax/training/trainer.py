@@ -44,8 +44,8 @@ class Run:
     """What one training run is made of, built once by `setup`."""
 
     config: ml_collections.ConfigDict  # Resolved: vocab size and positions filled in.
-    workdir: pathlib.Path
-    data: prepare.Prepared
+    workdir: pathlib.Path | None  # None (and data None) from setup_without_data.
+    data: prepare.Prepared | None
     model: GPT
     mesh: jax.sharding.Mesh
     rules: sharding.Rules  # Logical axis → mesh axes (mesh.rules).
@@ -79,9 +79,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     distributed.initialize(config.mesh)  # Before anything touches a device.
     if not distributed.is_primary():
         logging.set_verbosity(logging.WARNING)  # Process 0 speaks for the run.
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
-    rules = sharding.logical_rules(config.mesh)
-    check_batch_split(config, mesh, rules)
+    mesh, rules = _mesh_and_rules(config, devices)
     workdir = pathlib.Path(workdir)
     d = config.data
     cache_dir = str(pathlib.Path(d.cache_dir).expanduser())
@@ -104,6 +102,30 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     config, model = build_model(config, data.tokenizer.vocab_size)
     init_state, abstract_state, state_sh = build_state(config, model, mesh, rules)
     return Run(config, workdir, data, model, mesh, rules, init_state, abstract_state, state_sh)
+
+
+def _mesh_and_rules(config: ml_collections.ConfigDict,
+                    devices: list[jax.Device] | None) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config.mesh)
+    check_batch_split(config, mesh, rules)
+    return mesh, rules
+
+
+def setup_without_data(config: ml_collections.ConfigDict) -> Run:
+    """What `setup` builds (mesh over every device, model, sharded state init) without data or a
+    workdir, for tools that only compile or time the step (plan, benchmark)."""
+    config_lib.validate(config)
+    mesh, rules = _mesh_and_rules(config, None)
+    config, model = build_model(config, vocab_size_without_data(config))
+    init_state, abstract_state, state_sh = build_state(config, model, mesh, rules)
+    return Run(config, None, None, model, mesh, rules, init_state, abstract_state, state_sh)
+
+
+def abstract_batch(r: Run) -> jax.ShapeDtypeStruct:
+    """The shape, dtype and sharding of one global training batch (for AOT lowering)."""
+    shape = (r.config.train.batch_size, r.config.data.seq_len + 1)
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(r.mesh, r.rules))
 
 
 def vocab_size_without_data(config: ml_collections.ConfigDict) -> int:
