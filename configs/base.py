@@ -24,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.norm_eps = 1e-5  # LayerNorm epsilon.
     m.init_std = 0.02  # GPT-2 init std; residual projections get init_std / sqrt(2·num_layers).
     m.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
-    m.attention_impl = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn.
+    # jax.nn.dot_product_attention implementation: auto (cuDNN flash attention on CUDA GPUs for
+    # bfloat16 with head_dim a multiple of 8 ≤ 128, else XLA) | xla | cudnn.
+    m.attention_impl = "auto"
     # Rematerialisation of each block in the backward pass (memory for compute): none | full
     # (keep only block inputs) | dots_saveable (keep matmul outputs) | dots_with_no_batch_dims_saveable.
     m.remat = "none"
@@ -61,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     t.batch_size = 16  # Global batch, in sequences.
     t.grad_accum_steps = 1  # Micro-batches per step (batch_size must divide evenly).
     t.seed = 0  # Seeds init, dropout and data order.
+    # Cross-entropy over chunks of this many positions (0 = all at once): the LM head's float32
+    # logits then exist for one chunk at a time (recomputed in the backward pass), which matters
+    # when batch × seq_len × vocab is large (GPT-2: 50k vocab). Must divide data.seq_len.
+    t.loss_chunk = 0
     t.eval_every = 250  # Steps between evaluations.
     t.eval_batches = 20  # Fixed val batches per periodic evaluation.
     t.final_eval = "full"  # At the end: full (every val token, exact) | batches | none.
@@ -111,7 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
     ck.every = 500  # Steps between (async) saves to WORKDIR/checkpoints; one more at the end.
     ck.keep = 3  # Newest checkpoints kept, plus the one with the lowest val loss.
     # auto: resume from the workdir's newest checkpoint, else start from scratch | scratch (refused
-    # if the workdir has checkpoints) | a checkpoint folder or workdir to take parameters from.
+    # if the workdir has checkpoints) | a checkpoint folder or workdir to take parameters from
+    # (also one made by `tools/convert_hf.py import`) | hf:PATH, a Hugging Face GPT-2 folder (or
+    # hub name) converted on the fly. A new run from parameters: no optimizer state, step 0.
     ck.init_from = "auto"
 
     c.log = lg = ml_collections.ConfigDict()
@@ -126,5 +134,6 @@ def get_config() -> ml_collections.ConfigDict:
     s.max_new_tokens = 200
     s.temperature = 0.8
     s.top_k = 0  # 0 disables top-k filtering.
+    s.top_p = 1.0  # Nucleus sampling: keep the smallest set of ids with this much mass (1 = off).
     s.seed = 0
     return c

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 FINAL_EVALS = ("full", "batches", "none")
 ON_NONFINITE = ("stop", "skip")
@@ -94,7 +94,7 @@ class ModelConfig:
             norm_eps=m.norm_eps,
             init_std=m.init_std,
             dtype=m.dtype,
-            attention_impl=ATTENTION_IMPLS[m.attention_impl],
+            attention_impl=m.attention_impl,
             remat=m.remat,
             scan_layers=m.scan_layers,
         )
@@ -157,6 +157,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _one_of(m.dtype, "model.dtype", DTYPES)
     _one_of(m.attention_impl, "model.attention_impl", ATTENTION_IMPLS)
+    if m.attention_impl == "cudnn":
+        head_dim = m.d_model // m.num_heads
+        _check(m.dtype == "bfloat16" and head_dim % 8 == 0 and head_dim <= 128,
+               f"model.attention_impl=cudnn needs model.dtype=bfloat16 and a head dim that is a "
+               f"multiple of 8 up to 128 (got {m.dtype}, {head_dim}); use auto or xla.")
     _one_of(m.activation, "model.activation", ACTIVATIONS)
     _one_of(m.remat, "model.remat", REMAT_POLICIES)
     for field in ("dropout", "attention_dropout"):
@@ -182,6 +187,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
         f"{t.grad_accum_steps}; make the batch a multiple of the accumulation steps.",
     )
+    _check(
+        t.loss_chunk >= 0 and (t.loss_chunk == 0 or d.seq_len % t.loss_chunk == 0),
+        f"train.loss_chunk={t.loss_chunk} must be 0 (off) or divide data.seq_len={d.seq_len}.",
+    )
     _check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be ≥ 1.")
     _check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be ≥ 1.")
     _one_of(t.final_eval, "train.final_eval", FINAL_EVALS)
@@ -205,6 +214,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     s = config.sample
     for field in ("num_samples", "max_new_tokens", "top_k", "temperature"):
         _check(s[field] >= 0, f"sample.{field}={s[field]} must be ≥ 0.")
+    _check(0.0 < s.top_p <= 1.0, f"sample.top_p={s.top_p} must be in (0, 1] (1 disables it).")
     _check(s.num_samples == 0 or len(s.prompt) > 0,
            "sample.prompt is empty; give at least one character (e.g. a newline) or set "
            "sample.num_samples=0.")
@@ -218,3 +228,19 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 def from_json(text: str) -> ml_collections.ConfigDict:
     """Inverse of `to_json`."""
     return ml_collections.ConfigDict(json.loads(text))
+
+
+def saved_run_config(text: str) -> ml_collections.ConfigDict:
+    """A workdir's config.json over configs/base.py's defaults: a run saved before a field
+    existed reads that field's default (which is what it ran with), not a KeyError."""
+    config = _reference_config()
+    _merge(config, json.loads(text))
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+            _merge(config[key], value)
+        else:
+            config[key] = value

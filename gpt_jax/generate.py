@@ -1,74 +1,210 @@
-"""Autoregressive sampling by full recomputation over a sliding context window.
+"""Autoregressive sampling with a KV cache: one jitted prefill, then one token per loop step.
 
-One jitted `lax.fori_loop`: each new token reruns the model on the last `max_seq_len` tokens. Simple
-and exact; a KV cache is the faster path for long generations.
+A batch of prompts of different lengths is left-padded so that every row's newest token sits in
+the same cache slot (one shared write index); each row masks its own padding and counts positions
+from its own first token. The whole loop (`lax.while_loop`) is one compiled program that stops
+early once every row has emitted a stop token.
+
+The context limit: the model has `max_seq_len` learned positions. When the cache is full the
+window slides by half: the oldest half is dropped and the newest half is re-encoded from position
+0 in one prefill, so every new token sees between max_seq_len/2 and max_seq_len tokens of context
+and a re-encode happens once per max_seq_len/2 tokens. The window is shared by the rows of a batch,
+so past the limit a row's continuation depends on the longest prompt beside it. `use_cache=False`
+recomputes the last max_seq_len tokens for every new token instead (nanoGPT's cropping; exact
+but ~W times the work) — the reference the cache is tested and benchmarked against.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt_jax.models.gpt import GPT
+from gpt_jax.models.layers import DecodeState
 from gpt_jax.parallel.sharding import put_replicated_host
 
+Array = jax.Array
 
-def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Greedy when temperature == 0; else softmax sampling at `temperature`, top-k if top_k > 0."""
-    if temperature == 0.0:
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen from the logits."""
+
+    temperature: float = 1.0  # 0 → greedy (argmax).
+    top_k: int = 0  # Keep the k most likely ids (0 = off).
+    top_p: float = 1.0  # Keep the smallest set of ids whose probability reaches top_p (1 = off).
+
+
+def sample_logits(logits_BV: Array, key: Array, sp: SamplingParams) -> Array:
+    """Next ids [B]: argmax when temperature == 0, else a draw at `temperature` after top-k and
+    top-p filtering. Masked (padded-vocab) ids have logit finfo.min and are never drawn."""
+    if sp.temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1)
-    logits_BV = logits_BV / temperature
-    if top_k > 0:
-        kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
+    logits_BV = logits_BV / sp.temperature
+    if sp.top_k > 0:
+        kth_B1 = jax.lax.top_k(logits_BV, min(sp.top_k, logits_BV.shape[-1]))[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if sp.top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # Keep an id while the mass strictly before it is below top_p (the top id always stays).
+        keep_B = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < sp.top_p, axis=-1)
+        threshold_B1 = jnp.take_along_axis(sorted_BV, keep_B[:, None] - 1, axis=-1)
+        logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1)
 
 
+def window_start(index: int, window: int) -> int:
+    """First buffer index of the cache window that holds `index` (the window slides by half)."""
+    shift = max(window // 2, 1)
+    over = index - window + 1
+    return -(-over // shift) * shift if over > 0 else 0
+
+
+def _left_pad(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt is empty; give every prompt at least one token (e.g. a newline).")
+    P = max(len(p) for p in prompts)
+    pad_B = np.array([P - len(p) for p in prompts], np.int32)
+    tokens_BP = np.zeros((len(prompts), P), np.int32)
+    for b, p in enumerate(prompts):
+        tokens_BP[b, pad_B[b]:] = np.asarray(p, np.int32)
+    return tokens_BP, pad_B
+
+
 def generate(
-    model: nn.Module,
+    model: GPT,
     params,
-    prompt: np.ndarray,
+    prompts: Sequence[np.ndarray],
     max_new_tokens: int,
-    key: jax.Array,
-    temperature: float,
-    top_k: int,
-    num_samples: int,
-) -> np.ndarray:
-    """Continues one prompt `num_samples` times; returns [num_samples, len(prompt) + max_new_tokens]."""
-    if len(prompt) == 0:
-        raise ValueError("the prompt is empty; pass at least one token (e.g. a newline).")
-    window = model.cfg.max_seq_len
-    total = len(prompt) + max_new_tokens
-    buf_BS = np.zeros((num_samples, max(total, window)), np.int32)
-    buf_BS[:, : len(prompt)] = np.asarray(prompt, np.int32)
-    key_data = np.asarray(jax.random.key_data(key))
+    key: Array,
+    sampling: SamplingParams = SamplingParams(),
+    stop_tokens: Sequence[int] = (),
+    use_cache: bool = True,
+) -> list[np.ndarray]:
+    """Continues each prompt (1-D int arrays, any lengths) by up to `max_new_tokens` tokens.
+
+    Returns one array per prompt: the prompt followed by its new tokens, ending at (and including)
+    the first stop token if one was drawn. `params` may be sharded on the training mesh.
+    """
+    cfg = dataclasses.replace(model.cfg, remat="none", dropout=0.0, attention_dropout=0.0)
+    decoder = GPT(cfg)  # Same parameters; remat and dropout have no use when decoding.
+    tokens_BP, pad_B = _left_pad(prompts)
+    B, P = tokens_BP.shape
+    W = cfg.max_seq_len
+    total = P + max_new_tokens
+    # Room for the last window read (the slid window may reach past `total`).
+    buf_BL = np.zeros((B, max(total, window_start(total - 1, W) + W)), np.int32)
+    buf_BL[:, :P] = tokens_BP
+    inputs = [buf_BL, pad_B, np.asarray(jax.random.key_data(key)),
+              np.asarray(sorted(set(stop_tokens)) or [-1], np.int32)]
     # Params sharded on a mesh (the training run's): inputs and output are whole on every device
     # of it, so every process of a multi-process run can read the result.
     first = jax.tree.leaves(params)[0].sharding
     replicated = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
                   if isinstance(first, jax.sharding.NamedSharding) else None)
     if replicated is not None:
-        buf_BS, key_data = (put_replicated_host(a, replicated) for a in (buf_BS, key_data))
+        inputs = [put_replicated_host(a, replicated) for a in inputs]
+    run = _decode_cached if use_cache else _decode_uncached
+    buf_BL, end = run(decoder, params, *inputs, P, total, sampling, replicated)
+    buf_BL, end = np.asarray(buf_BL), int(end)
+    stops = set(stop_tokens)
+    outs = []
+    for b in range(B):
+        new = buf_BL[b, P:end].tolist()
+        cut = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
+        outs.append(np.concatenate([tokens_BP[b, pad_B[b]:], np.asarray(new[:cut], np.int32)]))
+    return outs
 
-    @functools.partial(jax.jit, out_shardings=replicated)
-    def run(params, buf_BS, key_data):
-        key = jax.random.wrap_key_data(key_data)
 
-        def body(pos, carry):
-            buf_BS, key = carry
-            key, sub = jax.random.split(key)
-            # The window ends at `pos`; tokens after it are zeros the causal mask never lets through.
-            start = jnp.clip(pos - window, 0, buf_BS.shape[1] - window)
-            ctx_BW = jax.lax.dynamic_slice_in_dim(buf_BS, start, window, axis=1)
-            logits_BWV = model.apply({"params": params}, ctx_BW, deterministic=True)
-            logits_BV = jax.lax.dynamic_index_in_dim(logits_BWV, pos - 1 - start, 1, False)
-            next_B = sample_logits(logits_BV, sub, temperature, top_k).astype(jnp.int32)
-            return jax.lax.dynamic_update_index_in_dim(buf_BS, next_B, pos, axis=1), key
+def _window(decoder: GPT, params, cache, buf_BL: Array, pad_B: Array, start: Array,
+            read: Array) -> tuple[Array, dict]:
+    """Encodes the W-token window of `buf_BL` starting at `start` into a fresh cache; returns the
+    logits at buffer index `read` and the cache."""
+    W = decoder.cfg.max_seq_len
+    window_BW = jax.lax.dynamic_slice_in_dim(buf_BL, start, W, axis=1)
+    decode = DecodeState(slot=jnp.zeros((), jnp.int32), first_B=jnp.maximum(pad_B - start, 0))
+    variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+    x_BWD, mutated = decoder.apply(variables, window_BW, decode=decode, method="hidden",
+                                   mutable=["cache"])
+    x_B1D = jax.lax.dynamic_slice_in_dim(x_BWD, read - start, 1, axis=1)
+    return decoder.apply({"params": params}, x_B1D, method="head")[:, 0], mutated["cache"]
 
-        buf_BS, _ = jax.lax.fori_loop(len(prompt), total, body, (buf_BS, key))
-        return buf_BS
 
-    return np.asarray(run(params, buf_BS, key_data))[:, :total]
+def _sample_into(buf_BL, done_B, logits_BV, key, i, stop_S, sampling):
+    key, sub = jax.random.split(key)
+    next_B = sample_logits(logits_BV, sub, sampling).astype(jnp.int32)
+    next_B = jnp.where(done_B, 0, next_B)  # Rows that stopped keep a filler (cut off on the host).
+    buf_BL = jax.lax.dynamic_update_index_in_dim(buf_BL, next_B, i, axis=1)
+    return buf_BL, done_B | jnp.isin(next_B, stop_S), next_B, key
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _decode_cached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
+                   sampling: SamplingParams, replicated):
+    W = decoder.cfg.max_seq_len
+    start = jnp.asarray(window_start(P - 1, W), jnp.int32)
+    logits_BV, cache = _window(decoder, params, None, buf_BL, pad_B, start, jnp.int32(P - 1))
+    done_B = jnp.zeros(pad_B.shape, bool)
+
+    def cond(carry):
+        i, _, _, _, _, done_B, _ = carry
+        return (i < total) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, start, cache, logits_BV, buf_BL, done_B, key = carry
+        buf_BL, done_B, next_B, key = _sample_into(buf_BL, done_B, logits_BV, key, i, stop_S,
+                                                   sampling)
+
+        def slide(start, cache):  # Cache full: re-encode the newest half at positions from 0.
+            new_start = start + max(W // 2, 1)
+            logits_BV, cache = _window(decoder, params, cache, buf_BL, pad_B, new_start, i)
+            return new_start, cache, logits_BV
+
+        def step(start, cache):  # Feed the new token at its slot.
+            decode = DecodeState(slot=i - start, first_B=jnp.maximum(pad_B - start, 0))
+            x_B1D, mutated = decoder.apply({"params": params, "cache": cache}, next_B[:, None],
+                                           decode=decode, method="hidden", mutable=["cache"])
+            logits_BV = decoder.apply({"params": params}, x_B1D, method="head")[:, 0]
+            return start, mutated["cache"], logits_BV
+
+        start, cache, logits_BV = jax.lax.cond(i - start == W, slide, step, start, cache)
+        return i + 1, start, cache, logits_BV, buf_BL, done_B, key
+
+    carry = (jnp.int32(P), start, cache, logits_BV, buf_BL, done_B,
+             jax.random.wrap_key_data(key_data))
+    end, _, _, _, buf_BL, _, _ = jax.lax.while_loop(cond, body, carry)
+    return _replicate(buf_BL, replicated), _replicate(end, replicated)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _decode_uncached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
+                     sampling: SamplingParams, replicated):
+    W = decoder.cfg.max_seq_len
+
+    def logits_at(buf_BL, i):  # The window of W tokens ending at index i, recomputed whole.
+        start = jnp.maximum(i - W + 1, 0)
+        return _window(decoder, params, None, buf_BL, pad_B, start, i)[0]
+
+    def cond(carry):
+        i, _, done_B, _ = carry
+        return (i < total) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, buf_BL, done_B, key = carry
+        buf_BL, done_B, _, key = _sample_into(buf_BL, done_B, logits_at(buf_BL, i - 1), key, i,
+                                              stop_S, sampling)
+        return i + 1, buf_BL, done_B, key
+
+    carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool), jax.random.wrap_key_data(key_data))
+    end, buf_BL, _, _ = jax.lax.while_loop(cond, body, carry)
+    return _replicate(buf_BL, replicated), _replicate(end, replicated)
+
+
+def _replicate(x: Array, replicated) -> Array:
+    return x if replicated is None else jax.lax.with_sharding_constraint(x, replicated)

@@ -1,60 +1,124 @@
-"""End-of-run sampling: greedy equals step-by-step argmax, padded ids never appear, seeds repeat."""
+"""KV-cache decoding: equals full recomputation token for token (ragged prompts, past the context
+limit, scanned layers), sampling filters, seeds, stop tokens, sharded params."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import base
 from gpt_jax.config import ModelConfig
-from gpt_jax.generate import generate
+from gpt_jax.generate import SamplingParams, generate, sample_logits, window_start
 from gpt_jax.models.gpt import GPT
 
+GREEDY = SamplingParams(temperature=0.0)
+W = 16  # max_seq_len of the test model.
 
-def model_and_params(vocab_size=50, vocab_multiple=64, max_seq_len=16):
+
+def model_and_params(vocab_size=50, vocab_multiple=64, **model_fields):
     c = base.get_config()
     c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 2, 32
     c.model.vocab_multiple = vocab_multiple
-    c.data.seq_len = max_seq_len
+    c.model.init_std = 0.3  # Peaked logits: greedy continuations that do not repeat one token.
+    c.model.update(model_fields)
+    c.data.seq_len = W
     model = GPT(ModelConfig.from_config(c, vocab_size))
-    variables = model.init(jax.random.key(0), jnp.zeros((1, max_seq_len), jnp.int32))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, W), jnp.int32))
     return model, nn.meta.unbox(variables["params"])
 
 
-def reference_greedy(model, params, prompt, n):
-    """Recomputes the whole (cropped) context for every token, like nanoGPT's generate."""
+def reference_greedy(model, params, prompt, n, window="crop"):
+    """Recomputes the context for every token without a cache: `crop` keeps the last W tokens
+    (nanoGPT); `half` the window generate's cache holds (sliding by W/2)."""
     seq = list(prompt)
     for _ in range(n):
-        ctx = jnp.asarray([seq[-model.cfg.max_seq_len:]], jnp.int32)
-        logits = model.apply({"params": params}, ctx)
+        i = len(seq) - 1
+        start = max(0, i - W + 1) if window == "crop" else window_start(i, W)
+        logits = model.apply({"params": params}, jnp.asarray([seq[start:i + 1]], jnp.int32))
         seq.append(int(jnp.argmax(logits[0, -1])))
     return seq
 
 
-def test_greedy_matches_reference_past_the_context_window():
+RAGGED = [np.array([3, 1, 4, 1, 5]), np.array([7]), np.array([2, 7, 1, 8, 2, 8, 1, 8, 2])]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_greedy_equals_recomputation_with_ragged_prompts(scan_layers):
+    model, params = model_and_params(scan_layers=scan_layers)
+    outs = generate(model, params, RAGGED, 7, jax.random.key(0), GREEDY)  # 9 + 7 = W: no slide.
+    for prompt, out in zip(RAGGED, outs, strict=True):
+        assert out.tolist() == reference_greedy(model, params, prompt, 7)
+    assert len({tuple(o[-7:]) for o in outs}) == 3  # Not a degenerate one-token model.
+
+
+def test_cache_slides_past_the_context_limit():
     model, params = model_and_params()
-    prompt = np.array([3, 1, 4, 1, 5], np.int32)
-    out = generate(model, params, prompt, 20, jax.random.key(0), temperature=0.0, top_k=0,
-                   num_samples=1)
-    assert out.shape == (1, 25)  # 25 > max_seq_len = 16: the window slides.
-    assert out[0].tolist() == reference_greedy(model, params, prompt, 20)
+    prompt = RAGGED[0]
+    out = generate(model, params, [prompt], 40, jax.random.key(0), GREEDY)[0]
+    assert len(out) == 45 > W
+    assert out.tolist() == reference_greedy(model, params, prompt, 40, window="half")
+    # A prompt longer than the window is cropped to its newest tokens.
+    long = np.arange(1, 30) % 50
+    out = generate(model, params, [long], 5, jax.random.key(0), GREEDY)[0]
+    assert out.tolist() == reference_greedy(model, params, long, 5, window="half")
 
 
-def test_top_k_one_is_greedy():
+def test_uncached_decoding_is_nanogpt_cropping():
     model, params = model_and_params()
-    prompt = np.array([7, 8], np.int32)
-    greedy = generate(model, params, prompt, 10, jax.random.key(0), 0.0, 0, 1)
-    top1 = generate(model, params, prompt, 10, jax.random.key(1), 1.0, 1, 1)
-    np.testing.assert_array_equal(greedy, top1)
+    out = generate(model, params, [RAGGED[0]], 30, jax.random.key(0), GREEDY, use_cache=False)[0]
+    assert out.tolist() == reference_greedy(model, params, RAGGED[0], 30, window="crop")
+    # Within the window, cached and uncached decoding agree on ragged batches too.
+    a = generate(model, params, RAGGED, 7, jax.random.key(0), GREEDY)
+    b = generate(model, params, RAGGED, 7, jax.random.key(0), GREEDY, use_cache=False)
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
 
 
-def test_sampling_is_seeded_and_never_emits_padded_ids():
+def test_top_k_one_is_greedy_and_sampling_is_seeded():
+    model, params = model_and_params()
+    greedy = generate(model, params, RAGGED, 10, jax.random.key(0), GREEDY)
+    top1 = generate(model, params, RAGGED, 10, jax.random.key(1), SamplingParams(1.0, top_k=1))
+    assert [x.tolist() for x in greedy] == [x.tolist() for x in top1]
+    hot = SamplingParams(temperature=1.5)
+    a = generate(model, params, RAGGED, 20, jax.random.key(3), hot)
+    b = generate(model, params, RAGGED, 20, jax.random.key(3), hot)
+    c = generate(model, params, RAGGED, 20, jax.random.key(4), hot)
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    assert [x.tolist() for x in a] != [x.tolist() for x in c]
+
+
+def test_padded_vocab_ids_are_never_sampled():
     model, params = model_and_params(vocab_size=5, vocab_multiple=64)
-    prompt = np.array([1], np.int32)
-    a = generate(model, params, prompt, 60, jax.random.key(3), 2.0, 0, 4)
-    b = generate(model, params, prompt, 60, jax.random.key(3), 2.0, 0, 4)
-    c = generate(model, params, prompt, 60, jax.random.key(4), 2.0, 0, 4)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    assert a.max() < 5  # 59 padded ids exist; a high temperature would reach them if unmasked.
-    assert len(np.unique(a[:, 1:])) > 1
+    outs = generate(model, params, [np.array([1])] * 4, 60, jax.random.key(3),
+                    SamplingParams(temperature=3.0))
+    tokens = np.concatenate(outs)
+    assert tokens.max() < 5  # 59 padded ids exist; a high temperature would reach them if unmasked.
+    assert len(np.unique(tokens)) > 1
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits_BV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {int(sample_logits(logits_BV, jax.random.key(i), SamplingParams(1.0, 0, 0.7))[0])
+             for i in range(200)}
+    assert draws == {0, 1}  # 0.5 < 0.7 ≤ 0.5 + 0.3: ids 2 and 3 are cut.
+    draws = {int(sample_logits(logits_BV, jax.random.key(i), SamplingParams(1.0, 0, 0.1))[0])
+             for i in range(50)}
+    assert draws == {0}  # The most likely id always stays.
+
+
+def test_stop_tokens_end_each_row():
+    model, params = model_and_params()
+    free = generate(model, params, RAGGED, 12, jax.random.key(0), GREEDY)
+    stop = int(free[0][len(RAGGED[0]) + 3])  # Row 0's 4th new token (or an earlier copy).
+    outs = generate(model, params, RAGGED, 12, jax.random.key(0), GREEDY, stop_tokens=[stop])
+    for prompt, full, out in zip(RAGGED, free, outs, strict=True):
+        new = full[len(prompt):].tolist()
+        cut = new.index(stop) + 1 if stop in new else len(new)
+        assert out.tolist() == prompt.tolist() + new[:cut]
+    assert len(outs[0]) <= len(RAGGED[0]) + 4 < len(free[0])
+
+
+def test_empty_prompt_is_refused():
+    model, params = model_and_params()
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, params, [np.array([], np.int32)], 3, jax.random.key(0), GREEDY)

@@ -230,3 +230,46 @@ def test_weight_decay_on_matrices_only_whatever_their_rank():
     assert mask["h"]["attn"]["qkv"]["kernel"] and mask["wte"]["embedding"]
     assert not mask["h"]["attn"]["qkv"]["bias"]  # 3-D per layer, 4-D stacked: still a bias.
     assert not mask["h"]["ln_1"]["scale"] and not mask["ln_f"]["scale"]
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_chunked_cross_entropy_equals_the_plain_one(chunk):
+    cfg = tiny_cfg(vocab_multiple=64)  # Padded ids must stay masked chunk by chunk.
+    model, params = GPT(cfg), init(cfg)
+    batch_BT1 = jax.random.randint(jax.random.key(5), (3, 17), 0, cfg.vocab_size)
+    weights_BT = jax.random.uniform(jax.random.key(6), (3, 16))
+
+    def loss(p, loss_chunk):
+        total, count = step.model_loss(p, model, batch_BT1, weights_BT, None, loss_chunk)
+        return total / count
+
+    want, want_grads = jax.value_and_grad(loss)(params, 0)
+    got, got_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_grads,
+                 want_grads)
+    # The logits of one chunk at a time: no [B, T, V] array anywhere in the compiled step.
+    hlo = jax.jit(jax.grad(loss), static_argnums=1).lower(params, chunk).as_text()
+    assert f"3x{chunk}x64" in hlo and "3x16x64" not in hlo
+
+
+def test_bfloat16_compute_stays_within_bfloat16_tolerance_of_float32():
+    tokens = jax.random.randint(jax.random.key(7), (2, 16), 0, 50)
+    params = init(tiny_cfg())  # float32 master params, shared by both.
+    f32 = GPT(tiny_cfg()).apply({"params": params}, tokens)
+    bf16 = GPT(tiny_cfg(dtype="bfloat16")).apply({"params": params}, tokens)
+    assert bf16.dtype == jnp.float32  # Logits leave the model in float32 for the loss.
+    np.testing.assert_allclose(bf16, f32, atol=5e-2)
+    assert not np.array_equal(bf16, f32)  # The bf16 path really computed in bf16.
+
+
+def test_auto_attention_is_xla_off_cuda_and_cudnn_is_checked_before_compiling():
+    from gpt_jax import config as config_lib
+    from gpt_jax.models.layers import attention_implementation
+
+    assert attention_implementation(tiny_cfg(dtype="bfloat16")) == "xla"  # No CUDA GPU here.
+    assert attention_implementation(tiny_cfg(attention_impl="xla")) == "xla"
+    c = base.get_config()
+    c.model.attention_impl = "cudnn"  # float32: cuDNN's flash attention needs bf16/fp16.
+    with pytest.raises(config_lib.ConfigError, match="attention_impl=cudnn needs"):
+        config_lib.validate(c)

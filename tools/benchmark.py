@@ -15,7 +15,8 @@ Grain pipeline is not part of the figure. Reported:
   and MFU against the peak table in gpt_jax/training/metrics.py (or --peak_flops); on CPU,
   where no peak is known, the fraction of this machine's measured float32 matmul throughput;
 - peak device memory where the backend reports it, else the process's peak RSS;
-- decode tokens/s of gpt_jax.generate (batch 1).
+- decode tokens/s of gpt_jax.generate (batch 1, from a one-token prompt): with the KV cache, and
+  recomputing the context window for every token (use_cache=False), and their ratio.
 
 Writes BENCH.json and BENCH.md (a one-row markdown table) into --out.
 """
@@ -52,7 +53,7 @@ flags.DEFINE_integer("steps", 30, "Timed steps after warm-up.", lower_bound=20)
 flags.DEFINE_integer("warmup", 3, "Untimed steps after the compile.", lower_bound=1)
 flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step.")
 flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU; 0: the table's.")
-flags.DEFINE_integer("decode_tokens", 200, "Tokens to sample for the decode figure (0: skip).")
+flags.DEFINE_integer("decode_tokens", 500, "Tokens to sample for the decode figures (0: skip).")
 flags.DEFINE_string("out", "runs/benchmarks", "Folder for the JSON and markdown results.")
 flags.DEFINE_multi_string("set", [], "Extra override GROUP.FIELD=VALUE (Python literal or text).")
 FLAGS = flags.FLAGS
@@ -98,7 +99,7 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
     import jax
     import numpy as np
 
-    from gpt_jax.generate import generate
+    from gpt_jax.generate import SamplingParams, generate
     from gpt_jax.models.gpt import count_params
     from gpt_jax.parallel import sharding
     from gpt_jax.training import allocator, metrics, trainer
@@ -172,12 +173,18 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
                                            if "peak_bytes_in_use" in stats else None)
         result["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         if decode_tokens > 0:
-            prompt = np.zeros(1, np.int32)
-            key = jax.random.key(0)
-            generate(model, state.params, prompt, 8, key, 1.0, 0, 1)  # Compile.
-            t = time.perf_counter()
-            generate(model, state.params, prompt, decode_tokens, key, 1.0, 0, 1)
-            result["decode_tokens_per_sec"] = decode_tokens / (time.perf_counter() - t)
+            prompt = [np.zeros(1, np.int32)]
+            for use_cache, field in ((True, "decode_tokens_per_sec"),
+                                     (False, "decode_tokens_per_sec_uncached")):
+                def sample(use_cache: bool = use_cache) -> None:
+                    generate(model, state.params, prompt, decode_tokens, jax.random.key(0),
+                             SamplingParams(temperature=1.0), use_cache=use_cache)
+                sample()  # Compile.
+                t = time.perf_counter()
+                sample()
+                result[field] = decode_tokens / (time.perf_counter() - t)
+            result["decode_cache_speedup"] = (result["decode_tokens_per_sec"]
+                                              / result["decode_tokens_per_sec_uncached"])
     return result
 
 
@@ -185,7 +192,7 @@ COLUMNS = (("date", "{}"), ("device", "{}"), ("preset", "{}"), ("compile_s", "{:
            ("step_ms_median", "{:.1f}"), ("tokens_per_sec", "{:,.0f}"),
            ("model_tflops_per_sec", "{:.3f}"), ("mfu", "{:.1%}"),
            ("fraction_of_matmul_ceiling", "{:.1%}"), ("peak_device_memory_gb", "{:.2f}"),
-           ("decode_tokens_per_sec", "{:,.0f}"))
+           ("decode_tokens_per_sec", "{:,.0f}"), ("decode_cache_speedup", "{:.1f}×"))
 
 
 def markdown(r: dict) -> str:

@@ -9,6 +9,7 @@ here. Shapes are named in suffixes: B batch, T time, D d_model, N heads, H head 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -38,7 +39,30 @@ def bias_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+class DecodeState(NamedTuple):
+    """Where a decoding call writes in the KV cache (see gpt_jax/generate.py).
+
+    Prompts are left-padded so that every row's newest token sits in the same cache slot; row b's
+    real tokens start at `first_B[b]`, and a token in slot s has position s - first_B[b].
+    """
+
+    slot: jax.Array  # int32 scalar: the cache slot of the first input token.
+    first_B: jax.Array  # int32 [B]: each row's first valid cache slot (left padding before it).
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    """The `jax.nn.dot_product_attention` implementation: `auto` takes cuDNN's flash attention on
+    CUDA GPUs where it supports the shapes (16-bit compute, head_dim a multiple of 8 up to 128)
+    and XLA elsewhere."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    device = jax.devices()[0]
+    cuda = device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+    supported = cfg.dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+    return "cudnn" if cuda and supported else "xla"
+
+
+def layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
     """LayerNorm with optional bias (nanoGPT's bias=False drops it); statistics in float32."""
     return nn.LayerNorm(
         epsilon=cfg.norm_eps,
@@ -52,12 +76,17 @@ def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a fused QKV projection (GPT-2's c_attn layout)."""
+    """Multi-head causal self-attention with a fused QKV projection (GPT-2's c_attn layout).
+
+    With `decode` set, keys and values go to a KV cache (the mutable `cache` collection, one
+    max_seq_len window per row) and the queries attend to the cache instead of to each other.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x_BTD: Array, deterministic: bool = True,
+                 decode: DecodeState | None = None) -> Array:
         cfg = self.cfg
         N, H = cfg.num_heads, cfg.head_dim
         qkv_BT3NH = nn.DenseGeneral(
@@ -72,8 +101,9 @@ class CausalSelfAttention(nn.Module):
         qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "length", None, "heads", "kv"))
         q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
 
-        use_dropout = not deterministic and cfg.attention_dropout > 0.0
-        if use_dropout:
+        if decode is not None:
+            out_BTNH = self._attend_cache(q_BTNH, k_BTNH, v_BTNH, decode)
+        elif not deterministic and cfg.attention_dropout > 0.0:
             # jax.nn.dot_product_attention has no dropout on the weights; Flax's explicit-weights
             # attention does. Only taken while training with attention_dropout > 0.
             T = x_BTD.shape[1]
@@ -88,7 +118,8 @@ class CausalSelfAttention(nn.Module):
             )
         else:
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTNH, v_BTNH, is_causal=True, implementation=cfg.attention_impl
+                q_BTNH, k_BTNH, v_BTNH, is_causal=True,
+                implementation=attention_implementation(cfg),
             )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "kv"))
         y_BTD = nn.DenseGeneral(
@@ -102,6 +133,26 @@ class CausalSelfAttention(nn.Module):
             name="out",
         )(out_BTNH)
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+    def _attend_cache(self, q_BTNH: Array, k_BTNH: Array, v_BTNH: Array,
+                      decode: DecodeState) -> Array:
+        """Writes this call's keys/values at `decode.slot` and attends to the whole cache."""
+        B, T, N, H = k_BTNH.shape
+        S = self.cfg.max_seq_len
+        k_cache = self.variable("cache", "k", jnp.zeros, (B, S, N, H), k_BTNH.dtype)
+        v_cache = self.variable("cache", "v", jnp.zeros, (B, S, N, H), v_BTNH.dtype)
+        k_cache.value = jax.lax.dynamic_update_slice_in_dim(k_cache.value, k_BTNH, decode.slot, 1)
+        v_cache.value = jax.lax.dynamic_update_slice_in_dim(v_cache.value, v_BTNH, decode.slot, 1)
+        q_slot_T = decode.slot + jnp.arange(T)
+        k_slot_S = jnp.arange(S)
+        causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
+        # A padding query attends to itself only, so its (unused) output stays finite.
+        valid_BTS = (k_slot_S[None, None, :] >= decode.first_B[:, None, None]) | (
+            k_slot_S[None, :] == q_slot_T[:, None])[None]
+        mask_B1TS = (causal_TS[None] & valid_BTS)[:, None]
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_cache.value, v_cache.value, mask=mask_B1TS, implementation="xla"
+        )
 
 
 class MLP(nn.Module):
@@ -141,16 +192,18 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x_BTD: Array, deterministic: bool = True,
+                 decode: DecodeState | None = None) -> Array:
         x_BTD = x_BTD + CausalSelfAttention(self.cfg, name="attn")(
-            layer_norm(self.cfg, "ln_1")(x_BTD), deterministic
+            layer_norm(self.cfg, "ln_1")(x_BTD), deterministic, decode
         )
         x_BTD = x_BTD + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln_2")(x_BTD), deterministic)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
 
 class ScannedBlock(Block):
-    """A Block as an `nn.scan` body: (carry, deterministic) → (carry, no per-layer output)."""
+    """A Block as an `nn.scan` body: (carry, broadcast args) → (carry, no per-layer output)."""
 
-    def __call__(self, x_BTD: Array, deterministic: bool = True) -> tuple[Array, None]:
-        return super().__call__(x_BTD, deterministic), None
+    def __call__(self, x_BTD: Array, deterministic: bool = True,
+                 decode: DecodeState | None = None) -> tuple[Array, None]:
+        return super().__call__(x_BTD, deterministic, decode), None

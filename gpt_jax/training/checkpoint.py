@@ -15,16 +15,26 @@ import pathlib
 import time
 from typing import Any
 
+import flax.linen as nn
 import grain
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from gpt_jax import config as config_lib
+from gpt_jax.config import ModelConfig
+from gpt_jax.data import tokenizers
+from gpt_jax.models.gpt import GPT
 from gpt_jax.parallel import distributed, sharding
 
 VAL_METRIC = "val/loss"
+# A parameters-only checkpoint (a model imported by tools/convert_hf.py) sits in WORKDIR/params/.
+PARAMS_DIR = "params"
+HF_PREFIX = "hf:"  # checkpoint.init_from=hf:PATH converts a Hugging Face GPT-2 on the fly.
 # Model fields that change parameter shapes: resuming across a change in one of them cannot work.
 SHAPE_FIELDS = ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size", "vocab_multiple",
                 "max_seq_len", "bias", "tie_embeddings", "scan_layers")
@@ -76,8 +86,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The resolved config a checkpoint was written with."""
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    """The resolved config a checkpoint was written with; fields added to configs/base.py since
+    then read their defaults, which is what that run had."""
+    raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return config_lib.saved_run_config(json.dumps(raw)).to_dict()
 
 
 def check_compatible(saved: dict, config_model: dict, step: int) -> None:
@@ -194,29 +206,150 @@ def restore_iterator(manager: ocp.CheckpointManager, step: int, data_iterator: A
     data_iterator.set_state(states[0])
 
 
-def load_params(path: str, abstract_params: Any, config_model: dict) -> Any:
-    """Parameters from another run's checkpoint (a workdir, its checkpoints/ or one step folder;
-    a folder holds several: the newest), placed like `abstract_params`. The optimizer state,
-    step and data position are not taken: this starts a new run from those weights."""
+def params_source(path: str) -> tuple[pathlib.Path, int | None]:
+    """(checkpoint folder, step or None for "choose") of `path`: a training workdir (its
+    checkpoints/), a workdir made by `tools/convert_hf.py import` (its params/), either folder
+    itself, or one step's folder."""
     p = pathlib.Path(path).expanduser().resolve()
-    step = None
     if (p / "state").is_dir():  # One step's folder.
-        p, step = p.parent, int(p.name)
-    elif (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
+        return p.parent, int(p.name)
+    for sub in ("checkpoints", PARAMS_DIR):
+        if (p / sub).is_dir():
+            return p / sub, None
     if not p.is_dir():
-        raise CheckpointError(f"checkpoint.init_from={path!r}: no such folder; give a workdir, its "
-                              "checkpoints/ folder or one step's folder (or auto / scratch).")
-    manager = make_manager(p, keep=1, read_only=True)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"checkpoint.init_from={path!r} holds no checkpoint.")
-    check_compatible(saved_config(manager, step), config_model, step)
-    # Restored without a target (as host arrays), so a run with another optimizer can start from it.
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return jax.tree.map(
-        lambda a, s: sharding.put_replicated_host(np.asarray(a, s.dtype), s.sharding),
-        state["params"], abstract_params)
+        raise CheckpointError(f"{path}: no such folder; give a workdir, its checkpoints/ or "
+                              "params/ folder, or one step's folder.")
+    return p, None
+
+
+def select_step(manager: ocp.CheckpointManager, which: int | str | None) -> int:
+    """The step `which` names: an int, "best" (lowest val loss), or None / "newest"."""
+    steps = manager.all_steps()
+    if not steps:
+        raise CheckpointError(f"{manager.directory} holds no checkpoint.")
+    if which in (None, "newest"):
+        return manager.latest_step()
+    if which == "best":
+        best = manager.best_step()
+        if best is None:
+            raise CheckpointError(f"no checkpoint in {manager.directory} has a val loss, so none is "
+                                  "best; choose newest or a step.")
+        return best
+    if int(which) not in steps:
+        raise CheckpointError(f"{manager.directory} has no checkpoint of step {which}; it has "
+                              f"{sorted(steps)}.")
+    return int(which)
+
+
+def restore_params(directory: pathlib.Path, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of the checkpoint `step` (not the optimizer state, a multiple of their
+    size), placed as `abstract_params` (ShapeDtypeStructs with shardings) says."""
+    target = {"params": abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(
+        pathlib.Path(directory) / str(step) / "state",
+        args=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True))
+    return restored["params"]
+
+
+def save_params(workdir: str | pathlib.Path, params: Any, config_json: str) -> pathlib.Path:
+    """Writes a parameters-only checkpoint (step 0, with its config) to WORKDIR/params/, which
+    `checkpoint.init_from=WORKDIR` reads. It is not in checkpoints/, so a training run in that
+    workdir never takes it for a state to resume."""
+    directory = pathlib.Path(workdir).resolve() / PARAMS_DIR
+    manager = make_manager(directory, keep=1)
+    manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}),
+        config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return directory
+
+
+def load_params(path: str, abstract_params: Any, model_cfg: ModelConfig) -> Any:
+    """Parameters to start a new run from (checkpoint.init_from), placed like `abstract_params`:
+    another run's checkpoint (a workdir, its checkpoints/ or one step folder; a folder holds
+    several: the newest), an imported workdir (params/), or `hf:PATH`, a Hugging Face GPT-2
+    folder or hub name converted on the fly. The optimizer state, step and data position are not
+    taken: this starts a new run from those weights."""
+    if path.startswith(HF_PREFIX):
+        return _load_hf_params(path[len(HF_PREFIX):], abstract_params, model_cfg)
+    try:
+        directory, step = params_source(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint.init_from={e} Or: auto, scratch, hf:PATH.") from e
+    manager = make_manager(directory, keep=1, read_only=True)
+    try:
+        step = select_step(manager, step)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint.init_from={path!r}: {e}") from e
+    _check_starts(saved_config(manager, step)["model"], model_cfg, f"{path} (step {step})")
+    return restore_params(directory, step, abstract_params)
+
+
+def _check_starts(saved_model: dict, model_cfg: ModelConfig, source: str) -> None:
+    """Raises a one-line CheckpointError naming the first shape-changing field in which this run
+    differs from the checkpoint it starts from."""
+    for field in SHAPE_FIELDS:
+        theirs, ours = saved_model[field], getattr(model_cfg, field)
+        if theirs != ours:
+            raise CheckpointError(
+                f"checkpoint.init_from={source} has model.{field}={theirs!r} but this run has "
+                f"model.{field}={ours!r}; set --config.model.{field}={theirs!r} to start from it.")
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """The parameter tree of `cfg`'s model as ShapeDtypeStructs on the default device (nothing
+    allocated): the target a checkpoint's parameters are restored into."""
+    model = GPT(cfg)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(
+        model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+
+
+def load_trained(path: str | pathlib.Path, which: int | str | None = None
+                 ) -> tuple[dict, ModelConfig, Any, int]:
+    """(saved config, model hyperparameters, params on the default device, step) of checkpoint
+    `which` (None/"newest", "best" or a step) of a run: a workdir, its checkpoints/ or params/
+    folder, or one step's folder. Only the parameters are read. For sampling and export."""
+    directory, step = params_source(str(path))
+    manager = make_manager(directory, keep=1, read_only=True)
+    step = select_step(manager, which if step is None else step)
+    # The config saved with these parameters, not config.json: it is there also when the path is
+    # a checkpoints/ or step folder.
+    config = saved_config(manager, step)
+    vocab_size = config["model"]["vocab_size"]
+    if vocab_size is None:  # Configs from before the vocab was resolved: the tokenizer decides.
+        vocab_size = tokenizers.load_tokenizer(directory.parent / "tokenizer.json").vocab_size
+    cfg = ModelConfig.from_config(ml_collections.ConfigDict(config), vocab_size)
+    return config, cfg, restore_params(directory, step, abstract_params(cfg)), step
+
+
+def _load_hf_params(source: str, abstract_params: Any, model_cfg: ModelConfig) -> Any:
+    """`checkpoint.init_from=hf:SOURCE`: an HF GPT-2 converted to this run's layout."""
+    where = f"checkpoint.init_from={HF_PREFIX}{source}"
+    try:
+        from gpt_jax.interop import hf_gpt2  # torch and transformers only on this path.
+
+        params = hf_gpt2.import_params(source, model_cfg)
+    except ImportError as e:
+        raise CheckpointError(f"{where} needs torch and transformers ({e}); pip install -r "
+                              "requirements-dev.txt.") from e
+    except ValueError as e:  # InteropError: the message names the field and the fix.
+        raise CheckpointError(f"{where}: {e}") from e
+
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape) for k, v in flat}
+
+    got, want = shapes(params), shapes(abstract_params)
+    for name in sorted(set(got) | set(want)):
+        if got.get(name) != want.get(name):
+            raise CheckpointError(f"{where} gives {name} {got.get(name, 'absent')} but this run "
+                                  f"has {want.get(name, 'absent')}; its model.* settings differ.")
+    return jax.tree.map(lambda a, s: sharding.put_replicated_host(np.asarray(a, s.dtype), s.sharding),
+                        params, abstract_params)
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -46,28 +47,72 @@ def cross_entropy(logits_BTV: Array, targets_BT: Array, weights_BT: Array) -> tu
     return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
 
 
-def _loss_fn(params, model: nn.Module, batch_BT1: Array, dropout_key: Array | None) -> Array:
+def chunked_cross_entropy(head: Callable[[Array], Array], x_BTD: Array, targets_BT: Array,
+                          weights_BT: Array, chunk: int) -> tuple[Array, Array]:
+    """`cross_entropy(head(x_BTD), …)` computed `chunk` positions at a time.
+
+    Only one chunk's logits [B, chunk, V] exist at once: each chunk is rematerialised in the
+    backward pass (jax.checkpoint), so peak memory drops by T / chunk for the logits and their
+    gradient. Chunks split the time axis, so a batch sharded over devices stays sharded.
+    """
+    B, T = targets_BT.shape
+    n = T // chunk
+
+    def split(a: Array) -> Array:  # [B, T, …] → [n, B, chunk, …]
+        return a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_loss(x_BCD: Array, targets_BC: Array, weights_BC: Array) -> Array:
+        return cross_entropy(head(x_BCD), targets_BC, weights_BC)[0]
+
+    def body(total: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, None]:
+        return total + chunk_loss(*xs), None
+
+    xs = (split(x_BTD), split(targets_BT), split(weights_BT))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total, jnp.sum(weights_BT)
+
+
+def model_loss(params, model: nn.Module, batch_BT1: Array, weights_BT: Array,
+               dropout_key: Array | None, loss_chunk: int) -> tuple[Array, Array]:
+    """Weighted sum of next-token losses over `batch_BT1` and the sum of weights.
+
+    `loss_chunk` > 0 takes `chunked_cross_entropy` over the model's hidden states."""
     inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
     deterministic = dropout_key is None
     rngs = None if deterministic else {"dropout": dropout_key}
-    logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=deterministic, rngs=rngs)
-    total, count = cross_entropy(logits_BTV, targets_BT, jnp.ones(targets_BT.shape, jnp.float32))
+    variables = {"params": params}
+    if loss_chunk == 0:
+        logits_BTV = model.apply(variables, inputs_BT, deterministic=deterministic, rngs=rngs)
+        return cross_entropy(logits_BTV, targets_BT, weights_BT)
+    x_BTD = model.apply(variables, inputs_BT, deterministic=deterministic, rngs=rngs,
+                        method="hidden")
+    head = functools.partial(model.apply, variables, method="head")
+    return chunked_cross_entropy(head, x_BTD, targets_BT, weights_BT, loss_chunk)
+
+
+def _loss_fn(params, model: nn.Module, batch_BT1: Array, dropout_key: Array | None,
+             loss_chunk: int) -> Array:
+    weights_BT = jnp.ones((batch_BT1.shape[0], batch_BT1.shape[1] - 1), jnp.float32)
+    total, count = model_loss(params, model, batch_BT1, weights_BT, dropout_key, loss_chunk)
     return total / count
 
 
 def make_train_step(
-    model: nn.Module, schedule: optax.Schedule, grad_accum_steps: int, use_dropout: bool
+    model: nn.Module, schedule: optax.Schedule, grad_accum_steps: int, use_dropout: bool,
+    loss_chunk: int = 0,
 ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Any]]]:
     """Returns train_step(state, batch_BT1) -> (state, metrics); jit it with the state donated.
 
     With accumulation the batch is split into `grad_accum_steps` micro-batches whose gradients are
     averaged in float32 inside one compiled step (a `lax.scan`), so one call is one optimizer step.
+    `loss_chunk` > 0 computes the cross-entropy that many positions at a time.
     """
 
     def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, dict[str, Any]]:
         base_key = jax.random.wrap_key_data(state.dropout_key)
         step_key = jax.random.fold_in(base_key, state.step) if use_dropout else None
-        grad_fn = jax.value_and_grad(_loss_fn)
+        grad_fn = jax.value_and_grad(functools.partial(_loss_fn, loss_chunk=loss_chunk))
         if grad_accum_steps == 1:
             loss, grads = grad_fn(state.params, model, batch_BT1, step_key)
         else:
@@ -106,11 +151,11 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
+def make_eval_step(model: nn.Module,
+                   loss_chunk: int = 0) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
     """Returns eval_step(params, batch_BT1, weights_BT) -> (sum of losses, sum of weights)."""
 
     def eval_step(params, batch_BT1: Array, weights_BT: Array) -> tuple[Array, Array]:
-        logits_BTV = model.apply({"params": params}, batch_BT1[:, :-1], deterministic=True)
-        return cross_entropy(logits_BTV, batch_BT1[:, 1:], weights_BT)
+        return model_loss(params, model, batch_BT1, weights_BT, None, loss_chunk)
 
     return eval_step

@@ -21,7 +21,7 @@ from absl import logging
 
 from gpt_jax import config as config_lib
 from gpt_jax.data import corpora, pipeline, prepare, tokenizers
-from gpt_jax.generate import generate
+from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.models.gpt import GPT, count_params
 from gpt_jax.parallel import distributed, sharding
 from gpt_jax.parallel import mesh as mesh_lib
@@ -183,12 +183,12 @@ def compile_steps(config: ml_collections.ConfigDict, model: GPT, mesh: jax.shard
     use_dropout = model.cfg.dropout > 0 or model.cfg.attention_dropout > 0
     train_step = jax.jit(
         step.make_train_step(model, optim.make_schedule(config), config.train.grad_accum_steps,
-                             use_dropout),
+                             use_dropout, config.train.loss_chunk),
         in_shardings=(state_shardings, batch_sh),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_step = jax.jit(step.make_eval_step(model),
+    eval_step = jax.jit(step.make_eval_step(model, config.train.loss_chunk),
                         in_shardings=(state_shardings.params, batch_sh, batch_sh),
                         out_shardings=replicated)
     return train_step, eval_step
@@ -240,8 +240,13 @@ def initial_state(r: Run, manager, train_it) -> tuple[step.TrainState, int]:
     state = r.init_state()
     if init_from not in ("auto", "scratch"):
         state = state.replace(params=checkpoint.load_params(init_from, r.abstract_state.params,
-                                                            config["model"]))
+                                                            r.model.cfg))
         logging.info("parameters taken from %s", init_from)
+    elif (r.workdir / checkpoint.PARAMS_DIR).is_dir():  # An imported model's workdir.
+        logging.warning("%s holds imported parameters (%s/), which a run only starts from when "
+                        "asked; this one starts from scratch. To start from them: "
+                        "--config.checkpoint.init_from=%s", r.workdir, checkpoint.PARAMS_DIR,
+                        r.workdir)
     if distributed.is_primary():
         tokenizers.save_tokenizer(r.data.tokenizer, tokenizer_path)
     return state, 0
@@ -392,9 +397,9 @@ def _train(r: Run) -> dict:
 def print_samples(r: Run, params) -> None:
     """Prints `sample.num_samples` continuations of `sample.prompt`, decoded with the run's tokenizer."""
     s = r.config.sample
-    prompt = r.data.tokenizer.encode(s.prompt)
-    out = generate(r.model, params, prompt, s.max_new_tokens, jax.random.key(s.seed),
-                   s.temperature, s.top_k, s.num_samples)
+    prompts = [r.data.tokenizer.encode(s.prompt)] * s.num_samples
+    out = generate(r.model, params, prompts, s.max_new_tokens, jax.random.key(s.seed),
+                   SamplingParams(s.temperature, s.top_k, s.top_p))
     if distributed.is_primary():
         for row in out:
             print("-" * 40 + "\n" + r.data.tokenizer.decode(row.tolist()), flush=True)

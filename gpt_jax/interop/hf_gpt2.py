@@ -1,0 +1,423 @@
+"""Hugging Face GPT-2 ⇄ gpt_jax: config and parameter mapping, reading and writing HF folders.
+
+The two models are the same function: GPT-2's pre-LN blocks, learned positions, fused QKV. Only
+the storage differs. HF's Conv1D weights are [in, out] like a Flax Dense kernel; `c_attn` packs
+q, k, v along its output as [D, 3·D], each D split into heads, which is our DenseGeneral kernel
+[D, 3, N, H] flattened; `c_proj` [N·H, D] is our `out` kernel [N, H, D] flattened. So every
+weight maps by a reshape, never a transpose (but an untied `lm_head`, [V, D] in torch's Linear).
+
+Our side: a params tree in either layout (`h_0 … h_{L-1}`, or `h` stacked on a leading layers
+axis with model.scan_layers), vocab padded to model.vocab_multiple. HF's: a GPT2LMHeadModel state
+dict of numpy arrays, keys `transformer.…` and `lm_head.weight`. Models without biases
+(model.bias=False, nanoGPT's recipes) export zero biases, which is exact; HF models import with
+biases (model.bias=True), or into bias=False only if all their biases are zero.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+from absl import logging
+
+from gpt_jax.config import ModelConfig
+
+# HF activation_function → model.activation. HF's "gelu" is the exact (erf) GELU; "gelu_new" and
+# "gelu_pytorch_tanh" are the tanh approximation GPT-2 was trained with.
+ACTIVATIONS_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                       "relu": "relu"}
+ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE; its last id, 50256, is <|endoftext|> (bos and eos).
+WEIGHTS_NAME = "model.safetensors"
+# Tokenizer files of an HF folder (GPT2Tokenizer's vocab.json + merges.txt, or the fast one's).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
+# Non-parameter buffers that older GPT-2 checkpoints (OpenAI's on the hub) store: the causal mask.
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+class InteropError(ValueError):
+    """A model or folder that cannot be converted; the message says why and what to do."""
+
+
+def _block_table(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...],
+                                                 tuple[int, ...]]]:
+    """(HF name within `transformer.h.{i}.`, our path within a block, HF shape, our shape)."""
+    D, N, H, F = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    return [
+        ("ln_1.weight", ("ln_1", "scale"), (D,), (D,)),
+        ("ln_1.bias", ("ln_1", "bias"), (D,), (D,)),
+        ("attn.c_attn.weight", ("attn", "qkv", "kernel"), (D, 3 * D), (D, 3, N, H)),
+        ("attn.c_attn.bias", ("attn", "qkv", "bias"), (3 * D,), (3, N, H)),
+        ("attn.c_proj.weight", ("attn", "out", "kernel"), (D, D), (N, H, D)),
+        ("attn.c_proj.bias", ("attn", "out", "bias"), (D,), (D,)),
+        ("ln_2.weight", ("ln_2", "scale"), (D,), (D,)),
+        ("ln_2.bias", ("ln_2", "bias"), (D,), (D,)),
+        ("mlp.c_fc.weight", ("mlp", "fc", "kernel"), (D, F), (D, F)),
+        ("mlp.c_fc.bias", ("mlp", "fc", "bias"), (F,), (F,)),
+        ("mlp.c_proj.weight", ("mlp", "proj", "kernel"), (F, D), (F, D)),
+        ("mlp.c_proj.bias", ("mlp", "proj", "bias"), (D,), (D,)),
+    ]
+
+
+def _is_bias(path: tuple[str, ...]) -> bool:
+    return path[-1] == "bias"
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def model_fields_from_hf(hf_config: Any) -> dict[str, Any]:
+    """The `model.*` config fields of a transformers GPT2Config. Raises InteropError for what our
+    GPT cannot compute (another architecture, another attention scaling, an unknown activation).
+    Dropout rates are not taken: they are a training choice, not part of the weights."""
+    get = lambda name, default=None: getattr(hf_config, name, default)
+    if get("model_type") != "gpt2":
+        raise InteropError(f"model_type={get('model_type')!r} is not 'gpt2'; only GPT-2 models "
+                           "(GPT2LMHeadModel) convert.")
+    activation = get("activation_function")
+    if activation not in ACTIVATIONS_FROM_HF:
+        raise InteropError(f"activation_function={activation!r} has no model.activation; "
+                           f"convertible ones: {sorted(ACTIVATIONS_FROM_HF)}.")
+    for name, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                       ("add_cross_attention", False)):
+        if bool(get(name, want)) != want:
+            raise InteropError(f"{name}={get(name)!r} is not supported (our attention needs "
+                               f"{name}={want}); this model does not convert.")
+    d_model, inner = get("n_embd"), get("n_inner") or 4 * get("n_embd")
+    if inner % d_model:
+        raise InteropError(f"n_inner={inner} is not a multiple of n_embd={d_model}; "
+                           "model.mlp_ratio cannot express it.")
+    return {
+        "num_layers": get("n_layer"),
+        "num_heads": get("n_head"),
+        "d_model": d_model,
+        "mlp_ratio": inner // d_model,
+        "max_seq_len": get("n_positions"),
+        "vocab_size": get("vocab_size"),
+        "bias": True,  # HF GPT-2 always has biases.
+        "tie_embeddings": bool(get("tie_word_embeddings", True)),
+        "activation": ACTIVATIONS_FROM_HF[activation],
+        "norm_eps": float(get("layer_norm_epsilon")),
+        "init_std": float(get("initializer_range")),
+    }
+
+
+# HF config name of each model field, for messages.
+_HF_NAMES = {"num_layers": "n_layer", "num_heads": "n_head", "d_model": "n_embd",
+             "mlp_ratio": "n_inner / n_embd", "max_seq_len": "n_positions",
+             "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings",
+             "activation": "activation_function", "norm_eps": "layer_norm_epsilon"}
+
+
+def hf_config_from_model(cfg: ModelConfig) -> Any:
+    """A transformers GPT2Config for the model `cfg` (the real vocab, not the padded one)."""
+    import transformers  # Only conversions need it (requirements-dev.txt).
+
+    if cfg.activation not in ACTIVATIONS_TO_HF:
+        raise InteropError(f"model.activation={cfg.activation!r} has no GPT-2 equivalent; "
+                           f"exportable ones: {sorted(ACTIVATIONS_TO_HF)}.")
+    # <|endoftext|> only exists in GPT-2's own vocabulary; ids outside a small vocab would break
+    # HF's generate.
+    eos = GPT2_VOCAB_SIZE - 1 if cfg.vocab_size == GPT2_VOCAB_SIZE else None
+    return transformers.GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=None if cfg.mlp_ratio == 4 else cfg.mlp_dim,  # None: GPT-2's 4·n_embd.
+        activation_function=ACTIVATIONS_TO_HF[cfg.activation],
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.attention_dropout,
+        layer_norm_epsilon=cfg.norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        architectures=["GPT2LMHeadModel"],
+    )
+
+
+def check_fits(hf_config: Any, cfg: ModelConfig, source: str) -> None:
+    """Raises InteropError naming the first model field where the model `cfg` cannot take the HF
+    model's weights as they are. Fewer positions than the HF model are fine (the position table is
+    cropped, as nanoGPT's crop_block_size); the layer layout and vocab padding are free."""
+    fields = model_fields_from_hf(hf_config)
+    for field in ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size",
+                  "tie_embeddings", "activation"):
+        if getattr(cfg, field) != fields[field]:
+            raise InteropError(
+                f"{source} has model.{field}={fields[field]!r} ({_HF_NAMES[field]}) but this model "
+                f"has model.{field}={getattr(cfg, field)!r}; set --config.model.{field}="
+                f"{fields[field]!r}.")
+    if cfg.max_seq_len > fields["max_seq_len"]:
+        raise InteropError(
+            f"{source} has {fields['max_seq_len']} positions (n_positions) but this model has "
+            f"model.max_seq_len={cfg.max_seq_len}; set model.max_seq_len (and data.seq_len) to at "
+            f"most {fields['max_seq_len']}.")
+    if cfg.norm_eps != fields["norm_eps"]:
+        logging.warning("%s has layer_norm_epsilon=%g, this model model.norm_eps=%g: the "
+                        "outputs will differ slightly", source, fields["norm_eps"], cfg.norm_eps)
+
+
+# ------------------------------------------------------------------------------------ parameters
+
+
+def _layers(params: Mapping[str, Any], cfg: ModelConfig) -> list[Mapping[str, Any]]:
+    """Each block's parameters, from either layout (h_0 … h_{L-1}, or h stacked)."""
+    if "h" in params:  # scan_layers: every leaf has a leading layers axis.
+        stacked = _map_tree(np.asarray, params["h"])  # Once: device → host.
+        count = len(_leaf(stacked, ("ln_1", "scale")))
+        if count != cfg.num_layers:
+            raise InteropError(f"the parameters stack {count} layers but model.num_layers="
+                               f"{cfg.num_layers}; give the config they were trained with.")
+        return [_map_tree(lambda a, i=i: a[i], stacked) for i in range(count)]
+    missing = [f"h_{i}" for i in range(cfg.num_layers) if f"h_{i}" not in params]
+    if missing:
+        raise InteropError(f"the parameters have no {missing[0]} (model.num_layers="
+                           f"{cfg.num_layers}); give the config they were trained with.")
+    return [params[f"h_{i}"] for i in range(cfg.num_layers)]
+
+
+def _map_tree(fn, tree):
+    """`fn` on every leaf of a tree of dicts (a small jax.tree.map for plain nested dicts)."""
+    return {k: _map_tree(fn, v) for k, v in tree.items()} if isinstance(tree, Mapping) else fn(tree)
+
+
+def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            raise InteropError(f"the parameters have no {'/'.join(path)}; they do not match the "
+                               "model config (e.g. model.bias); give the config they were "
+                               "trained with.")
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _array(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+    a = np.asarray(value, dtype=np.float32)
+    if a.shape != shape:
+        raise InteropError(f"{name} has shape {a.shape}, the model config needs {shape}; give the "
+                           "config the parameters were trained with.")
+    return a
+
+
+def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """A GPT2LMHeadModel state dict (float32 numpy, contiguous) from our parameters.
+
+    Only the real `cfg.vocab_size` rows of the (padded) embedding are written. Biases absent from
+    a model.bias=False tree are written as zeros (exact: adding zero). A tied model writes no
+    `lm_head.weight` (HF ties it to the embedding on load, as its save_pretrained does)."""
+    params = nn.meta.unbox(params)
+    D, V = cfg.d_model, cfg.vocab_size
+    out = {
+        "transformer.wte.weight": _array(_leaf(params, ("wte", "embedding")),
+                                         (cfg.padded_vocab_size, D), "wte/embedding")[:V],
+        "transformer.wpe.weight": _array(_leaf(params, ("wpe", "embedding")),
+                                         (cfg.max_seq_len, D), "wpe/embedding"),
+    }
+    for i, block in enumerate(_layers(params, cfg)):
+        for hf_name, path, hf_shape, our_shape in _block_table(cfg):
+            if _is_bias(path) and not cfg.bias:
+                value = np.zeros(hf_shape, np.float32)
+            else:
+                value = _array(_leaf(block, path), our_shape, f"h_{i}/{'/'.join(path)}")
+            out[f"transformer.h.{i}.{hf_name}"] = value.reshape(hf_shape)
+    out["transformer.ln_f.weight"] = _array(_leaf(params, ("ln_f", "scale")), (D,), "ln_f/scale")
+    out["transformer.ln_f.bias"] = (_array(_leaf(params, ("ln_f", "bias")), (D,), "ln_f/bias")
+                                    if cfg.bias else np.zeros((D,), np.float32))
+    if not cfg.tie_embeddings:  # Dense kernel [D, V_padded] → torch Linear weight [V, D].
+        kernel_DV = _array(_leaf(params, ("lm_head", "kernel")), (D, cfg.padded_vocab_size),
+                           "lm_head/kernel")
+        out["lm_head.weight"] = kernel_DV[:, :V].T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _canonical_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys as GPT2LMHeadModel names them: OpenAI's hub checkpoints hold a bare GPT2Model
+    (`h.0.…`, `wte.weight`) and causal-mask buffers, which carry no parameters."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(_BUFFER_SUFFIXES):
+            continue
+        out[key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"] = value
+    return out
+
+
+def params_from_hf(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """Our parameters (numpy, the layout `cfg.scan_layers` names) from a GPT2LMHeadModel state dict.
+
+    The embedding is padded with zero rows to `cfg.padded_vocab_size` (those ids are masked in the
+    logits); the position table is cropped to `cfg.max_seq_len` if the HF model has more. With
+    model.bias=False, the HF biases must all be zero (a gpt_jax export of such a model)."""
+    sd = _canonical_keys(state_dict)
+    D, V, L = cfg.d_model, cfg.vocab_size, cfg.num_layers
+    table = _block_table(cfg)
+    wanted = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+              "transformer.ln_f.bias"}
+    wanted |= {f"transformer.h.{i}.{name}" for i in range(L) for name, *_ in table}
+    if not cfg.tie_embeddings:
+        wanted.add("lm_head.weight")
+    missing = sorted(wanted - set(sd))
+    if missing:
+        raise InteropError(f"the HF weights have no {missing[0]} ({len(missing)} missing); they "
+                           "are not a GPT-2 with this config (n_layer, tie_word_embeddings).")
+    extra = sorted(set(sd) - wanted - {"lm_head.weight"})
+    if extra:
+        raise InteropError(f"the HF weights hold {extra[0]}, which a GPT-2 with this config does "
+                           f"not have ({len(extra)} unexpected); its config.json does not fit them.")
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return _array(sd[name], shape, name)
+
+    def no_bias(name: str, shape: tuple[int, ...]) -> None:
+        if np.any(get(name, shape) != 0):
+            raise InteropError(f"{name} is non-zero but model.bias=False drops biases; set "
+                               "model.bias=True.")
+
+    wte_VD = get("transformer.wte.weight", (V, D))
+    n_positions = np.shape(sd["transformer.wpe.weight"])[0]
+    if n_positions < cfg.max_seq_len:
+        raise InteropError(f"the HF model has {n_positions} positions but model.max_seq_len="
+                           f"{cfg.max_seq_len}; lower model.max_seq_len (and data.seq_len).")
+    pad = ((0, cfg.padded_vocab_size - V), (0, 0))
+    params: dict[str, Any] = {
+        "wte": {"embedding": np.pad(wte_VD, pad)},
+        "wpe": {"embedding": get("transformer.wpe.weight", (n_positions, D))[:cfg.max_seq_len]},
+        "ln_f": {"scale": get("transformer.ln_f.weight", (D,))},
+    }
+    if cfg.bias:
+        params["ln_f"]["bias"] = get("transformer.ln_f.bias", (D,))
+    else:
+        no_bias("transformer.ln_f.bias", (D,))
+    blocks = []
+    for i in range(L):
+        block: dict[str, Any] = {}
+        for hf_name, path, hf_shape, our_shape in table:
+            name = f"transformer.h.{i}.{hf_name}"
+            if _is_bias(path) and not cfg.bias:
+                no_bias(name, hf_shape)
+                continue
+            _set(block, path, get(name, hf_shape).reshape(our_shape))
+        blocks.append(block)
+    if cfg.scan_layers:
+        params["h"] = _stack(blocks)
+    else:
+        params.update({f"h_{i}": block for i, block in enumerate(blocks)})
+    if cfg.tie_embeddings:
+        if "lm_head.weight" in sd and not np.array_equal(np.asarray(sd["lm_head.weight"]), wte_VD):
+            raise InteropError("lm_head.weight differs from the token embedding but "
+                               "model.tie_embeddings=True; set model.tie_embeddings=False.")
+    else:
+        lm_head_VD = get("lm_head.weight", (V, D))
+        params["lm_head"] = {"kernel": np.pad(lm_head_VD.T, ((0, 0), (0, cfg.padded_vocab_size - V)))}
+    return params
+
+
+def _stack(trees: list[Any]) -> Any:
+    """Same-structured trees → one tree whose leaves have a leading layers axis (nn.scan's)."""
+    if isinstance(trees[0], Mapping):
+        return {k: _stack([t[k] for t in trees]) for k in trees[0]}
+    return np.stack(trees)
+
+
+# --------------------------------------------------------------------------------- HF folders
+
+
+def _looks_local(source: str) -> bool:
+    return pathlib.Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
+
+
+def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """(GPT2Config, state dict of float32 numpy arrays) from a local folder (config.json plus
+    model.safetensors, sharded safetensors or pytorch_model.bin), or from a hub name through
+    transformers' from_pretrained where the network allows."""
+    import torch  # noqa: F401 — fail here, with the fix, if the conversion extras are missing.
+    import transformers
+
+    if not _looks_local(source):
+        try:
+            model = transformers.GPT2LMHeadModel.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InteropError(f"{source!r} is no local folder and the Hugging Face hub cannot "
+                               f"give it ({first}); download it where the network allows and "
+                               "pass its folder.") from e
+        return model.config, {k: _to_numpy(v) for k, v in model.state_dict().items()}
+    folder = pathlib.Path(source).expanduser()
+    if not folder.is_dir():
+        raise InteropError(f"{source}: no such folder; give a folder with config.json and "
+                           "model.safetensors (as save_pretrained writes).")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InteropError(f"{source} has no config.json; give a folder that save_pretrained wrote.")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type != "gpt2":
+        raise InteropError(f"{config_path} has model_type={model_type!r}; only GPT-2 models "
+                           "convert.")
+    hf_config = transformers.GPT2Config.from_pretrained(folder)
+    return hf_config, _read_weights(folder)
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    import torch
+
+    return tensor.detach().to(torch.float32).cpu().numpy()
+
+
+def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    """The state dict of an HF folder. Safetensors are read through torch so that bfloat16 and
+    float16 files work too (numpy has no bfloat16)."""
+    import safetensors
+    import torch
+
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if (folder / WEIGHTS_NAME).is_file():
+        files = [folder / WEIGHTS_NAME]
+    elif index.is_file():  # Sharded: model-00001-of-0000N.safetensors …
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "pytorch_model.bin").is_file():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: _to_numpy(v) for k, v in state.items()}
+    else:
+        raise InteropError(f"{folder} has no {WEIGHTS_NAME} nor pytorch_model.bin; give a folder "
+                           "that save_pretrained wrote.")
+    out = {}
+    for path in files:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            out.update({k: _to_numpy(f.get_tensor(k)) for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+def import_params(source: str, cfg: ModelConfig) -> dict[str, Any]:
+    """Our parameters for the model `cfg` from an HF folder or hub name, checked to fit."""
+    hf_config, state_dict = load_hf(source)
+    check_fits(hf_config, cfg, source)
+    return params_from_hf(state_dict, cfg)
+
+
+def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out_dir: str | pathlib.Path) -> Any:
+    """Writes `out_dir`/config.json and model.safetensors, which
+    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads; returns the GPT2Config."""
+    from safetensors.numpy import save_file
+
+    hf_config = hf_config_from_model(cfg)
+    state_dict = params_to_hf(params, cfg)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(out)
+    # transformers refuses safetensors files without format metadata.
+    save_file(state_dict, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    return hf_config

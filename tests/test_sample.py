@@ -1,0 +1,66 @@
+"""`python -m gpt_jax.sample`: a run's newest / best / chosen checkpoint, its tokenizer, clear errors."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gpt_jax.generate import SamplingParams, generate
+from gpt_jax.sample import RunError, load_run
+from gpt_jax.training import trainer
+from gpt_jax.training.checkpoint import CheckpointError
+from tests.test_train import TEXT, tiny_config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sample")
+    (tmp / "corpus.txt").write_text(TEXT)
+    c = tiny_config(tmp / "corpus.txt", tmp / "cache")
+    c.train.num_steps, c.train.eval_every, c.checkpoint.every = 20, 10, 10
+    c.sample.num_samples = 0
+    trainer.run(c, tmp / "run")
+    return tmp / "run"
+
+
+def sample(workdir, *args):
+    return subprocess.run([sys.executable, "-m", "gpt_jax.sample", f"--workdir={workdir}", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_samples_with_the_runs_tokenizer(workdir, tmp_path):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("def f1")
+    r = sample(workdir, f"--prompt=FILE:{prompt_file}", "--num_samples=2", "--max_new_tokens=30",
+               "--seed=1", "--top_k=5", "--top_p=0.9", "--checkpoint=best")
+    assert r.returncode == 0, r.stderr
+    texts = r.stdout.split("-" * 40 + "\n")[1:]
+    assert len(texts) == 2 and all(t.startswith("def f1") for t in texts)
+    assert all(len(t.rstrip("\n")) >= 6 for t in texts)
+    # The same seed gives the same text.
+    again = sample(workdir, f"--prompt=FILE:{prompt_file}", "--num_samples=2",
+                   "--max_new_tokens=30", "--seed=1", "--top_k=5", "--top_p=0.9",
+                   "--checkpoint=best")
+    assert again.stdout == r.stdout
+
+
+def test_loads_the_chosen_checkpoint(workdir):
+    tok, model, params_10, step = load_run(workdir, "10")
+    assert step == 10
+    _, _, params_new, newest = load_run(workdir, "newest")
+    assert newest == 20
+    assert not np.allclose(params_10["wte"]["embedding"], params_new["wte"]["embedding"])
+    out = generate(model, params_new, [tok.encode("def")], 5, jax.random.key(0),
+                   SamplingParams(temperature=0.0))[0]
+    assert tok.decode(out.tolist()).startswith("def")
+
+
+def test_errors_are_one_line(workdir, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint of step 7"):
+        load_run(workdir, "7")
+    with pytest.raises(RunError, match="no tokenizer.json"):
+        load_run(tmp_path, "newest")
+    r = sample(workdir, "--checkpoint=oldest")
+    assert r.returncode != 0 and "newest, best or a step number" in r.stderr.strip().splitlines()[-1]
