@@ -1,13 +1,22 @@
-"""Tests for gpt_jax.data.prepare."""
+"""Tests for gpt_jax.data.prepare: the in-process cache, and the streaming CLI
+(prepare_stream, sources, shards)."""
 
 import hashlib
+import importlib.machinery
 import json
+import pathlib
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
 
 from gpt_jax.data import prepare as prepare_lib
+from gpt_jax.data import prepare_stream, shards, sources, tokenizers
 from gpt_jax.data.corpora import Corpus
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _corpus(text: str) -> Corpus:
@@ -113,3 +122,273 @@ def test_load_prepared_rejects_a_vocab_too_large_for_its_token_dtype(tmp_path):
         chr(0x4E00 + i) for i in range(300))}))
     with pytest.raises(ValueError, match="stores tokens as uint8"):
         prepare_lib.load_prepared(prepared.dir)
+
+
+# --- The in-process path with learned BPE vocabularies ---
+
+
+def test_byte_and_char_cache_keys_are_unchanged(tmp_path):
+    # Runs from before BPE must keep finding their prepared folders.
+    prepared = prepare_lib.prepare(_corpus(_TEXT), "byte", str(tmp_path), val_fraction=0.1)
+    ident = json.dumps([1, _corpus(_TEXT).sha256, "byte", 0.1])
+    assert prepared.dir.name == f"byte-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def test_in_process_bpe_keys_on_vocab_size(tmp_path):
+    text = _TEXT + " the cat sat on the mat\n" * 50
+    small = prepare_lib.prepare(_corpus(text), "bpe", str(tmp_path), 0.1, vocab_size=300)
+    large = prepare_lib.prepare(_corpus(text), "bpe", str(tmp_path), 0.1, vocab_size=320)
+    assert small.dir != large.dir and small.meta["vocab_size"] == 300
+    assert small.tokenizer.vocab_size == 300 and small.meta["dtype"] == "uint16"
+    tokens = np.concatenate([small.train_tokens(), small.val_tokens()])
+    assert small.tokenizer.decode(tokens) == text
+    assert prepare_lib.prepare(_corpus(text), "bpe", str(tmp_path), 0.1, 300).dir == small.dir
+
+
+# --- The prepare CLI: sources, shards, parallelism, resume, reuse ---
+
+# A multi-line document long enough for several 2 KB pieces, with indented lines (cuts after
+# "\n" followed by a space would change BPE tokens) and non-ASCII text.
+_DOC = "".join(f"Line {i}: the {i % 5} quick foxes → {'東京' * (i % 3)}\n    indented {i}\n"
+               for i in range(400))
+
+
+def _prep(source, out, tokenizer="bpe", **kwargs) -> shards.PreparedShards:
+    kwargs.setdefault("num_workers", 1)
+    if tokenizer == "bpe":
+        kwargs.setdefault("vocab_size", 300)
+    return prepare_stream.prepare_folder(str(source), tokenizer, out, show_progress=False,
+                                         **kwargs)
+
+
+def _stream(p: shards.PreparedShards) -> np.ndarray:
+    return np.concatenate(p.train + p.val)
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def doc_file(tmp_path) -> pathlib.Path:
+    path = tmp_path / "doc.txt"
+    path.write_text(_DOC, encoding="utf-8")
+    return path
+
+
+def test_single_file_bpe_format_and_split(doc_file, tmp_path):
+    # Small pieces and shards: the document is cut into ~19 pieces over several shards.
+    p = _prep(doc_file, tmp_path / "out", chunk_bytes=2048, shard_tokens=1500, val_fraction=0.1)
+    assert sorted(f.name for f in p.dir.iterdir())[:3] == ["meta.json", "tokenizer.json",
+                                                           "tokens_00000.bin"]
+    m = p.meta
+    assert m["format"] == "gpt_jax.shards" and m["dtype"] == "uint16" and m["eot_id"] == 0
+    assert m["vocab_size"] == 300 and m["separator"] == [0] and m["total_docs"] == 1
+    assert m["source"]["bytes"] == len(_DOC.encode()) and len(m["shards"]) > 2
+    assert not (p.dir / "progress.json").exists()
+    # Cut at newlines before printable ASCII, the pieces encode exactly as the whole document.
+    tokens = _stream(p)
+    np.testing.assert_array_equal(tokens, np.append(p.tokenizer.encode(_DOC), 0))
+    assert p.tokenizer.decode(tokens[:-1]) == _DOC
+    # nanoGPT's split of the token stream, as ranges over the shards.
+    assert (m["train_tokens"], m["val_tokens"]) == (int(len(tokens) * 0.9),
+                                                    len(tokens) - int(len(tokens) * 0.9))
+    assert (p.num_train_tokens, p.num_val_tokens) == (m["train_tokens"], m["val_tokens"])
+    assert all(isinstance(a, np.memmap) and not a.flags.writeable for a in p.train + p.val)
+    first_val = m["splits"]["val"][0]
+    assert p.val[0].offset == first_val["start"] * 2  # A memmap at an offset, not a slice.
+    for shard in m["shards"]:
+        assert shard["sha256"] == shards.sha256_file(p.dir / shard["file"])
+    shards.verify(p.dir)
+    assert prepare_lib.open_prepared(p.dir).meta == m
+
+
+def test_open_prepared_reads_the_in_process_cache_too(tmp_path):
+    prepared = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
+    p = prepare_lib.open_prepared(prepared.dir)
+    assert p.eot_id is None and p.dtype == np.uint16
+    np.testing.assert_array_equal(np.concatenate(p.train + p.val), prepared.tokenizer.encode(_TEXT))
+    with pytest.raises(FileNotFoundError, match="not a prepared data folder"):
+        prepare_lib.open_prepared(tmp_path)
+
+
+def test_folder_and_glob_sources(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "b.txt").write_text("second document\n")
+    (data / "a.txt").write_text("first document")
+    (data / "sub" / "c.txt").write_text("third, nested")
+    (data / "junk.bin").write_bytes(b"\xff\xfe not utf-8")  # Skipped with a warning.
+    (data / "empty.txt").write_text("")  # No document at all.
+    p = _prep(data, tmp_path / "folder", tokenizer="byte")
+    assert p.meta["total_docs"] == 3 and p.meta["eot_id"] is None
+    # Sorted relative paths; without an end-of-text token, "\n" follows each document.
+    assert p.tokenizer.decode(_stream(p)) == "first document\nsecond document\n\nthird, nested\n"
+    g = _prep(f"{data}/*.txt", tmp_path / "glob", tokenizer="char")
+    assert g.meta["total_docs"] == 2 and g.meta["separator"] == g.tokenizer.encode("\n").tolist()
+    assert g.tokenizer.decode(_stream(g)) == "first document\nsecond document\n\n"
+    r = _prep(f"{data}/**/*.txt", tmp_path / "recursive", tokenizer="byte")
+    assert r.meta["total_docs"] == 3
+    with pytest.raises(FileNotFoundError, match="matches no files"):
+        _prep(f"{data}/*.md", tmp_path / "none", tokenizer="byte")
+    with pytest.raises(ValueError, match="not valid UTF-8"):  # A file named alone must be text.
+        _prep(data / "junk.bin", tmp_path / "junk", tokenizer="byte")
+
+
+def test_jsonl_source(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    records = [{"text": "alpha beta", "id": 1}, {"text": ""}, {"text": "gamma\ndelta"}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    p = _prep(path, tmp_path / "out", vocab_size=260)
+    assert p.meta["total_docs"] == 2  # The empty document is dropped.
+    tokens = _stream(p)
+    assert list(np.flatnonzero(tokens == 0)) == [len(p.tokenizer.encode("alpha beta")),
+                                                 len(tokens) - 1]
+    assert p.tokenizer.decode(tokens) == "alpha beta<|endoftext|>gamma\ndelta<|endoftext|>"
+    other = tmp_path / "body.jsonl"
+    other.write_text(json.dumps({"body": "text here"}) + "\n")
+    assert _prep(other, tmp_path / "body", tokenizer="byte", text_field="body").meta[
+        "total_tokens"] == len("text here\n")
+    with pytest.raises(ValueError, match=r"line 1 of .*'text'.*--text_field"):
+        _prep(other, tmp_path / "bad", tokenizer="byte")
+
+
+def test_parallel_output_equals_serial_byte_for_byte(doc_file, tmp_path, monkeypatch):
+    options = dict(chunk_bytes=1024, shard_tokens=2000)
+    serial = _prep(doc_file, tmp_path / "serial", num_workers=1, **options)
+    # bpe trains in a child process too here, as for large sources: the same tokenizer.json.
+    monkeypatch.setattr(prepare_stream, "_TRAIN_HERE_BYTES", 0)
+    parallel = _prep(doc_file, tmp_path / "parallel", num_workers=2, **options)
+    assert len(serial.meta["shards"]) > 2
+    assert _files(serial.dir) == _files(parallel.dir)
+
+
+def test_interrupted_prepare_resumes_to_the_same_output(doc_file, tmp_path, monkeypatch, caplog):
+    options = dict(chunk_bytes=1024, shard_tokens=2000)
+    whole = _prep(doc_file, tmp_path / "whole", **options)
+    flush, flushed = shards.ShardWriter.flush, []
+
+    def interrupted_after_two_shards(writer):
+        flush(writer)
+        flushed.append(writer.shards[-1]["file"])
+        if len(flushed) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards.ShardWriter, "flush", interrupted_after_two_shards)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _prep(doc_file, out, **options)
+    monkeypatch.setattr(shards.ShardWriter, "flush", flush)
+    assert not (out / "meta.json").exists() and (out / "progress.json").exists()
+    done = {name: (out / name).stat().st_mtime_ns for name in flushed}
+    with caplog.at_level("INFO", logger="absl"):
+        resumed = _prep(doc_file, out, **options)
+    assert "after 2 complete shards" in caplog.text and "Training" not in caplog.text
+    assert {name: (out / name).stat().st_mtime_ns for name in flushed} == done  # Not redone.
+    assert _files(resumed.dir) == _files(whole.dir)
+
+
+def test_up_to_date_output_is_reused_and_changed_settings_redo_it(doc_file, tmp_path, caplog):
+    out = tmp_path / "out"
+    first = _prep(doc_file, out, tokenizer="byte")
+    mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    with caplog.at_level("INFO", logger="absl"):
+        again = _prep(doc_file, out, tokenizer="byte", num_workers=2)  # Workers do not matter.
+    assert "Reusing the up-to-date prepared folder" in caplog.text
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
+    assert again.meta == first.meta
+    other = _prep(doc_file, out, tokenizer="byte", val_fraction=0.2)
+    assert other.meta["options"]["val_fraction"] == 0.2
+    assert "Replacing the prepared data" in caplog.text
+    (out / other.meta["shards"][0]["file"]).write_bytes(b"\0")  # Damaged: prepared again.
+    np.testing.assert_array_equal(_stream(_prep(doc_file, out, tokenizer="byte",
+                                                val_fraction=0.2)), _stream(first))
+    doc_file.write_text(_DOC + "more")  # A changed source is noticed (size, mtime).
+    assert _prep(doc_file, out, tokenizer="byte").meta["total_tokens"] == len(
+        (_DOC + "more").encode()) + 1
+
+
+def test_out_folder_of_other_files_is_refused(doc_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        _prep(doc_file, out, tokenizer="byte")
+
+
+def test_option_errors(doc_file, tmp_path):
+    with pytest.raises(ValueError, match="only to --tokenizer=bpe"):
+        _prep(doc_file, tmp_path / "o", tokenizer="byte", vocab_size=512)
+    with pytest.raises(ValueError, match="val_fraction"):
+        _prep(doc_file, tmp_path / "o", tokenizer="byte", val_fraction=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _prep(tmp_path / "missing.txt", tmp_path / "o", tokenizer="byte")
+
+
+def test_hf_dataset_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install datasets"):
+        sources.open_source("hf:user/corpus")
+    monkeypatch.undo()
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "one"}, {"text": ""}, {"text": "two"}])
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    p = _prep("hf:user/corpus:en", tmp_path / "out", tokenizer="byte", split="validation")
+    assert calls == [("user/corpus", "en", "validation", True)]
+    assert p.meta["total_docs"] == 2 and p.tokenizer.decode(_stream(p)) == "one\ntwo\n"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt_jax.data.prepare", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_acceptance_shape(doc_file, tmp_path):
+    out = tmp_path / "shk_bpe"
+    args = [f"--source={doc_file}", "--tokenizer=bpe", "--vocab_size=300", f"--out={out}"]
+    done = _cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{out}: ") and "vocab 300, end-of-text id 0" in done.stdout
+    assert "MB/s" in done.stderr and "tokens/s" in done.stderr  # The progress bar.
+    p = prepare_lib.open_prepared(out)
+    assert p.tokenizer.decode(_stream(p)) == _DOC + "<|endoftext|>"
+    again = _cli(*args)
+    assert again.returncode == 0 and "Reusing the up-to-date" in again.stderr
+    bad = _cli(f"--source={doc_file}", "--tokenizer=gpt3", f"--out={tmp_path / 'x'}")
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: unknown tokenizer 'gpt3'")
+
+
+def test_gpt2_offline_error_reaches_the_cli(doc_file, tmp_path, monkeypatch):
+    def offline():
+        raise ValueError("the gpt2 tokenizer needs tiktoken's GPT-2 BPE files ...")
+
+    monkeypatch.setattr(tokenizers, "GPT2Tokenizer", offline)
+    with pytest.raises(ValueError, match="gpt2 tokenizer needs"):
+        _prep(doc_file, tmp_path / "out", tokenizer="gpt2")
+    assert not (tmp_path / "out").exists()  # Nothing written before the tokenizer exists.
+
+
+def test_long_line_without_newlines_is_cut_between_characters(tmp_path):
+    text = "東京🙂abc" * 3000  # 39 KB, no newline: cuts fall back to character boundaries.
+    (tmp_path / "line.txt").write_text(text, encoding="utf-8")
+    p = _prep(tmp_path / "line.txt", tmp_path / "out", tokenizer="byte", chunk_bytes=1000)
+    assert p.tokenizer.decode(_stream(p)) == text + "\n"
+
+
+def test_in_process_hf_tokenizer_keys_on_the_file_contents(tmp_path):
+    text = _TEXT + " the cat sat on the mat\n" * 50
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tokenizers.build_tokenizer("bpe", text, 280).tokenizer_json)
+    first = prepare_lib.prepare(_corpus(text), f"hf:{path}", str(tmp_path), 0.1)
+    assert first.tokenizer.name == "hf" and first.tokenizer.vocab_size == 280
+    assert prepare_lib.prepare(_corpus(text), f"hf:{path}", str(tmp_path), 0.1).dir == first.dir
+    path.write_text(tokenizers.build_tokenizer("bpe", text, 290).tokenizer_json)
+    second = prepare_lib.prepare(_corpus(text), f"hf:{path}", str(tmp_path), 0.1)
+    assert second.dir != first.dir and second.tokenizer.vocab_size == 290

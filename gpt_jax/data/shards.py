@@ -1,0 +1,234 @@
+"""The prepared-folder format the prepare CLI writes (`--out=DIR`) and training reads.
+
+```
+DIR/
+  meta.json           written last: its presence (with every shard's size right) marks DIR complete
+  tokenizer.json      the tokenizer (tokenizers.save_tokenizer's JSON), so runs encode and decode
+  tokens_00000.bin    flat little-endian token ids, uint16 if the vocab fits (≤ 65536) else uint32
+  tokens_00001.bin    …
+  progress.json       only while a prepare is running or was interrupted (resume state)
+```
+
+The shards hold one token stream: the documents in source order, each followed by `separator`
+(the end-of-text token where the tokenizer has one, else the tokens of "\\n"). A shard holds
+whole chunks of ~1 MB of text, closed once it reaches `shard_tokens`, so documents run across
+shard boundaries: a reader concatenates the shards. The train/val split is of that stream, as
+nanoGPT's and `data.val_fraction`: the first floor(total · (1 − val_fraction)) tokens train, the
+rest validate. Splits are (file, start, tokens) ranges, so the split shard is not copied.
+
+meta.json:
+```
+{"format": "gpt_jax.shards", "version": 1,
+ "fingerprint": sha256 of (source fingerprint, tokenizer, options): what "up to date" means,
+ "source": {"spec", "description", "fingerprint": {...}, "bytes", "docs"},
+ "tokenizer": {"spec": "bpe", "name": "bpe", "vocab_size", "eot_id", "sha256" (of tokenizer.json)},
+ "vocab_size", "eot_id" (null for byte/char: no document boundaries), "separator": [ids],
+ "dtype": "uint16" | "uint32",
+ "options": {"val_fraction", "chunk_bytes", "shard_tokens", "bpe_sample_bytes", ...},
+ "shards": [{"file", "tokens", "docs" (documents ending in it), "bytes" (source bytes), "sha256"}],
+ "total_tokens", "total_docs", "train_tokens", "val_tokens",
+ "splits": {"train": [{"file", "start", "tokens"}, …], "val": […]}}
+```
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from gpt_jax.data import tokenizers
+
+FORMAT = "gpt_jax.shards"
+VERSION = 1
+META, PROGRESS, TOKENIZER = "meta.json", "progress.json", "tokenizer.json"
+_UINT16_VOCAB = 1 << 16
+_HASH_BLOCK = 16 << 20
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned dtype that holds ids below `vocab_size` (uint16 or uint32)."""
+    return "uint16" if vocab_size <= _UINT16_VOCAB else "uint32"
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard `index`."""
+    return f"tokens_{index:05d}.bin"
+
+
+def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+    """Writes `obj` to `path` through a temporary file and a rename: readers never see half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def sha256_file(path: pathlib.Path) -> str:
+    """The sha256 of the file at `path`, read in bounded blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shards_intact(folder: pathlib.Path, shards: list[dict[str, Any]], dtype: str) -> int:
+    """How many of `shards`, from the first, exist in `folder` with the size their token count
+    says (a cheap check; `verify` compares checksums)."""
+    itemsize = np.dtype(dtype).itemsize
+    for i, shard in enumerate(shards):
+        path = folder / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
+            return i
+    return len(shards)
+
+
+class ShardWriter:
+    """Appends chunks of tokens to shards, each written to a temporary file and renamed into
+    place once full, then recorded in progress.json with the chunk count it covers, so an
+    interrupted prepare resumes after its last complete shard."""
+
+    def __init__(self, folder: pathlib.Path, progress: dict[str, Any], dtype: str,
+                 shard_tokens: int):
+        """Continues after the shards already listed in `progress` (a dict with "shards")."""
+        self._folder, self._progress = folder, progress
+        self._dtype, self._shard_tokens = np.dtype(dtype), shard_tokens
+        self._file = None
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        """The complete shards' records."""
+        return self._progress["shards"]
+
+    def write(self, tokens: np.ndarray, docs: int, nbytes: int, chunks_end: int) -> None:
+        """Appends one chunk's tokens (`docs` documents ending in it, `nbytes` source bytes);
+        `chunks_end` is the number of chunks read so far, the resume point."""
+        if self._file is None:
+            name = shard_name(len(self.shards))
+            self._tmp = self._folder / f".{name}.tmp"
+            self._file = self._tmp.open("wb")
+            self._digest = hashlib.sha256()
+            self._current = {"file": name, "tokens": 0, "docs": 0, "bytes": 0}
+        data = np.ascontiguousarray(tokens, dtype=self._dtype).tobytes()
+        self._file.write(data)
+        self._digest.update(data)
+        c = self._current
+        c["tokens"] += len(tokens)
+        c["docs"] += docs
+        c["bytes"] += nbytes
+        c["chunks_end"] = chunks_end
+        if c["tokens"] >= self._shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """Closes the current shard, if any, renames it into place and records it."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self._folder / self._current["file"])
+        self.shards.append({**self._current, "sha256": self._digest.hexdigest()})
+        write_json_atomic(self._folder / PROGRESS, self._progress)
+
+    def abandon(self) -> None:
+        """Closes the current shard's temporary file, leaving it for a resume to overwrite."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def split_ranges(shards: list[dict[str, Any]], num_train: int
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """The train and val ranges of the shards' token stream split after `num_train` tokens."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    offset = 0
+    for shard in shards:
+        start, stop = offset, offset + shard["tokens"]
+        cut = min(max(num_train, start), stop)
+        if cut > start:
+            splits["train"].append({"file": shard["file"], "start": 0, "tokens": cut - start})
+        if stop > cut:
+            splits["val"].append({"file": shard["file"], "start": cut - start,
+                                  "tokens": stop - cut})
+        offset = stop
+    return splits
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedShards:
+    """An opened prepared folder: each split a list of read-only 1-D memmaps, in stream order."""
+
+    dir: pathlib.Path
+    meta: dict[str, Any]
+    tokenizer: tokenizers.Tokenizer
+    eot_id: int | None
+    dtype: np.dtype
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+
+    @property
+    def num_train_tokens(self) -> int:
+        """Tokens in the train split."""
+        return sum(len(a) for a in self.train)
+
+    @property
+    def num_val_tokens(self) -> int:
+        """Tokens in the val split."""
+        return sum(len(a) for a in self.val)
+
+
+def _memmaps(folder: pathlib.Path, ranges: list[dict[str, Any]], dtype: np.dtype
+             ) -> list[np.ndarray]:
+    # A memmap at an offset (not a slice of one) pickles as its file coordinates: see
+    # pipeline.WindowSource.__getstate__. mmap cannot map an empty range, so none are listed.
+    return [np.memmap(folder / r["file"], dtype=dtype, mode="r", offset=r["start"] * dtype.itemsize,
+                      shape=(r["tokens"],)) for r in ranges if r["tokens"]]
+
+
+def read_meta(folder: str | pathlib.Path) -> dict[str, Any] | None:
+    """meta.json of `folder` if it is a readable file of this format, else None."""
+    try:
+        meta = json.loads((pathlib.Path(folder) / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def open_shards(folder: str | pathlib.Path) -> PreparedShards:
+    """Opens a prepared folder written by the prepare CLI (prepare.open_prepared also opens the
+    in-process cache's folders)."""
+    folder = pathlib.Path(folder)
+    meta = read_meta(folder)
+    if meta is None:
+        raise FileNotFoundError(f"{str(folder)!r} is not a prepared data folder (no {FORMAT} "
+                                "meta.json); run python -m gpt_jax.data.prepare --out=DIR first.")
+    if meta["version"] != VERSION:
+        raise ValueError(f"prepared folder {str(folder)!r} has {FORMAT} version {meta['version']}, "
+                         f"this code reads version {VERSION}; prepare the data again.")
+    dtype = np.dtype(meta["dtype"])
+    if shards_intact(folder, meta["shards"], meta["dtype"]) < len(meta["shards"]):
+        raise ValueError(f"prepared folder {str(folder)!r} has missing or truncated shards; "
+                         "run the prepare command again to rebuild it.")
+    tokenizer = tokenizers.load_tokenizer(folder / TOKENIZER)
+    return PreparedShards(folder, meta, tokenizer, meta["eot_id"], dtype,
+                          _memmaps(folder, meta["splits"]["train"], dtype),
+                          _memmaps(folder, meta["splits"]["val"], dtype))
+
+
+def verify(folder: str | pathlib.Path) -> None:
+    """Raises ValueError unless every shard and tokenizer.json match their sha256 in meta.json."""
+    folder = pathlib.Path(folder)
+    meta = read_meta(folder)
+    if meta is None:
+        raise ValueError(f"{str(folder)!r} has no {FORMAT} meta.json; prepare the data first.")
+    files = [(s["file"], s["sha256"]) for s in meta["shards"]]
+    files.append((TOKENIZER, meta["tokenizer"]["sha256"]))
+    for name, want in files:
+        if not (folder / name).is_file() or sha256_file(folder / name) != want:
+            raise ValueError(f"{folder / name} is missing or does not match its sha256 in "
+                             "meta.json; run the prepare command again to rebuild it.")
+    logging.info("Verified %d files of %s.", len(files), folder)
