@@ -31,12 +31,16 @@ def model_and_params(vocab_size=50, vocab_multiple=64, **model_fields):
 def reference_greedy(model, params, prompt, n, window="crop"):
     """Recomputes the context for every token without a cache: `crop` keeps the last W tokens
     (nanoGPT); `half` the window generate's cache holds (sliding by W/2)."""
+    # Right-padded to W: a causal model's logits at a position ignore what follows it, and one
+    # shape compiles once.
+    logits_fn = jax.jit(lambda ctx: model.apply({"params": params}, ctx))
     seq = list(prompt)
     for _ in range(n):
         i = len(seq) - 1
         start = max(0, i - W + 1) if window == "crop" else window_start(i, W)
-        logits = model.apply({"params": params}, jnp.asarray([seq[start:i + 1]], jnp.int32))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        ctx = seq[start:i + 1]
+        logits = logits_fn(jnp.asarray([ctx + [0] * (W - len(ctx))], jnp.int32))
+        seq.append(int(jnp.argmax(logits[0, len(ctx) - 1])))
     return seq
 
 
