@@ -37,7 +37,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = d = ml_collections.ConfigDict()
     d.corpus = "pystdlib"  # Named corpus: pystdlib (offline) | shakespeare (downloaded once).
     d.path = config_dict.placeholder(str)  # A local text file or folder, used instead of corpus.
-    d.tokenizer = "byte"  # byte | char (char vocab is built from the corpus).
+    # A folder made by `python -m gpt_jax.data.prepare --out=DIR`, used instead of corpus and path;
+    # several, comma-separated, are mixed by data.mixture_weights (val/loss is the first folder's).
+    # The folder's tokenizer, vocabulary and train/val split are the run's: data.tokenizer,
+    # data.vocab_size and data.val_fraction are not used. None → prepare corpus/path in process.
+    d.prepared = config_dict.placeholder(str)
+    # With several data.prepared folders: their weights, comma-separated floats (e.g. "0.7,0.3"),
+    # normalised; "" → proportional to each folder's train tokens (as if concatenated).
+    d.mixture_weights = ""
+    # byte | char (vocab built from the corpus) | bpe (trained on the corpus) | gpt2 (tiktoken's)
+    # | hf:PATH (a Hugging Face tokenizer.json). With data.prepared, the folder's tokenizer is used.
+    d.tokenizer = "byte"
+    d.vocab_size = 4096  # bpe's vocabulary (EOT included) when it is trained on corpus/path here.
+    # Attention stays inside a document: a token attends only to its own document's tokens up to
+    # itself (documents end at the tokenizer's end-of-text token, so it needs one: bpe, gpt2,
+    # or an hf: tokenizer that has one). Positions stay absolute (the row's, not the document's).
+    # The mask runs on XLA's attention (model.attention_impl=auto then skips cuDNN's).
+    d.document_mask = False
     d.cache_dir = "~/.cache/gpt_jax"  # Downloads and prepared token files, shared between runs.
     d.val_fraction = 0.1  # The last 10% of the token stream validates (nanoGPT's split).
     d.seq_len = 128  # Tokens per training sequence (T).

@@ -100,6 +100,33 @@ class ModelConfig:
         )
 
 
+def prepared_folders(config: ml_collections.ConfigDict) -> list[str]:
+    """The folders data.prepared names (comma-separated), in order; [] when it is unset."""
+    text = config.data.prepared
+    if not text:
+        return []
+    folders = [f.strip() for f in text.split(",")]
+    _check(all(folders), f"data.prepared={text!r} has an empty entry; give folders separated by "
+                         "single commas.")
+    return folders
+
+
+def mixture_weights(config: ml_collections.ConfigDict) -> list[float] | None:
+    """data.mixture_weights as floats, one per data.prepared folder; None when it is empty."""
+    text = config.data.mixture_weights.strip()
+    if not text:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"data.mixture_weights={text!r} is not comma-separated numbers; write "
+                          "e.g. '0.7,0.3', one weight per data.prepared folder.") from None
+    _check(all(math.isfinite(w) and w > 0 for w in weights),
+           f"data.mixture_weights={text!r} must all be positive; drop a folder from "
+           "data.prepared instead of giving it weight 0.")
+    return weights
+
+
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
@@ -143,7 +170,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every value that would otherwise fail late (or silently) in compilation or training."""
     from gpt_jax.data.corpora import CORPORA
     from gpt_jax.data.pipeline import SAMPLINGS
-    from gpt_jax.data.tokenizers import TOKENIZERS
+    from gpt_jax.data.tokenizers import check_name as check_tokenizer
     from gpt_jax.models.layers import ACTIVATIONS
 
     _check_types(config, _reference_config())
@@ -173,10 +200,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len} (positions); "
             "lower data.seq_len or raise model.max_seq_len.",
         )
-    _one_of(d.tokenizer, "data.tokenizer", TOKENIZERS)
+    try:
+        check_tokenizer(d.tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r}: {e}.") from None
     _one_of(d.sampling, "data.sampling", SAMPLINGS)
-    if d.path is None:
+    folders, weights = prepared_folders(config), mixture_weights(config)
+    if folders:
+        _check(d.path is None, f"data.prepared={d.prepared!r} and data.path={d.path!r} are both "
+                               "set; keep one (data.prepared is already tokenized).")
+    elif d.path is None:
         _one_of(d.corpus, "data.corpus", CORPORA)
+    if weights is not None:
+        _check(len(weights) == len(folders),
+               f"data.mixture_weights has {len(weights)} weight(s) for {len(folders)} "
+               f"data.prepared folder(s); give one weight per folder, or \"\" for weights "
+               "proportional to their sizes.")
+    if not folders and d.tokenizer == "bpe":
+        _check(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is too small for bpe: it "
+                                    "needs 256 byte tokens + end-of-text; use ≥ 257 (e.g. 4096).")
+    if d.document_mask:
+        # With data.prepared the folder's tokenizer decides; setup checks it once it is read.
+        _check(bool(folders) or d.tokenizer not in ("byte", "char"),
+               f"data.document_mask=True needs a tokenizer with an end-of-text token, and "
+               f"data.tokenizer={d.tokenizer} has none; use bpe or gpt2, or set "
+               "data.document_mask=False.")
+        _check(m.attention_impl != "cudnn",
+               "data.document_mask=True needs a masked attention, which model.attention_impl="
+               "cudnn does not take here; use auto or xla (auto takes XLA when masking).")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1).")
 
     _check(t.num_steps >= 1, f"train.num_steps={t.num_steps} must be ≥ 1.")

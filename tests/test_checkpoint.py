@@ -196,9 +196,9 @@ def poison_batch_of_step(monkeypatch, o, bad_step):
     row = [next(it) for _ in range(bad_step)][-1][0]
     original = step._loss_fn
 
-    def poisoned(params, model, batch_BT1, key, loss_chunk):
+    def poisoned(params, model, batch_BT1, key, **kwargs):
         hit = jnp.all(batch_BT1[0] == jnp.asarray(row))
-        return original(params, model, batch_BT1, key, loss_chunk) * jnp.where(hit, jnp.nan, 1.0)
+        return original(params, model, batch_BT1, key, **kwargs) * jnp.where(hit, jnp.nan, 1.0)
 
     monkeypatch.setattr(step, "_loss_fn", poisoned)
 

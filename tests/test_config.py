@@ -7,7 +7,7 @@ import sys
 import ml_collections
 import pytest
 
-from configs import base, gpt2, quickstart, shakespeare_char
+from configs import base, gpt2, openwebtext, quickstart, shakespeare_char
 from gpt_jax import config as config_lib
 from gpt_jax.train import default_workdir
 
@@ -15,7 +15,8 @@ from gpt_jax.train import default_workdir
 @pytest.mark.parametrize(
     "get_config,arg",
     [(quickstart.get_config, None), (shakespeare_char.get_config, "cpu"),
-     (shakespeare_char.get_config, "gpu")] + [(gpt2.get_config, s) for s in gpt2.SIZES],
+     (shakespeare_char.get_config, "gpu"), (openwebtext.get_config, None)]
+    + [(gpt2.get_config, s) for s in gpt2.SIZES],
 )
 def test_recipes_validate(get_config, arg):
     config = get_config(arg)
@@ -31,7 +32,7 @@ def test_recipes_keep_every_base_field():
         }
     want = keys(base.get_config().to_dict())
     for config in (quickstart.get_config(None), shakespeare_char.get_config("cpu"),
-                   gpt2.get_config("xl")):
+                   gpt2.get_config("xl"), openwebtext.get_config(None)):
         assert keys(config.to_dict()) == want
 
 
@@ -137,3 +138,51 @@ def test_an_int_where_a_float_goes_is_fine():
     d = quickstart.get_config(None).to_dict()
     d["model"]["dropout"] = 0
     config_lib.validate(ml_collections.ConfigDict(d))
+
+
+def test_openwebtext_mirrors_nanogpt_train_gpt2():
+    c = openwebtext.get_config(None)
+    assert (c.model.num_layers, c.model.num_heads, c.model.d_model, c.data.seq_len) == (
+        12, 12, 768, 1024)
+    assert c.train.batch_size * c.data.seq_len == 12 * 1024 * 5 * 8  # 491,520 tokens per step.
+    assert (c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.optim.decay_steps) == (
+        6e-4, 6e-5, 2000, 600_000)
+    assert (c.optim.beta2, c.optim.weight_decay, c.train.num_steps) == (0.95, 0.1, 600_000)
+    assert not c.model.bias and c.model.dropout == 0.0 and c.data.tokenizer == "gpt2"
+    assert c.data.prepared and c.model.vocab_size is None and not c.data.document_mask
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"prepared": "a,b", "mixture_weights": "1,2,3"}, "3 weight.*for 2 data.prepared"),
+        ({"prepared": "a,b", "mixture_weights": "1,0"}, "must all be positive"),
+        ({"prepared": "a,b", "mixture_weights": "1;2"}, "not comma-separated numbers"),
+        ({"prepared": "a,,b"}, "empty entry"),
+        ({"prepared": "a", "path": "corpus.txt"}, "both set"),
+        ({"document_mask": True}, "needs a tokenizer with an end-of-text token"),
+        ({"tokenizer": "bpe", "vocab_size": 100}, "data.vocab_size=100"),
+    ],
+)
+def test_data_validation_errors(fields, match):
+    config = quickstart.get_config(None)  # byte tokenizer
+    for key, value in fields.items():
+        config.data[key] = value
+    with pytest.raises(config_lib.ConfigError, match=match) as e:
+        config_lib.validate(config)
+    assert "\n" not in str(e.value)
+
+
+def test_data_settings_that_validate():
+    config = quickstart.get_config(None)
+    config.data.tokenizer = "hf:/some/tokenizer.json"  # Checked when it is read, in setup.
+    config_lib.validate(config)
+    config.data.prepared, config.data.mixture_weights = "a, b", "0.7,0.3"
+    config.data.document_mask = True  # The folders' tokenizer decides, once they are opened.
+    config_lib.validate(config)
+    assert config_lib.prepared_folders(config) == ["a", "b"]
+    assert config_lib.mixture_weights(config) == [0.7, 0.3]
+    config.model.attention_impl = "cudnn"
+    config.model.dtype = "bfloat16"
+    with pytest.raises(config_lib.ConfigError, match="document_mask.*attention_impl=cudnn"):
+        config_lib.validate(config)

@@ -187,3 +187,117 @@ def test_random_sampling_is_uniform_deterministic_and_resumable():
 def test_unknown_sampling_is_rejected():
     with pytest.raises(ValueError, match="data.sampling"):
         _dataset(sampling="sequential")
+
+
+def _shards(tokens: np.ndarray, cuts=(13, 40, 41)) -> list[np.ndarray]:
+    """`tokens` cut into shards at uneven points (one shard a single token)."""
+    return np.split(tokens, cuts)
+
+
+def test_windows_across_shard_boundaries_equal_the_concatenated_stream():
+    tokens = _tokens(21)
+    parts = _shards(tokens)
+    whole, sharded = pipeline.WindowSource(tokens, T), pipeline.WindowSource(parts, T)
+    assert repr(sharded) == repr(whole)  # Same windows, same fingerprint.
+    for i in range(len(whole)):
+        np.testing.assert_array_equal(sharded[i], whole[i])
+    for sampling in pipeline.SAMPLINGS:
+        want = _take(iter(_dataset(tokens, sampling=sampling)), 8)
+        got = _take(iter(_dataset(parts, sampling=sampling)), 8)
+        np.testing.assert_array_equal(np.stack(got), np.stack(want))
+    np.testing.assert_array_equal(np.stack(pipeline.eval_batches(parts, T, B, 3, seed=0)),
+                                  np.stack(pipeline.eval_batches(tokens, T, B, 3, seed=0)))
+    for (a, wa), (b, wb) in zip(pipeline.full_eval_batches(parts[:-1], T, B),
+                                pipeline.full_eval_batches(tokens[:41], T, B), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_token_stream_pickles_shard_memmaps_by_path(tmp_path):
+    path = tmp_path / "tokens_00000.bin"
+    np.arange(100_001, dtype=np.uint16).tofile(path)
+    # Shards as prepared folders open them: memmaps of one file at (unaligned) offsets.
+    parts = [np.memmap(path, dtype=np.uint16, mode="r", offset=2 * start, shape=(n,))
+             for start, n in ((0, 50_001), (50_001, 50_000))]
+    stream = pipeline.TokenStream(parts)
+    data = pickle.dumps(pipeline.WindowSource(stream, T))
+    assert len(data) < 10_000  # Not the 200 KB of tokens.
+    restored = pickle.loads(data)
+    np.testing.assert_array_equal(restored[50_001 // T], np.arange(50_000, 50_000 + T + 1))
+    np.testing.assert_array_equal(stream.read(49_990, 50_010), np.arange(49_990, 50_010))
+    assert len(stream.read(99_995, 100_100)) == 6  # Clipped at the end, like a slice.
+
+
+MIX_WEIGHTS = (0.6, 0.3, 0.1)
+
+
+def _mixture(seed=0, shard_index=0, shard_count=1, sampling="epochs"):
+    # Dataset d's tokens are d·10000 + …, so a window's first token names its dataset.
+    datasets = [_shards(_tokens(300 + 70 * d) + 10_000 * d) for d in range(len(MIX_WEIGHTS))]
+    return pipeline.train_dataset(datasets, T, B, seed, shard_index, shard_count, 1, 4, sampling,
+                                  weights=MIX_WEIGHTS)
+
+
+@pytest.mark.parametrize("sampling", pipeline.SAMPLINGS)
+def test_mixture_weights_are_honoured_within_sampling_error(sampling):
+    n = 3000  # Windows.
+    rows = np.concatenate(_take(iter(_mixture(sampling=sampling)), n // B))
+    counts = np.bincount(rows[:, 0] // 10_000, minlength=3)
+    for count, p in zip(counts, MIX_WEIGHTS, strict=True):
+        assert abs(count - n * p) < 4 * np.sqrt(n * p * (1 - p)), (counts, MIX_WEIGHTS)
+    np.testing.assert_array_equal(np.diff(rows, axis=1), 1)  # Whole windows of one dataset.
+    again = np.concatenate(_take(iter(_mixture(sampling=sampling)), 20))
+    other = np.concatenate(_take(iter(_mixture(seed=1, sampling=sampling)), 20))
+    np.testing.assert_array_equal(again, rows[: len(again)])
+    assert not np.array_equal(other, again)
+
+
+def test_mixture_splits_over_processes_and_resumes():
+    whole = np.concatenate(_take(iter(_mixture()), 6))
+    parts = [_take(iter(_mixture(shard_index=p, shard_count=2)), 6) for p in range(2)]
+    joined = np.concatenate([np.concatenate([a, b]) for a, b in zip(*parts, strict=True)])
+    np.testing.assert_array_equal(joined, whole)
+
+    it = iter(_mixture())
+    _take(it, 5)
+    state = it.get_state()
+    assert set(state) == {"next_index"}  # Resumable with another process count.
+    want = _take(it, 4)
+    resumed = iter(_mixture())
+    resumed.set_state(state)
+    np.testing.assert_array_equal(np.stack(_take(resumed, 4)), np.stack(want))
+
+
+class _RecordingStream(pipeline.TokenStream):
+    """Records (tag, start) of every window read: which windows a process touched."""
+
+    def __init__(self, tokens, tag, reads):
+        super().__init__(tokens)
+        self._tag, self._reads = tag, reads
+
+    def read(self, start, stop):
+        if stop - start == T + 1:  # A window (not WindowSource's fingerprint samples).
+            self._reads.append((self._tag, start))
+        return super().read(start, stop)
+
+
+def test_each_process_reads_only_its_rows_of_a_mixture():
+    datasets = [_tokens(500) + 10_000 * d for d in range(len(MIX_WEIGHTS))]  # 1 epoch ≫ 40 rows.
+    whole = np.concatenate(_take(iter(pipeline.train_dataset(
+        datasets, T, B, 0, 0, 1, 1, 4, "epochs", weights=MIX_WEIGHTS)), 20))
+    for p in range(2):
+        reads = []
+        streams = [_RecordingStream(t, d, reads) for d, t in enumerate(datasets)]
+        mine = np.concatenate(_take(iter(pipeline.train_dataset(
+            streams, T, B, 0, p, 2, 1, 4, "epochs", weights=MIX_WEIGHTS)), 5))
+        rows = whole.reshape(20, 2, B // 2, T + 1)[:, p]  # Process p's half of each batch.
+        np.testing.assert_array_equal(mine, rows[:5].reshape(-1, T + 1))
+        # Every window read (prefetch included) is one of this process's rows.
+        ours = {(int(r[0]) // 10_000, int(r[0]) % 10_000) for r in rows.reshape(-1, T + 1)}
+        assert len(reads) >= len(mine) and set(reads) <= ours
+
+
+def test_mixture_needs_one_positive_weight_per_dataset():
+    with pytest.raises(ValueError, match="one positive weight per dataset"):
+        pipeline.train_dataset([_tokens(), _tokens()], T, B, 0, 0, 1, 1, 1, "epochs",
+                               weights=[1.0])

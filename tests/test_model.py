@@ -1,5 +1,6 @@
 """Model: shapes, dtypes, causality, init statistics, reference numerics, parameter counts."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -232,8 +233,8 @@ def test_weight_decay_on_matrices_only_whatever_their_rank():
     assert not mask["h"]["ln_1"]["scale"] and not mask["ln_f"]["scale"]
 
 
-@pytest.mark.parametrize("chunk", [4, 8])
-def test_chunked_cross_entropy_equals_the_plain_one(chunk):
+def test_chunked_cross_entropy_equals_the_plain_one():
+    chunk = 4
     cfg = tiny_cfg(vocab_multiple=64)  # Padded ids must stay masked chunk by chunk.
     model, params = GPT(cfg), init(cfg)
     batch_BT1 = jax.random.randint(jax.random.key(5), (3, 17), 0, cfg.vocab_size)
@@ -273,3 +274,43 @@ def test_auto_attention_is_xla_off_cuda_and_cudnn_is_checked_before_compiling():
     c.model.attention_impl = "cudnn"  # float32: cuDNN's flash attention needs bf16/fp16.
     with pytest.raises(config_lib.ConfigError, match="attention_impl=cudnn needs"):
         config_lib.validate(c)
+
+
+def test_document_segment_ids_start_after_each_end_of_text():
+    tokens = jnp.array([[5, 0, 7, 8, 0, 0, 3], [0, 1, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(step.document_segment_ids(tokens, eot_id=0),
+                                  [[0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"scan_layers": True}, {"attention_dropout": 0.3}])
+def test_document_mask_blocks_cross_document_attention(overrides):
+    """With segment ids, a later document's logits do not depend on an earlier document's tokens
+    (in each row, whatever the attention path); without them, they do."""
+    cfg = tiny_cfg(**overrides)
+    model, params = GPT(cfg), init(cfg)
+    eot = 0
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 1, cfg.vocab_size)
+    ends = [5, 9]  # Row b's first document ends at ends[b].
+    tokens = tokens.at[0, ends[0]].set(eot).at[1, ends[1]].set(eot)
+    changed = tokens.at[0, :ends[0]].add(1).at[1, :ends[1]].add(1)  # Earlier documents only.
+    dropout = "attention_dropout" in overrides  # The explicit-weights path, same masks twice.
+    rngs = {"dropout": jax.random.key(2)} if dropout else None
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def apply(t, masked):
+        segments = step.document_segment_ids(t, eot) if masked else None
+        return model.apply({"params": params}, t, deterministic=not dropout, rngs=rngs,
+                           segment_ids_BT=segments)
+
+    def logits(t, masked):
+        return np.asarray(apply(t, masked))
+
+    for masked in (True, False):
+        a, b = logits(tokens, masked), logits(changed, masked)
+        for row, end in enumerate(ends):
+            later_a, later_b = a[row, end + 1:], b[row, end + 1:]
+            if masked:
+                np.testing.assert_allclose(later_a, later_b, atol=1e-6)
+            else:
+                assert not np.allclose(later_a, later_b, atol=1e-4)
+            assert not np.allclose(a[row, :end], b[row, :end], atol=1e-4)

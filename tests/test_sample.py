@@ -39,11 +39,11 @@ def test_cli_samples_with_the_runs_tokenizer(workdir, tmp_path):
     texts = r.stdout.split("-" * 40 + "\n")[1:]
     assert len(texts) == 2 and all(t.startswith("def f1") for t in texts)
     assert all(len(t.rstrip("\n")) >= 6 for t in texts)
-    # The same seed gives the same text.
-    again = sample(workdir, f"--prompt=FILE:{prompt_file}", "--num_samples=2",
-                   "--max_new_tokens=30", "--seed=1", "--top_k=5", "--top_p=0.9",
-                   "--checkpoint=best")
-    assert again.stdout == r.stdout
+    # The CLI is generate() on the best checkpoint: the same seed gives the same text.
+    tok, model, params, _ = load_run(workdir, "best")
+    outs = generate(model, params, [tok.encode("def f1")] * 2, 30, jax.random.key(1),
+                    SamplingParams(0.8, 5, 0.9))
+    assert [tok.decode(o.tolist()) for o in outs] == [t.removesuffix("\n") for t in texts]
 
 
 def test_loads_the_chosen_checkpoint(workdir):

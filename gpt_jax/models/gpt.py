@@ -50,7 +50,7 @@ class GPT(nn.Module):
                 block,
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
@@ -67,14 +67,18 @@ class GPT(nn.Module):
             )
 
     def __call__(self, tokens_BT: Array, deterministic: bool = True,
-                 decode: DecodeState | None = None) -> Array:
+                 decode: DecodeState | None = None,
+                 segment_ids_BT: Array | None = None) -> Array:
         """Logits [B, T, padded_vocab] (float32) for every position of `tokens_BT`."""
-        return self.head(self.hidden(tokens_BT, deterministic, decode))
+        return self.head(self.hidden(tokens_BT, deterministic, decode, segment_ids_BT))
 
     def hidden(self, tokens_BT: Array, deterministic: bool = True,
-               decode: DecodeState | None = None) -> Array:
+               decode: DecodeState | None = None,
+               segment_ids_BT: Array | None = None) -> Array:
         """The final-LayerNorm output [B, T, D]. With `decode`, keys and values go to the KV
-        cache (apply with mutable=["cache"]) and positions count from each row's first token."""
+        cache (apply with mutable=["cache"]) and positions count from each row's first token.
+        With `segment_ids_BT` [B, T] (packed documents), attention stays inside each segment;
+        positions stay absolute (a row's, not restarted per document)."""
         T = tokens_BT.shape[1]
         if decode is None:
             pos_emb_BTD = self.wpe(jnp.arange(T))[None]
@@ -84,11 +88,13 @@ class GPT(nn.Module):
         x_BTD = self.wte(tokens_BT) + pos_emb_BTD
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         x_BTD = self.drop(x_BTD, deterministic=deterministic)
+        if segment_ids_BT is not None:
+            segment_ids_BT = constrain(segment_ids_BT, ("batch", "length"))
         if self.cfg.scan_layers:
-            x_BTD, _ = self.h(x_BTD, deterministic, decode)
+            x_BTD, _ = self.h(x_BTD, deterministic, decode, segment_ids_BT)
         else:
             for block in self.h:
-                x_BTD = block(x_BTD, deterministic, decode)
+                x_BTD = block(x_BTD, deterministic, decode, segment_ids_BT)
         return self.ln_f(x_BTD)
 
     def head(self, x_BTD: Array) -> Array:

@@ -80,13 +80,16 @@ class CausalSelfAttention(nn.Module):
 
     With `decode` set, keys and values go to a KV cache (the mutable `cache` collection, one
     max_seq_len window per row) and the queries attend to the cache instead of to each other.
+    With `segment_ids_BT` (packed documents), a token attends only to its own segment's tokens
+    up to itself; that mask takes XLA's attention (cuDNN's is used only without segments).
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool = True,
-                 decode: DecodeState | None = None) -> Array:
+                 decode: DecodeState | None = None,
+                 segment_ids_BT: Array | None = None) -> Array:
         cfg = self.cfg
         N, H = cfg.num_heads, cfg.head_dim
         qkv_BT3NH = nn.DenseGeneral(
@@ -100,14 +103,19 @@ class CausalSelfAttention(nn.Module):
         )(x_BTD)
         qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "length", None, "heads", "kv"))
         q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
+        # Same segment: [B, 1, T, T], broadcast over heads; None attends across the whole row.
+        same_B1TT = None if segment_ids_BT is None else (
+            segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
 
         if decode is not None:
+            if segment_ids_BT is not None:
+                raise ValueError("decoding takes no segment ids: a KV-cache row is one document.")
             out_BTNH = self._attend_cache(q_BTNH, k_BTNH, v_BTNH, decode)
         elif not deterministic and cfg.attention_dropout > 0.0:
             # jax.nn.dot_product_attention has no dropout on the weights; Flax's explicit-weights
             # attention does. Only taken while training with attention_dropout > 0.
             T = x_BTD.shape[1]
-            mask = nn.make_causal_mask(jnp.ones((1, T), bool))
+            mask = nn.combine_masks(nn.make_causal_mask(jnp.ones((1, T), bool)), same_B1TT)
             out_BTNH = nn.dot_product_attention(
                 q_BTNH, k_BTNH, v_BTNH,
                 mask=mask,
@@ -117,9 +125,11 @@ class CausalSelfAttention(nn.Module):
                 dtype=cfg.compute_dtype,
             )
         else:
+            # A mask goes to XLA's implementation: cuDNN's flash attention is taken only without
+            # one (config validation refuses attention_impl=cudnn with data.document_mask).
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTNH, v_BTNH, is_causal=True,
-                implementation=attention_implementation(cfg),
+                q_BTNH, k_BTNH, v_BTNH, mask=same_B1TT, is_causal=True,
+                implementation="xla" if same_B1TT is not None else attention_implementation(cfg),
             )
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "kv"))
         y_BTD = nn.DenseGeneral(
@@ -193,9 +203,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool = True,
-                 decode: DecodeState | None = None) -> Array:
+                 decode: DecodeState | None = None,
+                 segment_ids_BT: Array | None = None) -> Array:
         x_BTD = x_BTD + CausalSelfAttention(self.cfg, name="attn")(
-            layer_norm(self.cfg, "ln_1")(x_BTD), deterministic, decode
+            layer_norm(self.cfg, "ln_1")(x_BTD), deterministic, decode, segment_ids_BT
         )
         x_BTD = x_BTD + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln_2")(x_BTD), deterministic)
         return constrain(x_BTD, ("batch", "length", "embed"))
@@ -205,5 +216,6 @@ class ScannedBlock(Block):
     """A Block as an `nn.scan` body: (carry, broadcast args) → (carry, no per-layer output)."""
 
     def __call__(self, x_BTD: Array, deterministic: bool = True,
-                 decode: DecodeState | None = None) -> tuple[Array, None]:
-        return super().__call__(x_BTD, deterministic, decode), None
+                 decode: DecodeState | None = None,
+                 segment_ids_BT: Array | None = None) -> tuple[Array, None]:
+        return super().__call__(x_BTD, deterministic, decode, segment_ids_BT), None

@@ -73,46 +73,61 @@ def chunked_cross_entropy(head: Callable[[Array], Array], x_BTD: Array, targets_
     return total, jnp.sum(weights_BT)
 
 
+def document_segment_ids(tokens_BT: Array, eot_id: int) -> Array:
+    """Segment ids [B, T] int32 numbering each row's documents 0, 1, … from its first token: an
+    end-of-text token belongs to the document it ends; the token after it starts the next."""
+    is_eot_BT = (tokens_BT == eot_id).astype(jnp.int32)
+    return jnp.cumsum(is_eot_BT, axis=1) - is_eot_BT
+
+
 def model_loss(params, model: nn.Module, batch_BT1: Array, weights_BT: Array,
-               dropout_key: Array | None, loss_chunk: int) -> tuple[Array, Array]:
+               dropout_key: Array | None, loss_chunk: int,
+               eot_id: int | None = None) -> tuple[Array, Array]:
     """Weighted sum of next-token losses over `batch_BT1` and the sum of weights.
 
-    `loss_chunk` > 0 takes `chunked_cross_entropy` over the model's hidden states."""
+    `loss_chunk` > 0 takes `chunked_cross_entropy` over the model's hidden states. With `eot_id`
+    (data.document_mask), attention stays inside the documents of each row (see
+    `document_segment_ids`)."""
     inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
     deterministic = dropout_key is None
     rngs = None if deterministic else {"dropout": dropout_key}
     variables = {"params": params}
+    segment_ids_BT = None if eot_id is None else document_segment_ids(inputs_BT, eot_id)
     if loss_chunk == 0:
-        logits_BTV = model.apply(variables, inputs_BT, deterministic=deterministic, rngs=rngs)
+        logits_BTV = model.apply(variables, inputs_BT, deterministic=deterministic, rngs=rngs,
+                                 segment_ids_BT=segment_ids_BT)
         return cross_entropy(logits_BTV, targets_BT, weights_BT)
     x_BTD = model.apply(variables, inputs_BT, deterministic=deterministic, rngs=rngs,
-                        method="hidden")
+                        segment_ids_BT=segment_ids_BT, method="hidden")
     head = functools.partial(model.apply, variables, method="head")
     return chunked_cross_entropy(head, x_BTD, targets_BT, weights_BT, loss_chunk)
 
 
 def _loss_fn(params, model: nn.Module, batch_BT1: Array, dropout_key: Array | None,
-             loss_chunk: int) -> Array:
+             loss_chunk: int, eot_id: int | None = None) -> Array:
     weights_BT = jnp.ones((batch_BT1.shape[0], batch_BT1.shape[1] - 1), jnp.float32)
-    total, count = model_loss(params, model, batch_BT1, weights_BT, dropout_key, loss_chunk)
+    total, count = model_loss(params, model, batch_BT1, weights_BT, dropout_key, loss_chunk,
+                              eot_id)
     return total / count
 
 
 def make_train_step(
     model: nn.Module, schedule: optax.Schedule, grad_accum_steps: int, use_dropout: bool,
-    loss_chunk: int = 0,
+    loss_chunk: int = 0, eot_id: int | None = None,
 ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Any]]]:
     """Returns train_step(state, batch_BT1) -> (state, metrics); jit it with the state donated.
 
     With accumulation the batch is split into `grad_accum_steps` micro-batches whose gradients are
     averaged in float32 inside one compiled step (a `lax.scan`), so one call is one optimizer step.
-    `loss_chunk` > 0 computes the cross-entropy that many positions at a time.
+    `loss_chunk` > 0 computes the cross-entropy that many positions at a time. With `eot_id`
+    (data.document_mask), attention stays inside each document (segment ids from the batch).
     """
+    loss_fn = functools.partial(_loss_fn, loss_chunk=loss_chunk, eot_id=eot_id)
 
     def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, dict[str, Any]]:
         base_key = jax.random.wrap_key_data(state.dropout_key)
         step_key = jax.random.fold_in(base_key, state.step) if use_dropout else None
-        grad_fn = jax.value_and_grad(functools.partial(_loss_fn, loss_chunk=loss_chunk))
+        grad_fn = jax.value_and_grad(loss_fn)
         if grad_accum_steps == 1:
             loss, grads = grad_fn(state.params, model, batch_BT1, step_key)
         else:
@@ -151,11 +166,12 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: nn.Module,
-                   loss_chunk: int = 0) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
-    """Returns eval_step(params, batch_BT1, weights_BT) -> (sum of losses, sum of weights)."""
+def make_eval_step(model: nn.Module, loss_chunk: int = 0, eot_id: int | None = None
+                   ) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
+    """Returns eval_step(params, batch_BT1, weights_BT) -> (sum of losses, sum of weights); with
+    `eot_id`, attention masked to documents as in training."""
 
     def eval_step(params, batch_BT1: Array, weights_BT: Array) -> tuple[Array, Array]:
-        return model_loss(params, model, batch_BT1, weights_BT, None, loss_chunk)
+        return model_loss(params, model, batch_BT1, weights_BT, None, loss_chunk, eot_id)
 
     return eval_step

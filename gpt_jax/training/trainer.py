@@ -20,7 +20,7 @@ import tqdm
 from absl import logging
 
 from gpt_jax import config as config_lib
-from gpt_jax.data import corpora, pipeline, prepare, tokenizers
+from gpt_jax.data import corpora, pipeline, prepare, tokenizers, training_data
 from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.models.gpt import GPT, count_params
 from gpt_jax.parallel import distributed, sharding
@@ -45,7 +45,7 @@ class Run:
 
     config: ml_collections.ConfigDict  # Resolved: vocab size and positions filled in.
     workdir: pathlib.Path | None  # None (and data None) from setup_without_data.
-    data: prepare.Prepared | None
+    data: training_data.TrainingData | None
     model: GPT
     mesh: jax.sharding.Mesh
     rules: sharding.Rules  # Logical axis → mesh axes (mesh.rules).
@@ -81,18 +81,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         logging.set_verbosity(logging.WARNING)  # Process 0 speaks for the run.
     mesh, rules = _mesh_and_rules(config, devices)
     workdir = pathlib.Path(workdir)
-    d = config.data
-    cache_dir = str(pathlib.Path(d.cache_dir).expanduser())
-    data = None
-    for turn in ("primary", "others"):  # Process 0 tokenizes; the others then read its files.
-        if (turn == "primary") == distributed.is_primary():
-            try:
-                corpus = corpora.load_corpus(d.corpus, d.path, cache_dir)
-                data = prepare.prepare(corpus, d.tokenizer, cache_dir, d.val_fraction)
-            except (OSError, ValueError) as e:  # Missing path, empty corpus, failed download.
-                raise config_lib.ConfigError(str(e)) from e
-        distributed.barrier(f"prepared data: {turn}")
-    assert data is not None
+    data = load_data(config)
     try:
         data.tokenizer.encode(config.sample.prompt)  # Fail now, not after training.
     except ValueError as e:
@@ -102,6 +91,39 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     config, model = build_model(config, data.tokenizer.vocab_size)
     init_state, abstract_state, state_sh = build_state(config, model, mesh, rules)
     return Run(config, workdir, data, model, mesh, rules, init_state, abstract_state, state_sh)
+
+
+def load_data(config: ml_collections.ConfigDict) -> training_data.TrainingData:
+    """The run's data: the data.prepared folder(s), or data.corpus / data.path tokenized into
+    the cache (by process 0; the others then read its files). Problems are ConfigErrors."""
+    d = config.data
+    folders = config_lib.prepared_folders(config)
+    try:
+        if folders:  # Already tokenized: every process only opens the files.
+            data = training_data.open_folders(folders, config_lib.mixture_weights(config))
+            if d.tokenizer.partition(":")[0] != data.tokenizer.name:
+                logging.info("data.prepared: the folder's tokenizer (%s, vocab %d) overrides "
+                             "data.tokenizer=%r.", data.tokenizer.name, data.tokenizer.vocab_size,
+                             d.tokenizer)
+        else:
+            data = None
+            cache_dir = str(pathlib.Path(d.cache_dir).expanduser())
+            vocab_size = d.vocab_size if d.tokenizer == "bpe" else None
+            for turn in ("primary", "others"):  # Process 0 tokenizes; the others read its files.
+                if (turn == "primary") == distributed.is_primary():
+                    corpus = corpora.load_corpus(d.corpus, d.path, cache_dir)
+                    data = training_data.from_prepared(prepare.prepare(
+                        corpus, d.tokenizer, cache_dir, d.val_fraction, vocab_size))
+                distributed.barrier(f"prepared data: {turn}")
+            assert data is not None
+    except (OSError, ValueError) as e:  # Missing path or folder, empty corpus, failed download.
+        raise config_lib.ConfigError(str(e)) from e
+    if d.document_mask and data.eot_id is None:
+        raise config_lib.ConfigError(
+            f"data.document_mask=True needs end-of-text tokens to find documents, and the data's "
+            f"{data.tokenizer.name} tokenizer has none; prepare the data with --tokenizer=bpe or "
+            "gpt2, or set data.document_mask=False.")
+    return data
 
 
 def _mesh_and_rules(config: ml_collections.ConfigDict,
@@ -129,15 +151,20 @@ def abstract_batch(r: Run) -> jax.ShapeDtypeStruct:
 
 
 def vocab_size_without_data(config: ml_collections.ConfigDict) -> int:
-    """model.vocab_size, else the tokenizer's where it does not depend on the corpus (byte): what
-    tools that build the model without preparing data (plan, benchmark) use."""
+    """model.vocab_size, else the first data.prepared folder's (its meta.json, where it can be
+    read), else the tokenizer's where it does not depend on the corpus (byte 256, gpt2 50257):
+    what tools that build the model without reading data (plan, benchmark) use."""
     if config.model.vocab_size is not None:
         return config.model.vocab_size
-    if config.data.tokenizer == "byte":
-        return tokenizers.ByteTokenizer.vocab_size
+    folders = config_lib.prepared_folders(config)
+    if folders and (size := training_data.prepared_vocab_size(folders[0])) is not None:
+        return size
+    if config.data.tokenizer in training_data.FIXED_VOCAB_SIZES:
+        return training_data.FIXED_VOCAB_SIZES[config.data.tokenizer]
     raise config_lib.ConfigError(
         f"the vocabulary of data.tokenizer={config.data.tokenizer!r} depends on the corpus; set "
-        "--config.model.vocab_size to build the model without preparing data.")
+        "--config.model.vocab_size (or data.prepared to a prepared folder) to build the model "
+        "without preparing data.")
 
 
 def build_model(config: ml_collections.ConfigDict,
@@ -175,20 +202,22 @@ def build_state(config: ml_collections.ConfigDict, model: GPT, mesh: jax.shardin
 
 
 def compile_steps(config: ml_collections.ConfigDict, model: GPT, mesh: jax.sharding.Mesh,
-                  rules: sharding.Rules, state_shardings: Any) -> tuple[Callable, Callable]:
+                  rules: sharding.Rules, state_shardings: Any,
+                  eot_id: int | None = None) -> tuple[Callable, Callable]:
     """The jitted train step (state donated) and eval step: state placed per the rules, batches
-    split over the batch axes, metrics replicated."""
+    split over the batch axes, metrics replicated. With `eot_id` (data.document_mask), attention
+    stays inside the documents that token ends."""
     batch_sh = sharding.batch_sharding(mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     use_dropout = model.cfg.dropout > 0 or model.cfg.attention_dropout > 0
     train_step = jax.jit(
         step.make_train_step(model, optim.make_schedule(config), config.train.grad_accum_steps,
-                             use_dropout, config.train.loss_chunk),
+                             use_dropout, config.train.loss_chunk, eot_id),
         in_shardings=(state_shardings, batch_sh),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_step = jax.jit(step.make_eval_step(model, config.train.loss_chunk),
+    eval_step = jax.jit(step.make_eval_step(model, config.train.loss_chunk, eot_id),
                         in_shardings=(state_shardings.params, batch_sh, batch_sh),
                         out_shardings=replicated)
     return train_step, eval_step
@@ -271,7 +300,7 @@ def _train(r: Run) -> dict:
     try:  # A split too short for one window or batch: the fix is in data.* / train.*.
         train_it = iter(pipeline.train_dataset(
             r.data.train_tokens(), seq_len, batch_size, t.seed, shard_index, shard_count,
-            config.data.num_threads, config.data.prefetch, config.data.sampling,
+            config.data.num_threads, config.data.prefetch, config.data.sampling, r.data.weights,
         ))
         fixed_batches = pipeline.eval_batches(val_tokens, seq_len, batch_size, t.eval_batches, t.seed)
     except ValueError as e:
@@ -290,7 +319,9 @@ def _train(r: Run) -> dict:
     step_flops = flops_per_token(r.model.cfg, num_params, seq_len) * batch_size * seq_len
     peak = peak_flops_per_device(jax.devices()[0], config.log.peak_flops)
     peak_total = None if peak is None else peak * jax.device_count()
-    train_step, eval_step = compile_steps(config, r.model, r.mesh, r.rules, r.state_shardings)
+    eot_id = r.data.eot_id if config.data.document_mask else None
+    train_step, eval_step = compile_steps(config, r.model, r.mesh, r.rules, r.state_shardings,
+                                          eot_id)
 
     def to_device(batch: np.ndarray, weights: np.ndarray) -> tuple[jax.Array, jax.Array]:
         # Eval batches are whole on every process (they are small); each device takes its rows.
