@@ -123,62 +123,67 @@ def generate(
 
 
 def _window(decoder: GPT, params, cache, buf_BL: Array, pad_B: Array, start: Array,
-            read: Array) -> tuple[Array, dict]:
-    """Encodes the W-token window of `buf_BL` starting at `start` into a fresh cache; returns the
-    logits at buffer index `read` and the cache."""
-    W = decoder.cfg.max_seq_len
-    window_BW = jax.lax.dynamic_slice_in_dim(buf_BL, start, W, axis=1)
+            read: Array, length: int) -> tuple[Array, dict]:
+    """Encodes the `length` tokens of `buf_BL` from `start` into cache slots 0… (later slots keep
+    stale entries that causality hides until they are overwritten); returns the logits at buffer
+    index `read` and the cache."""
+    tokens_BT = jax.lax.dynamic_slice_in_dim(buf_BL, start, length, axis=1)
     decode = DecodeState(slot=jnp.zeros((), jnp.int32), first_B=jnp.maximum(pad_B - start, 0))
     variables = {"params": params} if cache is None else {"params": params, "cache": cache}
-    x_BWD, mutated = decoder.apply(variables, window_BW, decode=decode, method="hidden",
+    x_BTD, mutated = decoder.apply(variables, tokens_BT, decode=decode, method="hidden",
                                    mutable=["cache"])
-    x_B1D = jax.lax.dynamic_slice_in_dim(x_BWD, read - start, 1, axis=1)
+    x_B1D = jax.lax.dynamic_slice_in_dim(x_BTD, read - start, 1, axis=1)
     return decoder.apply({"params": params}, x_B1D, method="head")[:, 0], mutated["cache"]
 
 
-def _sample_into(buf_BL, done_B, logits_BV, key, i, stop_S, sampling):
-    key, sub = jax.random.split(key)
-    next_B = sample_logits(logits_BV, sub, sampling).astype(jnp.int32)
-    next_B = jnp.where(done_B, 0, next_B)  # Rows that stopped keep a filler (cut off on the host).
+def _sample_into(buf_BL, done_B, logits_BV, keys_N, i, stop_S, sampling):
+    """Draws token i (with key i of `keys_N`, split once before the loop: a threefry split per
+    step is a loop of its own on CPU) into the buffer; rows past a stop token get a filler."""
+    next_B = sample_logits(logits_BV, keys_N[i], sampling).astype(jnp.int32)
+    next_B = jnp.where(done_B, 0, next_B)  # Cut off on the host.
     buf_BL = jax.lax.dynamic_update_index_in_dim(buf_BL, next_B, i, axis=1)
-    return buf_BL, done_B | jnp.isin(next_B, stop_S), next_B, key
+    return buf_BL, done_B | jnp.isin(next_B, stop_S), next_B, keys_N
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
 def _decode_cached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
                    sampling: SamplingParams, replicated):
     W = decoder.cfg.max_seq_len
-    start = jnp.asarray(window_start(P - 1, W), jnp.int32)
-    logits_BV, cache = _window(decoder, params, None, buf_BL, pad_B, start, jnp.int32(P - 1))
+    shift = max(W // 2, 1)
+    first = window_start(P - 1, W)  # Only the prompt's tokens in the window are encoded.
+    start = jnp.asarray(first, jnp.int32)
+    logits_BV, cache = _window(decoder, params, None, buf_BL, pad_B, start, jnp.int32(P - 1),
+                               P - first)
     done_B = jnp.zeros(pad_B.shape, bool)
 
-    def cond(carry):
+    def running(carry) -> Array:
         i, _, _, _, _, done_B, _ = carry
         return (i < total) & ~jnp.all(done_B)
 
-    def body(carry):
+    def step(carry):  # Sample token i and feed it at its slot; the cache has room.
         i, start, cache, logits_BV, buf_BL, done_B, key = carry
         buf_BL, done_B, next_B, key = _sample_into(buf_BL, done_B, logits_BV, key, i, stop_S,
                                                    sampling)
+        decode = DecodeState(slot=i - start, first_B=jnp.maximum(pad_B - start, 0))
+        x_B1D, mutated = decoder.apply({"params": params, "cache": cache}, next_B[:, None],
+                                       decode=decode, method="hidden", mutable=["cache"])
+        logits_BV = decoder.apply({"params": params}, x_B1D, method="head")[:, 0]
+        return i + 1, start, mutated["cache"], logits_BV, buf_BL, done_B, key
 
-        def slide(start, cache):  # Cache full: re-encode the newest half at positions from 0.
-            new_start = start + max(W // 2, 1)
-            logits_BV, cache = _window(decoder, params, cache, buf_BL, pad_B, new_start, i)
-            return new_start, cache, logits_BV
-
-        def step(start, cache):  # Feed the new token at its slot.
-            decode = DecodeState(slot=i - start, first_B=jnp.maximum(pad_B - start, 0))
-            x_B1D, mutated = decoder.apply({"params": params, "cache": cache}, next_B[:, None],
-                                           decode=decode, method="hidden", mutable=["cache"])
-            logits_BV = decoder.apply({"params": params}, x_B1D, method="head")[:, 0]
-            return start, mutated["cache"], logits_BV
-
-        start, cache, logits_BV = jax.lax.cond(i - start == W, slide, step, start, cache)
+    def slide(carry):  # Cache full: sample token i, re-encode the newest half from position 0.
+        i, start, cache, logits_BV, buf_BL, done_B, key = carry
+        buf_BL, done_B, _, key = _sample_into(buf_BL, done_B, logits_BV, key, i, stop_S, sampling)
+        start = start + shift
+        logits_BV, cache = _window(decoder, params, cache, buf_BL, pad_B, start, i, W - shift + 1)
         return i + 1, start, cache, logits_BV, buf_BL, done_B, key
 
-    carry = (jnp.int32(P), start, cache, logits_BV, buf_BL, done_B,
-             jax.random.wrap_key_data(key_data))
-    end, _, _, _, buf_BL, _, _ = jax.lax.while_loop(cond, body, carry)
+    def window(carry):  # Steps until the cache is full (no branch per token), then one slide.
+        carry = jax.lax.while_loop(lambda c: running(c) & (c[0] - c[1] < W), step, carry)
+        return jax.lax.cond(running(carry), slide, lambda c: c, carry)
+
+    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
+    carry = (jnp.int32(P), start, cache, logits_BV, buf_BL, done_B, keys_N)
+    end, _, _, _, buf_BL, _, _ = jax.lax.while_loop(running, window, carry)
     return _replicate(buf_BL, replicated), _replicate(end, replicated)
 
 
@@ -189,7 +194,7 @@ def _decode_uncached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: i
 
     def logits_at(buf_BL, i):  # The window of W tokens ending at index i, recomputed whole.
         start = jnp.maximum(i - W + 1, 0)
-        return _window(decoder, params, None, buf_BL, pad_B, start, i)[0]
+        return _window(decoder, params, None, buf_BL, pad_B, start, i, W)[0]
 
     def cond(carry):
         i, _, done_B, _ = carry
@@ -201,7 +206,8 @@ def _decode_uncached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: i
                                               stop_S, sampling)
         return i + 1, buf_BL, done_B, key
 
-    carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool), jax.random.wrap_key_data(key_data))
+    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
+    carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool), keys_N)
     end, buf_BL, _, _ = jax.lax.while_loop(cond, body, carry)
     return _replicate(buf_BL, replicated), _replicate(end, replicated)
 
