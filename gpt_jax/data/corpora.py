@@ -51,11 +51,8 @@ def pystdlib_files() -> list[pathlib.Path]:
 
 
 def _sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download(url: str, sha256: str, dest: pathlib.Path) -> pathlib.Path:

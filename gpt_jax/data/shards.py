@@ -47,7 +47,6 @@ FORMAT = "gpt_jax.shards"
 VERSION = 1
 META, PROGRESS, TOKENIZER = "meta.json", "progress.json", "tokenizer.json"
 _UINT16_VOCAB = 1 << 16
-_HASH_BLOCK = 16 << 20
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -68,12 +67,9 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
 
 
 def sha256_file(path: pathlib.Path) -> str:
-    """The sha256 of the file at `path`, read in bounded blocks."""
-    digest = hashlib.sha256()
+    """The sha256 of the file at `path` (read in bounded blocks by hashlib)."""
     with path.open("rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def shards_intact(folder: pathlib.Path, shards: list[dict[str, Any]], dtype: str) -> int:
