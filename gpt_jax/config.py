@@ -220,10 +220,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is too small for bpe: it "
                                     "needs 256 byte tokens + end-of-text; use ≥ 257 (e.g. 4096).")
     if d.document_mask:
-        # With data.prepared the folder's tokenizer decides; setup checks it once it is read.
-        _check(bool(folders) or d.tokenizer not in ("byte", "char"),
-               f"data.document_mask=True needs a tokenizer with an end-of-text token, and "
-               f"data.tokenizer={d.tokenizer} has none; use bpe or gpt2, or set "
+        # Documents end at end-of-text tokens, which only the prepare command writes (an
+        # in-process corpus is one stream); the folder's tokenizer is checked once it is read.
+        _check(bool(folders),
+               "data.document_mask=True needs documents separated by end-of-text tokens, which "
+               "only prepared folders have; prepare the data with python -m "
+               "gpt_jax.data.prepare --tokenizer=bpe|gpt2 and set data.prepared, or set "
                "data.document_mask=False.")
         _check(m.attention_impl != "cudnn",
                "data.document_mask=True needs a masked attention, which model.attention_impl="

@@ -105,7 +105,7 @@ def generate(
               np.asarray(sorted(set(stop_tokens)) or [-1], np.int32)]
     # Params sharded on a mesh (the training run's): inputs and output are whole on every device
     # of it, so every process of a multi-process run can read the result.
-    first = jax.tree.leaves(params)[0].sharding
+    first = getattr(jax.tree.leaves(params)[0], "sharding", None)  # None: numpy params.
     replicated = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
                   if isinstance(first, jax.sharding.NamedSharding) else None)
     if replicated is not None:

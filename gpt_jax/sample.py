@@ -27,7 +27,8 @@ flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("stop", None, "Stop a sample at this text's first token (e.g. a newline).")
+flags.DEFINE_string("stop", None, "Stop a sample when it emits the first token of this text "
+                    "(e.g. a newline); a token that merges it with more text does not stop it.")
 
 
 class RunError(ValueError):

@@ -1,7 +1,9 @@
 """Checkpoints: exact resume after SIGKILL and SIGTERM, corruption fallback, retention, non-finite
 losses, and the errors a resume can meet."""
 
+import dataclasses
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
-from gpt_jax.config import ConfigError
+from gpt_jax.config import ConfigError, ModelConfig
 from gpt_jax.data import pipeline
 from gpt_jax.training import checkpoint, step, trainer
 
@@ -285,3 +287,15 @@ def test_short_splits_and_bad_prompts_are_config_errors(corpus, tmp_path):
         trainer.run(config_from({**o, "data.seq_len": 4000, "train.batch_size": 64}), tmp_path / "a")
     with pytest.raises(ConfigError, match="sample.prompt"):
         trainer.run(config_from({**o, "sample.prompt": "Ω", "sample.num_samples": 1}), tmp_path / "b")
+
+
+def test_init_from_refuses_other_shapes_and_warns_of_another_function(caplog):
+    cfg = ModelConfig.from_config(base.get_config(), 50)
+    saved = dataclasses.asdict(cfg)
+    with caplog.at_level(logging.WARNING):
+        checkpoint._check_starts(saved, cfg, "w")
+        assert caplog.text == ""
+        checkpoint._check_starts({**saved, "activation": "gelu_tanh"}, cfg, "w")
+    assert "model.activation='gelu_tanh'" in caplog.text  # Allowed (fine-tuning), but said.
+    with pytest.raises(checkpoint.CheckpointError, match="set --config.model.d_model=64"):
+        checkpoint._check_starts({**saved, "d_model": 64}, cfg, "w")

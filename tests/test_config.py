@@ -160,7 +160,8 @@ def test_openwebtext_mirrors_nanogpt_train_gpt2():
         ({"prepared": "a,b", "mixture_weights": "1;2"}, "not comma-separated numbers"),
         ({"prepared": "a,,b"}, "empty entry"),
         ({"prepared": "a", "path": "corpus.txt"}, "both set"),
-        ({"document_mask": True}, "needs a tokenizer with an end-of-text token"),
+        ({"document_mask": True}, "needs documents separated by end-of-text tokens"),
+        ({"document_mask": True, "tokenizer": "bpe"}, "only prepared folders have"),
         ({"tokenizer": "bpe", "vocab_size": 100}, "data.vocab_size=100"),
     ],
 )

@@ -392,3 +392,21 @@ def test_in_process_hf_tokenizer_keys_on_the_file_contents(tmp_path):
     path.write_text(tokenizers.build_tokenizer("bpe", text, 290).tokenizer_json)
     second = prepare_lib.prepare(_corpus(text), f"hf:{path}", str(tmp_path), 0.1)
     assert second.dir != first.dir and second.tokenizer.vocab_size == 290
+
+
+def test_long_documents_are_cut_where_pieces_encode_like_the_whole():
+    """Cuts fall after a newline between printable non-space characters only: a piece ending in
+    a whitespace run ("\\n\\n", "  \\n") would pre-tokenize differently from the whole document."""
+    buf = b"a" * 40 + b"\n\n" + b"The end\nof it  \n  x" + b"b" * 10
+    cut = sources._cut(buf)
+    assert buf[cut - 4:cut] == b"end\n"  # Not inside "\n\n" nor after "  \n".
+    tok = tokenizers.build_tokenizer("bpe", ["para one\n\n  x\n\nThe end\n"] * 200, 300)
+    text = ("para one\n\n  x\n\nThe end\n" * 50).encode()
+    pieces, rest = [], text
+    while len(rest) > 64:
+        i = sources._cut(rest[:64])
+        pieces.append(rest[:i])
+        rest = rest[i:]
+    pieces.append(rest)
+    ids = np.concatenate([tok.encode(p.decode()) for p in pieces])
+    np.testing.assert_array_equal(ids, tok.encode(text.decode()))

@@ -54,6 +54,9 @@ def test_cached_greedy_equals_recomputation_with_ragged_prompts(scan_layers):
     for prompt, out in zip(RAGGED, outs, strict=True):
         assert out.tolist() == reference_greedy(model, params, prompt, 7)
     assert len({tuple(o[-7:]) for o in outs}) == 3  # Not a degenerate one-token model.
+    numpy_params = jax.tree.map(np.asarray, params)  # E.g. straight from an HF import.
+    again = generate(model, numpy_params, RAGGED, 7, jax.random.key(0), GREEDY)
+    assert [a.tolist() for a in again] == [o.tolist() for o in outs]
 
 
 def test_cache_slides_past_the_context_limit():

@@ -260,3 +260,13 @@ def test_refusals_are_one_line_and_name_the_fix(tmp_path, capsys):
         hf_gpt2.model_fields_from_hf(transformers.GPT2Config(scale_attn_by_inverse_layer_idx=True))
     with pytest.raises(hf_gpt2.InteropError, match="exportable ones"):
         hf_gpt2.hf_config_from_model(model_config(activation="swish_nonexistent"))
+
+
+def test_an_imported_gpt2_vocabulary_model_names_the_gpt2_tokenizer(tmp_path):
+    """A 50257-token model is OpenAI's BPE: the workdir's tokenizer.json names tiktoken's gpt2,
+    so `python -m gpt_jax.sample` can decode in it (where tiktoken's file is available)."""
+    hf = hf_model(vocab_size=hf_gpt2.GPT2_VOCAB_SIZE, n_embd=16, n_layer=1, n_head=2)
+    hf.save_pretrained(tmp_path / "hf")
+    assert convert_hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'w'}"]) == 0
+    assert json.loads((tmp_path / "w" / "tokenizer.json").read_text()) == {"name": "gpt2"}
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["data"]["tokenizer"] == "gpt2"

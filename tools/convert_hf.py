@@ -83,6 +83,11 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
     if ours.is_file():
         shutil.copyfile(ours, out / OUR_TOKENIZER)
         copied.append(OUR_TOKENIZER)
+    elif config.data.tokenizer == "gpt2":
+        # OpenAI's BPE is tiktoken's "gpt2": its saved form is the name (GPT2Tokenizer.to_dict);
+        # building it here would need tiktoken's file, which sampling loads when it runs.
+        (out / OUR_TOKENIZER).write_text(json.dumps({"name": "gpt2"}) + "\n")
+        copied.append(OUR_TOKENIZER)
     print(f"imported {source} ({count_params(params):,} parameters, {cfg.num_layers} layers, "
           f"d_model {cfg.d_model}) into {params_dir}"
           + (f"; tokenizer: {', '.join(copied)}" if copied else "; no tokenizer files"))

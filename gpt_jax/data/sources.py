@@ -44,13 +44,15 @@ class Piece:
 
 def _cut(buf: bytes) -> int:
     """Returns where to cut `buf` (a full block of a longer document): after its last newline
-    followed by printable ASCII, else after its last newline, else at its last UTF-8 character
-    boundary. Never 0, so every cut makes progress."""
+    between printable non-space ASCII characters, else after its last newline, else at its last
+    UTF-8 character boundary. Never 0, so every cut makes progress."""
     # Search the second half only: an indented block with no such newline would cost a Python
     # loop over every line; a cut at or past the middle keeps pieces at least half full.
     start, end = len(buf) // 2, len(buf) - 1
     while (i := buf.rfind(b"\n", start, end)) > 0:
-        if 0x21 <= buf[i + 1] <= 0x7E:
+        # Printable non-space ASCII on both sides: whitespace runs ("\n\n", "  \n") would
+        # otherwise be split into pre-tokens the whole document does not have.
+        if 0x21 <= buf[i + 1] <= 0x7E and 0x21 <= buf[i - 1] <= 0x7E:
             return i + 1
         end = i
     last_newline = buf.rfind(b"\n", 0, len(buf) - 1)

@@ -52,12 +52,14 @@ class DecodeState(NamedTuple):
 
 def attention_implementation(cfg: ModelConfig) -> str:
     """The `jax.nn.dot_product_attention` implementation: `auto` takes cuDNN's flash attention on
-    CUDA GPUs where it supports the shapes (16-bit compute, head_dim a multiple of 8 up to 128)
-    and XLA elsewhere."""
+    CUDA GPUs of compute capability 8.0+ where it supports the shapes (16-bit compute, head_dim a
+    multiple of 8 up to 128) and XLA elsewhere."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     device = jax.devices()[0]
     cuda = device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+    # cuDNN's flash attention needs compute capability 8.0+ (Ampere); older cards take XLA.
+    cuda = cuda and float(getattr(device, "compute_capability", "0")) >= 8.0
     supported = cfg.dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
     return "cudnn" if cuda and supported else "xla"
 

@@ -287,15 +287,27 @@ def load_params(path: str, abstract_params: Any, model_cfg: ModelConfig) -> Any:
     return restore_params(directory, step, abstract_params)
 
 
+# Model fields that keep the shapes but change the function the weights were trained for.
+FUNCTION_FIELDS = ("activation", "norm_eps")
+
+
 def _check_starts(saved_model: dict, model_cfg: ModelConfig, source: str) -> None:
     """Raises a one-line CheckpointError naming the first shape-changing field in which this run
-    differs from the checkpoint it starts from."""
+    differs from the checkpoint it starts from; warns about function-changing ones (allowed: a
+    deliberate change when fine-tuning)."""
     for field in SHAPE_FIELDS:
         theirs, ours = saved_model[field], getattr(model_cfg, field)
         if theirs != ours:
             raise CheckpointError(
                 f"checkpoint.init_from={source} has model.{field}={theirs!r} but this run has "
                 f"model.{field}={ours!r}; set --config.model.{field}={theirs!r} to start from it.")
+    for field in FUNCTION_FIELDS:
+        theirs, ours = saved_model[field], getattr(model_cfg, field)
+        if theirs != ours:
+            logging.warning("checkpoint.init_from=%s was trained with model.%s=%r and this run "
+                            "has %r: the weights start under another function; set "
+                            "--config.model.%s=%r to keep it.", source, field, theirs, ours,
+                            field, theirs)
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
