@@ -59,9 +59,14 @@ def sample_logits(logits_BV: Array, key: Array, sp: SamplingParams) -> Array:
     return jax.random.categorical(key, logits_BV, axis=-1)
 
 
+def slide_shift(window: int) -> int:
+    """How far the cache window moves when it is full: half of it."""
+    return max(window // 2, 1)
+
+
 def window_start(index: int, window: int) -> int:
     """First buffer index of the cache window that holds `index` (the window slides by half)."""
-    shift = max(window // 2, 1)
+    shift = slide_shift(window)
     over = index - window + 1
     return -(-over // shift) * shift if over > 0 else 0
 
@@ -142,14 +147,15 @@ def _sample_into(buf_BL, done_B, logits_BV, keys_N, i, stop_S, sampling):
     next_B = sample_logits(logits_BV, keys_N[i], sampling).astype(jnp.int32)
     next_B = jnp.where(done_B, 0, next_B)  # Cut off on the host.
     buf_BL = jax.lax.dynamic_update_index_in_dim(buf_BL, next_B, i, axis=1)
-    return buf_BL, done_B | jnp.isin(next_B, stop_S), next_B, keys_N
+    return buf_BL, done_B | jnp.isin(next_B, stop_S), next_B
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
 def _decode_cached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
                    sampling: SamplingParams, replicated):
     W = decoder.cfg.max_seq_len
-    shift = max(W // 2, 1)
+    shift = slide_shift(W)
+    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
     first = window_start(P - 1, W)  # Only the prompt's tokens in the window are encoded.
     start = jnp.asarray(first, jnp.int32)
     logits_BV, cache = _window(decoder, params, None, buf_BL, pad_B, start, jnp.int32(P - 1),
@@ -157,33 +163,32 @@ def _decode_cached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int
     done_B = jnp.zeros(pad_B.shape, bool)
 
     def running(carry) -> Array:
-        i, _, _, _, _, done_B, _ = carry
+        i, _, _, _, _, done_B = carry
         return (i < total) & ~jnp.all(done_B)
 
     def step(carry):  # Sample token i and feed it at its slot; the cache has room.
-        i, start, cache, logits_BV, buf_BL, done_B, key = carry
-        buf_BL, done_B, next_B, key = _sample_into(buf_BL, done_B, logits_BV, key, i, stop_S,
-                                                   sampling)
+        i, start, cache, logits_BV, buf_BL, done_B = carry
+        buf_BL, done_B, next_B = _sample_into(buf_BL, done_B, logits_BV, keys_N, i, stop_S,
+                                              sampling)
         decode = DecodeState(slot=i - start, first_B=jnp.maximum(pad_B - start, 0))
         x_B1D, mutated = decoder.apply({"params": params, "cache": cache}, next_B[:, None],
                                        decode=decode, method="hidden", mutable=["cache"])
         logits_BV = decoder.apply({"params": params}, x_B1D, method="head")[:, 0]
-        return i + 1, start, mutated["cache"], logits_BV, buf_BL, done_B, key
+        return i + 1, start, mutated["cache"], logits_BV, buf_BL, done_B
 
     def slide(carry):  # Cache full: sample token i, re-encode the newest half from position 0.
-        i, start, cache, logits_BV, buf_BL, done_B, key = carry
-        buf_BL, done_B, _, key = _sample_into(buf_BL, done_B, logits_BV, key, i, stop_S, sampling)
+        i, start, cache, logits_BV, buf_BL, done_B = carry
+        buf_BL, done_B, _ = _sample_into(buf_BL, done_B, logits_BV, keys_N, i, stop_S, sampling)
         start = start + shift
         logits_BV, cache = _window(decoder, params, cache, buf_BL, pad_B, start, i, W - shift + 1)
-        return i + 1, start, cache, logits_BV, buf_BL, done_B, key
+        return i + 1, start, cache, logits_BV, buf_BL, done_B
 
     def window(carry):  # Steps until the cache is full (no branch per token), then one slide.
         carry = jax.lax.while_loop(lambda c: running(c) & (c[0] - c[1] < W), step, carry)
         return jax.lax.cond(running(carry), slide, lambda c: c, carry)
 
-    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
-    carry = (jnp.int32(P), start, cache, logits_BV, buf_BL, done_B, keys_N)
-    end, _, _, _, buf_BL, _, _ = jax.lax.while_loop(running, window, carry)
+    carry = (jnp.int32(P), start, cache, logits_BV, buf_BL, done_B)
+    end, _, _, _, buf_BL, _ = jax.lax.while_loop(running, window, carry)
     return _replicate(buf_BL, replicated), _replicate(end, replicated)
 
 
@@ -191,24 +196,24 @@ def _decode_cached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int
 def _decode_uncached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
                      sampling: SamplingParams, replicated):
     W = decoder.cfg.max_seq_len
+    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
 
     def logits_at(buf_BL, i):  # The window of W tokens ending at index i, recomputed whole.
         start = jnp.maximum(i - W + 1, 0)
         return _window(decoder, params, None, buf_BL, pad_B, start, i, W)[0]
 
     def cond(carry):
-        i, _, done_B, _ = carry
+        i, _, done_B = carry
         return (i < total) & ~jnp.all(done_B)
 
     def body(carry):
-        i, buf_BL, done_B, key = carry
-        buf_BL, done_B, _, key = _sample_into(buf_BL, done_B, logits_at(buf_BL, i - 1), key, i,
-                                              stop_S, sampling)
-        return i + 1, buf_BL, done_B, key
+        i, buf_BL, done_B = carry
+        buf_BL, done_B, _ = _sample_into(buf_BL, done_B, logits_at(buf_BL, i - 1), keys_N, i,
+                                         stop_S, sampling)
+        return i + 1, buf_BL, done_B
 
-    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
-    carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool), keys_N)
-    end, buf_BL, _, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool))
+    end, buf_BL, _ = jax.lax.while_loop(cond, body, carry)
     return _replicate(buf_BL, replicated), _replicate(end, replicated)
 
 

@@ -41,7 +41,7 @@ BPE_SAMPLE_BYTES = 64 << 20
 _EOT_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 # GPT-2's pre-tokenizer regex: tiktoken's r50k pattern, the split HF's ByteLevel(use_regex) makes.
 _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_GPT2_VOCAB = 50257
+GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE; its last id, 50256, is <|endoftext|>.
 
 
 class Tokenizer(Protocol):
@@ -257,7 +257,7 @@ class GPT2Tokenizer(_TiktokenTokenizer):
                 "to a folder holding tiktoken's cached gpt2 files (vocab.bpe and encoder.json "
                 "saved under the sha1 of their URLs), or use --tokenizer=bpe."
             ) from e
-        super().__init__(encoding, _GPT2_VOCAB, encoding.eot_token)
+        super().__init__(encoding, GPT2_VOCAB_SIZE, encoding.eot_token)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns {"name": "gpt2"}: the vocab is tiktoken's, fixed."""

@@ -17,7 +17,7 @@ from gpt_jax.data import prepare, shards, tokenizers
 from gpt_jax.data.pipeline import TokenStream
 
 # Vocabularies fixed by the tokenizer's name, known without data (tools that only compile).
-FIXED_VOCAB_SIZES = {"byte": tokenizers.ByteTokenizer.vocab_size, "gpt2": 50257}
+FIXED_VOCAB_SIZES = {"byte": tokenizers.ByteTokenizer.vocab_size, "gpt2": tokenizers.GPT2_VOCAB_SIZE}
 
 
 @dataclasses.dataclass(frozen=True)

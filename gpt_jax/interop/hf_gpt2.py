@@ -25,13 +25,14 @@ import numpy as np
 from absl import logging
 
 from gpt_jax.config import ModelConfig
+from gpt_jax.data import tokenizers
 
 # HF activation_function → model.activation. HF's "gelu" is the exact (erf) GELU; "gelu_new" and
 # "gelu_pytorch_tanh" are the tanh approximation GPT-2 was trained with.
 ACTIVATIONS_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                        "relu": "relu"}
 ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
-GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE; its last id, 50256, is <|endoftext|> (bos and eos).
+GPT2_VOCAB_SIZE = tokenizers.GPT2_VOCAB_SIZE  # Its last id, 50256, is bos and eos.
 WEIGHTS_NAME = "model.safetensors"
 # Tokenizer files of an HF folder (GPT2Tokenizer's vocab.json + merges.txt, or the fast one's).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",

@@ -9,6 +9,7 @@ checkpoint that looks valid, and retention only deletes after a newer save has c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -92,15 +93,20 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
     return config_lib.saved_run_config(json.dumps(raw)).to_dict()
 
 
+def differing_fields(saved_model: dict, ours: dict, fields: tuple[str, ...]) -> list[str]:
+    """The `fields` whose saved value differs from this run's, in order."""
+    return [f for f in fields if saved_model.get(f) != ours.get(f)]
+
+
 def check_compatible(saved: dict, config_model: dict, step: int) -> None:
     """Raises a one-line CheckpointError naming the first shape-changing field that differs."""
-    for field in SHAPE_FIELDS:
-        if saved["model"].get(field) != config_model.get(field):
-            raise CheckpointError(
-                f"the checkpoint at step {step} has model.{field}={saved['model'].get(field)!r} but "
-                f"this run has model.{field}={config_model.get(field)!r}; resume with the "
-                "checkpoint's value, or start a new run in another --workdir."
-            )
+    if differ := differing_fields(saved["model"], config_model, SHAPE_FIELDS):
+        field = differ[0]
+        raise CheckpointError(
+            f"the checkpoint at step {step} has model.{field}={saved['model'].get(field)!r} but "
+            f"this run has model.{field}={config_model.get(field)!r}; resume with the "
+            "checkpoint's value, or start a new run in another --workdir."
+        )
 
 
 # Fields whose change makes a resumed run differ from an uninterrupted one (warned about).
@@ -295,19 +301,18 @@ def _check_starts(saved_model: dict, model_cfg: ModelConfig, source: str) -> Non
     """Raises a one-line CheckpointError naming the first shape-changing field in which this run
     differs from the checkpoint it starts from; warns about function-changing ones (allowed: a
     deliberate change when fine-tuning)."""
-    for field in SHAPE_FIELDS:
-        theirs, ours = saved_model[field], getattr(model_cfg, field)
-        if theirs != ours:
-            raise CheckpointError(
-                f"checkpoint.init_from={source} has model.{field}={theirs!r} but this run has "
-                f"model.{field}={ours!r}; set --config.model.{field}={theirs!r} to start from it.")
-    for field in FUNCTION_FIELDS:
-        theirs, ours = saved_model[field], getattr(model_cfg, field)
-        if theirs != ours:
-            logging.warning("checkpoint.init_from=%s was trained with model.%s=%r and this run "
-                            "has %r: the weights start under another function; set "
-                            "--config.model.%s=%r to keep it.", source, field, theirs, ours,
-                            field, theirs)
+    ours = dataclasses.asdict(model_cfg)
+    if differ := differing_fields(saved_model, ours, SHAPE_FIELDS):
+        field = differ[0]
+        raise CheckpointError(
+            f"checkpoint.init_from={source} has model.{field}={saved_model[field]!r} but this run "
+            f"has model.{field}={ours[field]!r}; set --config.model.{field}={saved_model[field]!r} "
+            "to start from it.")
+    for field in differing_fields(saved_model, ours, FUNCTION_FIELDS):
+        logging.warning("checkpoint.init_from=%s was trained with model.%s=%r and this run "
+                        "has %r: the weights start under another function; set "
+                        "--config.model.%s=%r to keep it.", source, field, saved_model[field],
+                        ours[field], field, saved_model[field])
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
