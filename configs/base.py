@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = m = ml_collections.ConfigDict()
+    m.arch = "gpt"  # Architecture (gpt_jax/models/registry.py): gpt.
     m.num_layers = 4  # Transformer blocks.
     m.num_heads = 4  # Attention heads; must divide d_model.
     m.d_model = 128  # Residual stream width.

@@ -1,22 +1,18 @@
-"""Config handling: validation, the frozen ModelConfig, JSON round trip.
+"""Config handling: validation, JSON round trip.
 
 Every default lives in configs/*.py; this module only checks values and derives what follows from
-them. Errors are one line that names the field and the fix, raised before anything compiles.
+them. Errors are one line that names the field and the fix, raised before anything compiles. The
+`model` group's values are checked by the architecture model.arch names (gpt_jax/models/).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 FINAL_EVALS = ("full", "batches", "none")
 ON_NONFINITE = ("stop", "skip")
 
@@ -25,88 +21,13 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Hyperparameters of a GPT, built from the `model` config group."""
-
-    vocab_size: int
-    vocab_multiple: int
-    max_seq_len: int
-    num_layers: int
-    num_heads: int
-    d_model: int
-    mlp_ratio: int
-    dropout: float
-    attention_dropout: float
-    bias: bool
-    tie_embeddings: bool
-    activation: str
-    norm_eps: float
-    init_std: float
-    dtype: str
-    attention_impl: str
-    remat: str
-    scan_layers: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
-    def mlp_dim(self) -> int:
-        return self.mlp_ratio * self.d_model
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.vocab_multiple
-        return int(math.ceil(self.vocab_size / m) * m)
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-        """Builds the model hyperparameters; `vocab_size` comes from the tokenizer unless the
-        config fixes `model.vocab_size` (which must then hold every token id)."""
-        m = config.model
-        if m.vocab_size is not None:
-            if m.vocab_size < vocab_size:
-                raise ConfigError(
-                    f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
-                    f"({vocab_size}); raise it or leave it unset to take the tokenizer's."
-                )
-            vocab_size = m.vocab_size
-        max_seq_len = m.max_seq_len if m.max_seq_len is not None else config.data.seq_len
-        return cls(
-            vocab_size=vocab_size,
-            vocab_multiple=m.vocab_multiple,
-            max_seq_len=max_seq_len,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            d_model=m.d_model,
-            mlp_ratio=m.mlp_ratio,
-            dropout=m.dropout,
-            attention_dropout=m.attention_dropout,
-            bias=m.bias,
-            tie_embeddings=m.tie_embeddings,
-            activation=m.activation,
-            norm_eps=m.norm_eps,
-            init_std=m.init_std,
-            dtype=m.dtype,
-            attention_impl=m.attention_impl,
-            remat=m.remat,
-            scan_layers=m.scan_layers,
-        )
-
-
 def prepared_folders(config: ml_collections.ConfigDict) -> list[str]:
     """The folders data.prepared names (comma-separated), in order; [] when it is unset."""
     text = config.data.prepared
     if not text:
         return []
     folders = [f.strip() for f in text.split(",")]
-    _check(all(folders), f"data.prepared={text!r} has an empty entry; give folders separated by "
+    check(all(folders), f"data.prepared={text!r} has an empty entry; give folders separated by "
                          "single commas.")
     return folders
 
@@ -121,19 +42,21 @@ def mixture_weights(config: ml_collections.ConfigDict) -> list[float] | None:
     except ValueError:
         raise ConfigError(f"data.mixture_weights={text!r} is not comma-separated numbers; write "
                           "e.g. '0.7,0.3', one weight per data.prepared folder.") from None
-    _check(all(math.isfinite(w) and w > 0 for w in weights),
+    check(all(math.isfinite(w) and w > 0 for w in weights),
            f"data.mixture_weights={text!r} must all be positive; drop a folder from "
            "data.prepared instead of giving it weight 0.")
     return weights
 
 
-def _check(ok: bool, msg: str) -> None:
+def check(ok: bool, msg: str) -> None:
+    """Raises ConfigError(`msg`) unless `ok` (architectures' validate functions use it too)."""
     if not ok:
         raise ConfigError(msg)
 
 
-def _one_of(value: Any, field: str, choices) -> None:
-    _check(value in choices, f"{field}={value!r} is not one of {sorted(choices)}; pick one of those.")
+def one_of(value: Any, field: str, choices) -> None:
+    """Raises a ConfigError naming `field` unless `value` is one of `choices`."""
+    check(value in choices, f"{field}={value!r} is not one of {sorted(choices)}; pick one of those.")
 
 
 def _reference_config() -> ml_collections.ConfigDict:
@@ -147,9 +70,9 @@ def _check_types(config, reference, prefix: str = "") -> None:
     take None). config_flags checks command-line values; this catches config files and JSON."""
     for key in reference:
         field, want, got = f"{prefix}{key}", reference[key], config.get(key, _MISSING)
-        _check(got is not _MISSING, f"config field {field} is missing; every field is in configs/base.py.")
+        check(got is not _MISSING, f"config field {field} is missing; every field is in configs/base.py.")
         if isinstance(want, ml_collections.ConfigDict):
-            _check(isinstance(got, ml_collections.ConfigDict),
+            check(isinstance(got, ml_collections.ConfigDict),
                    f"config field {field} must be a group of fields, got {got!r}.")
             _check_types(got, want, f"{field}.")
             continue
@@ -159,7 +82,7 @@ def _check_types(config, reference, prefix: str = "") -> None:
         ok = (isinstance(got, kind) and not (kind is int and isinstance(got, bool))) or (
             kind is float and isinstance(got, int) and not isinstance(got, bool))
         example = "" if want is None else f" (default {field}={want!r})"
-        _check(ok, f"{field}={got!r} has type {type(got).__name__}; it takes a value of type "
+        check(ok, f"{field}={got!r} has type {type(got).__name__}; it takes a value of type "
                    f"{kind.__name__}{example}.")
 
 
@@ -171,104 +94,89 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from gpt_jax.data.corpora import CORPORA
     from gpt_jax.data.pipeline import SAMPLINGS
     from gpt_jax.data.tokenizers import check_name as check_tokenizer
-    from gpt_jax.models.layers import ACTIVATIONS
+    from gpt_jax.models import registry
 
     _check_types(config, _reference_config())
     m, d, o, t = config.model, config.data, config.optim, config.train
-    for field in ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_multiple"):
-        _check(m[field] >= 1, f"model.{field}={m[field]} must be ≥ 1.")
-    _check(
-        m.d_model % m.num_heads == 0,
-        f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; "
-        "choose heads so that d_model % num_heads == 0.",
-    )
-    _one_of(m.dtype, "model.dtype", DTYPES)
-    _one_of(m.attention_impl, "model.attention_impl", ATTENTION_IMPLS)
-    if m.attention_impl == "cudnn":
-        head_dim = m.d_model // m.num_heads
-        _check(m.dtype == "bfloat16" and head_dim % 8 == 0 and head_dim <= 128,
-               f"model.attention_impl=cudnn needs model.dtype=bfloat16 and a head dim that is a "
-               f"multiple of 8 up to 128 (got {m.dtype}, {head_dim}); use auto or xla.")
-    _one_of(m.activation, "model.activation", ACTIVATIONS)
-    _one_of(m.remat, "model.remat", REMAT_POLICIES)
-    for field in ("dropout", "attention_dropout"):
-        _check(0.0 <= m[field] < 1.0, f"model.{field}={m[field]} must be in [0, 1).")
-    _check(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be ≥ 1.")
-    if m.max_seq_len is not None:
-        _check(
-            d.seq_len <= m.max_seq_len,
-            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len} (positions); "
-            "lower data.seq_len or raise model.max_seq_len.",
-        )
+    try:
+        arch = registry.get(m.arch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    arch.validate(config)
+    for axis in arch.logical_axes:  # Else that axis would silently stay unsharded.
+        check(axis in config.mesh.rules,
+               f"model.arch={m.arch!r} names the logical axis {axis!r}, which mesh.rules does not "
+               f"map; add mesh.rules.{axis} to configs/base.py (\"\" = replicated).")
+    check(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be ≥ 1.")
     try:
         check_tokenizer(d.tokenizer)
     except ValueError as e:
         raise ConfigError(f"data.tokenizer={d.tokenizer!r}: {e}.") from None
-    _one_of(d.sampling, "data.sampling", SAMPLINGS)
+    one_of(d.sampling, "data.sampling", SAMPLINGS)
     folders, weights = prepared_folders(config), mixture_weights(config)
     if folders:
-        _check(d.path is None, f"data.prepared={d.prepared!r} and data.path={d.path!r} are both "
+        check(d.path is None, f"data.prepared={d.prepared!r} and data.path={d.path!r} are both "
                                "set; keep one (data.prepared is already tokenized).")
     elif d.path is None:
-        _one_of(d.corpus, "data.corpus", CORPORA)
+        one_of(d.corpus, "data.corpus", CORPORA)
     if weights is not None:
-        _check(len(weights) == len(folders),
+        check(len(weights) == len(folders),
                f"data.mixture_weights has {len(weights)} weight(s) for {len(folders)} "
                f"data.prepared folder(s); give one weight per folder, or \"\" for weights "
                "proportional to their sizes.")
     if not folders and d.tokenizer == "bpe":
-        _check(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is too small for bpe: it "
+        check(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is too small for bpe: it "
                                     "needs 256 byte tokens + end-of-text; use ≥ 257 (e.g. 4096).")
     if d.document_mask:
         # Documents end at end-of-text tokens, which only the prepare command writes (an
         # in-process corpus is one stream); the folder's tokenizer is checked once it is read.
-        _check(bool(folders),
+        check(bool(folders),
                "data.document_mask=True needs documents separated by end-of-text tokens, which "
                "only prepared folders have; prepare the data with python -m "
                "gpt_jax.data.prepare --tokenizer=bpe|gpt2 and set data.prepared, or set "
                "data.document_mask=False.")
-        _check(m.attention_impl != "cudnn",
-               "data.document_mask=True needs a masked attention, which model.attention_impl="
-               "cudnn does not take here; use auto or xla (auto takes XLA when masking).")
-    _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1).")
+    check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1).")
 
-    _check(t.num_steps >= 1, f"train.num_steps={t.num_steps} must be ≥ 1.")
-    _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be ≥ 1.")
-    _check(t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be ≥ 1.")
-    _check(
+    check(t.num_steps >= 1, f"train.num_steps={t.num_steps} must be ≥ 1.")
+    check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be ≥ 1.")
+    check(t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be ≥ 1.")
+    check(
         t.batch_size % t.grad_accum_steps == 0,
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps="
         f"{t.grad_accum_steps}; make the batch a multiple of the accumulation steps.",
     )
-    _check(
+    check(
         t.loss_chunk >= 0 and (t.loss_chunk == 0 or d.seq_len % t.loss_chunk == 0),
         f"train.loss_chunk={t.loss_chunk} must be 0 (off) or divide data.seq_len={d.seq_len}.",
     )
-    _check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be ≥ 1.")
-    _check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be ≥ 1.")
-    _one_of(t.final_eval, "train.final_eval", FINAL_EVALS)
-    _one_of(t.on_nonfinite, "train.on_nonfinite", ON_NONFINITE)
+    check(t.loss_chunk == 0 or arch.split_head,
+           f"train.loss_chunk={t.loss_chunk} needs a model with separate hidden and head "
+           f"passes, which model.arch={m.arch!r} does not have; set train.loss_chunk=0.")
+    check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be ≥ 1.")
+    check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be ≥ 1.")
+    one_of(t.final_eval, "train.final_eval", FINAL_EVALS)
+    one_of(t.on_nonfinite, "train.on_nonfinite", ON_NONFINITE)
     ck = config.checkpoint
-    _check(ck.every >= 1, f"checkpoint.every={ck.every} must be ≥ 1.")
-    _check(ck.keep >= 1, f"checkpoint.keep={ck.keep} must be ≥ 1.")
-    _check(config.log.every >= 1, f"log.every={config.log.every} must be ≥ 1.")
+    check(ck.every >= 1, f"checkpoint.every={ck.every} must be ≥ 1.")
+    check(ck.keep >= 1, f"checkpoint.keep={ck.keep} must be ≥ 1.")
+    check(config.log.every >= 1, f"log.every={config.log.every} must be ≥ 1.")
 
-    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0.")
-    _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr].")
-    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be ≥ 0.")
+    check(o.lr > 0, f"optim.lr={o.lr} must be > 0.")
+    check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr].")
+    check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be ≥ 0.")
     decay = o.decay_steps if o.decay_steps is not None else t.num_steps
-    _check(
+    check(
         decay > o.warmup_steps,
         f"optim.decay_steps={decay} must exceed optim.warmup_steps={o.warmup_steps}.",
     )
-    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be ≥ 0 (0 disables clipping).")
+    check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be ≥ 0 (0 disables clipping).")
     for field in ("beta1", "beta2"):
-        _check(0 <= o[field] < 1, f"optim.{field}={o[field]} must be in [0, 1).")
+        check(0 <= o[field] < 1, f"optim.{field}={o[field]} must be in [0, 1).")
     s = config.sample
     for field in ("num_samples", "max_new_tokens", "top_k", "temperature"):
-        _check(s[field] >= 0, f"sample.{field}={s[field]} must be ≥ 0.")
-    _check(0.0 < s.top_p <= 1.0, f"sample.top_p={s.top_p} must be in (0, 1] (1 disables it).")
-    _check(s.num_samples == 0 or len(s.prompt) > 0,
+        check(s[field] >= 0, f"sample.{field}={s[field]} must be ≥ 0.")
+    check(0.0 < s.top_p <= 1.0, f"sample.top_p={s.top_p} must be in (0, 1] (1 disables it).")
+    check(s.num_samples == 0 or len(s.prompt) > 0,
            "sample.prompt is empty; give at least one character (e.g. a newline) or set "
            "sample.num_samples=0.")
 

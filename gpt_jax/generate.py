@@ -20,11 +20,12 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax.models.gpt import GPT
+from gpt_jax.models import positions, registry
 from gpt_jax.models.layers import DecodeState
 from gpt_jax.parallel.sharding import put_replicated_host
 
@@ -83,7 +84,7 @@ def _left_pad(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate(
-    model: GPT,
+    model: nn.Module,
     params,
     prompts: Sequence[np.ndarray],
     max_new_tokens: int,
@@ -95,10 +96,12 @@ def generate(
     """Continues each prompt (1-D int arrays, any lengths) by up to `max_new_tokens` tokens.
 
     Returns one array per prompt: the prompt followed by its new tokens, ending at (and including)
-    the first stop token if one was drawn. `params` may be sharded on the training mesh.
+    the first stop token if one was drawn. `params` may be sharded on the training mesh. A model
+    whose architecture has no KV cache (registry `decoding="recompute"`) always recomputes.
     """
-    cfg = dataclasses.replace(model.cfg, remat="none", dropout=0.0, attention_dropout=0.0)
-    decoder = GPT(cfg)  # Same parameters; remat and dropout have no use when decoding.
+    arch = registry.arch_of(model.cfg)
+    cfg = arch.for_inference(model.cfg)
+    decoder = registry.build(cfg)  # Same parameters.
     tokens_BP, pad_B = _left_pad(prompts)
     B, P = tokens_BP.shape
     W = cfg.max_seq_len
@@ -115,7 +118,10 @@ def generate(
                   if isinstance(first, jax.sharding.NamedSharding) else None)
     if replicated is not None:
         inputs = [put_replicated_host(a, replicated) for a in inputs]
-    run = _decode_cached if use_cache else _decode_uncached
+    if arch.decoding != "kv_cache":
+        run = _decode_recompute
+    else:
+        run = _decode_cached if use_cache else _decode_uncached
     buf_BL, end = run(decoder, params, *inputs, P, total, sampling, replicated)
     buf_BL, end = np.asarray(buf_BL), int(end)
     stops = set(stop_tokens)
@@ -127,7 +133,7 @@ def generate(
     return outs
 
 
-def _window(decoder: GPT, params, cache, buf_BL: Array, pad_B: Array, start: Array,
+def _window(decoder: nn.Module, params, cache, buf_BL: Array, pad_B: Array, start: Array,
             read: Array, length: int) -> tuple[Array, dict]:
     """Encodes the `length` tokens of `buf_BL` from `start` into cache slots 0… (later slots keep
     stale entries that causality hides until they are overwritten); returns the logits at buffer
@@ -151,7 +157,7 @@ def _sample_into(buf_BL, done_B, logits_BV, keys_N, i, stop_S, sampling):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
-def _decode_cached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
+def _decode_cached(decoder: nn.Module, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
                    sampling: SamplingParams, replicated):
     W = decoder.cfg.max_seq_len
     shift = slide_shift(W)
@@ -193,7 +199,7 @@ def _decode_cached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
-def _decode_uncached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
+def _decode_uncached(decoder: nn.Module, params, buf_BL, pad_B, key_data, stop_S, P: int, total: int,
                      sampling: SamplingParams, replicated):
     W = decoder.cfg.max_seq_len
     keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
@@ -210,6 +216,43 @@ def _decode_uncached(decoder: GPT, params, buf_BL, pad_B, key_data, stop_S, P: i
         i, buf_BL, done_B = carry
         buf_BL, done_B, _ = _sample_into(buf_BL, done_B, logits_at(buf_BL, i - 1), keys_N, i,
                                          stop_S, sampling)
+        return i + 1, buf_BL, done_B
+
+    carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool))
+    end, buf_BL, _ = jax.lax.while_loop(cond, body, carry)
+    return _replicate(buf_BL, replicated), _replicate(end, replicated)
+
+
+def _recomputed_logits(decoder: nn.Module, params, buf_BL: Array, pad_B: Array, start: Array,
+                       read: Array, length: int) -> Array:
+    """Logits at buffer index `read` from the `length` tokens from `start`, through the plain
+    forward pass: left padding is a segment of its own (segment 0) that real tokens never attend
+    to, and positions count from each row's first real token in the window, as `_window`'s."""
+    tokens_BT = jax.lax.dynamic_slice_in_dim(buf_BL, start, length, axis=1)
+    first_B = jnp.maximum(pad_B - start, 0)  # Each row's first real token in the window.
+    real_BT = jnp.arange(length, dtype=jnp.int32)[None, :] >= first_B[:, None]
+    positions_BT = positions.decode_positions(jnp.zeros((), jnp.int32), first_B, length, length)
+    logits_BTV = decoder.apply({"params": params}, tokens_BT,
+                               segment_ids_BT=real_BT.astype(jnp.int32), positions_BT=positions_BT)
+    return jax.lax.dynamic_slice_in_dim(logits_BTV, read - start, 1, axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _decode_recompute(decoder: nn.Module, params, buf_BL, pad_B, key_data, stop_S, P: int,
+                      total: int, sampling: SamplingParams, replicated):
+    """Decoding for a model without a cache: the last max_seq_len tokens recomputed per token."""
+    W = decoder.cfg.max_seq_len
+    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
+
+    def cond(carry):
+        i, _, done_B = carry
+        return (i < total) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, buf_BL, done_B = carry
+        start = jnp.maximum(i - W, 0)
+        logits_BV = _recomputed_logits(decoder, params, buf_BL, pad_B, start, i - 1, W)
+        buf_BL, done_B, _ = _sample_into(buf_BL, done_B, logits_BV, keys_N, i, stop_S, sampling)
         return i + 1, buf_BL, done_B
 
     carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool))

@@ -9,13 +9,14 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import flax.linen as nn
 import jax
 from absl import app, flags, logging
 
 from gpt_jax.data import tokenizers
 from gpt_jax.generate import SamplingParams, generate
-from gpt_jax.models.gpt import GPT
-from gpt_jax.training import checkpoint
+from gpt_jax.models import registry
+from gpt_jax.training import weights
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
@@ -36,7 +37,7 @@ class RunError(ValueError):
 
 
 def load_run(workdir: str | pathlib.Path, which: str = "newest"
-             ) -> tuple[tokenizers.Tokenizer, GPT, dict, int]:
+             ) -> tuple[tokenizers.Tokenizer, nn.Module, dict, int]:
     """(tokenizer, model, params, step) of a run's checkpoint `which` (newest | best | a step).
     Only the parameters are read; they land on the default device."""
     workdir = pathlib.Path(workdir).expanduser()
@@ -44,9 +45,10 @@ def load_run(workdir: str | pathlib.Path, which: str = "newest"
         raise RunError(f"{workdir} has no tokenizer.json; give the --workdir of a training run.")
     if which not in ("newest", "best") and not which.isdigit():
         raise RunError(f"--checkpoint={which!r}: use newest, best or a step number.")
-    _, cfg, params, step = checkpoint.load_trained(workdir, which if not which.isdigit()
-                                                   else int(which))
-    return tokenizers.load_tokenizer(workdir / "tokenizer.json"), GPT(cfg), params, step
+    _, hparams, params, step = weights.load_trained(workdir, which if not which.isdigit()
+                                                    else int(which))
+    return (tokenizers.load_tokenizer(workdir / "tokenizer.json"), registry.build(hparams),
+            params, step)
 
 
 def read_prompt(arg: str) -> str:

@@ -66,7 +66,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from gpt_jax.training import trainer  # Imported late so flag errors come fast.
+    from gpt_jax.training import loop  # Imported late so flag errors come fast.
     from gpt_jax.training.checkpoint import CheckpointError
     from gpt_jax.training.preemption import Preempted
 
@@ -80,8 +80,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
-        trainer.run(config, workdir)
-    except (ConfigError, CheckpointError, trainer.NonFiniteLossError) as e:
+        loop.run(config, workdir)
+    except (ConfigError, CheckpointError, loop.NonFiniteLossError) as e:
         _fail(str(e))
     except Preempted as e:
         # 128 + signal: a scheduler reads "terminated by that signal" and can requeue the job.

@@ -1,10 +1,154 @@
-"""Tests in tests/multidevice/ need 8 CPU devices, which XLA only creates if asked before jax is
-imported; test_parallel.py runs them in a subprocess with XLA_FLAGS set. A plain `pytest` run
-skips collecting them here."""
+"""Shared fixtures: a small corpus, tiny configs and models, metrics rows.
 
+Tests in tests/multidevice/ need 8 CPU devices, which XLA only creates if asked before jax is
+imported; test_parallel.py runs them in a subprocess with XLA_FLAGS set. A plain `pytest` run
+skips collecting them here.
+
+`slow` marks end-to-end tests (multi-process runs, SIGKILL/SIGTERM resumes, full training runs):
+`python -m pytest -q` skips them, `python -m pytest -q --runslow` (what .ci/run does) runs all.
+"""
+
+import json
 import os
+import pathlib
 import re
+import tempfile
+
+import pytest
 
 _forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
 if not _forced or int(_forced.group(1)) < 8:
     collect_ignore = ["multidevice"]
+
+# A corpus of Python-like lines: enough structure that a tiny model's loss falls within tens of
+# steps, and ~30 distinct characters (a small char vocabulary).
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))
+# Timing fields of metrics.jsonl rows: they differ between otherwise identical runs.
+TIMING = ("tokens_per_sec", "mfu", "gflops_per_sec")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (end-to-end, several minutes)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end test; runs only with --runslow")
+    # One persistent XLA compilation cache for the session, CLI subprocesses included: many
+    # tests compile the same tiny steps, and a cached executable is the same program (the
+    # bitwise tests pass with it). Set before any test module imports jax.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt_jax_xla_cache_")
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> pathlib.Path:
+    """TEXT in a file."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def tiny_config(corpus, tmp_path):
+    """make(**overrides) → a config for a 2-layer, d 32 char model on `corpus` that trains in
+    seconds; overrides are "group.field" → value."""
+    from configs import base
+
+    def make(**overrides):
+        c = base.get_config()
+        c.data.path = str(corpus)
+        c.data.cache_dir = str(tmp_path / "cache")
+        c.data.tokenizer = "char"
+        c.data.seq_len = 32
+        c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 2, 32
+        c.train.batch_size = 8
+        c.train.num_steps = 40
+        c.train.eval_every = 20
+        c.train.eval_batches = 2
+        c.optim.warmup_steps = 5
+        c.optim.lr = 3e-3
+        c.log.every = 5
+        c.log.progress = False
+        c.sample.num_samples = 1
+        c.sample.max_new_tokens = 20
+        for key, value in overrides.items():
+            group, field = key.split(".")
+            c[group][field] = value
+        return c
+
+    return make
+
+
+@pytest.fixture
+def tiny_gpt():
+    """make(vocab_size=50, seq_len=16, **model_fields) → (hyperparameters, module, params) of a
+    2-layer, 4-head, d 32 GPT with random parameters (seed 0)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from configs import base
+    from gpt_jax.models import registry
+
+    def make(vocab_size: int = 50, seq_len: int = 16, seed: int = 0, **model_fields):
+        c = base.get_config()
+        c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 4, 32
+        c.data.seq_len = seq_len
+        c.model.update(model_fields)
+        hparams = registry.hyperparameters(c, vocab_size)
+        model = registry.build(hparams)
+        variables = model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))
+        return hparams, model, nn.meta.unbox(variables["params"])
+
+    return make
+
+
+def config_flags(config) -> list[str]:
+    """The flags of `python -m gpt_jax.train` that make `config`: configs/base.py, then
+    `--config.GROUP.FIELD=VALUE` for every field in which `config` differs from it."""
+    from configs import base
+
+    default = base.get_config()
+    return [f"--config={base.__file__}"] + [
+        f"--config.{group}.{field}={value}"
+        for group, fields in config.items() for field, value in fields.items()
+        if value != default[group][field]]
+
+
+@pytest.fixture
+def cli_flags():
+    """config_flags, as a fixture."""
+    return config_flags
+
+
+@pytest.fixture
+def train_command():
+    """command(workdir, config) → the argv of `python -m gpt_jax.train` that trains `config`."""
+    import sys
+
+    return lambda workdir, config: [sys.executable, "-m", "gpt_jax.train", f"--workdir={workdir}",
+                                    *config_flags(config)]
+
+
+def read_metrics(workdir: pathlib.Path, timing: bool = True) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl (without the timing fields if `timing` is False)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return rows if timing else [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.fixture
+def metrics_rows():
+    """read_metrics, as a fixture (tests do not import from conftest)."""
+    return read_metrics

@@ -2,13 +2,13 @@
 that prints its log format, and a real run of ours)."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from tests.test_train import TEXT
 from tools import compare_nanogpt
 
 FAKE_TRAIN = textwrap.dedent("""
@@ -27,11 +27,25 @@ def test_nanogpt_log_median_skips_the_first_iterations():
         compare_nanogpt.nanogpt_tokens_per_sec("nothing here")
 
 
-def test_back_to_back_rounds_report_the_ratio(tmp_path):
+def test_our_median_skips_the_first_interval(tmp_path):
+    rows = [{"step": 0, "val/loss": 4.0}, {"step": 1, "train/loss": 4.0, "tokens_per_sec": 10.0},
+            *({"step": 10 * i, "train/loss": 3.0, "tokens_per_sec": r}
+              for i, r in enumerate((100.0, 300.0, 200.0), start=1))]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert compare_nanogpt.ours_tokens_per_sec(path) == 200.0
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="no tokens_per_sec"):
+        compare_nanogpt.ours_tokens_per_sec(path)
+
+
+@pytest.mark.slow
+def test_back_to_back_rounds_report_the_ratio(corpus, tmp_path):
+    """A real 200-step run of ours against a stand-in nanoGPT that prints its log format."""
     nanogpt = tmp_path / "nanoGPT"
     (nanogpt / "data/shakespeare_char").mkdir(parents=True)
     (nanogpt / "train.py").write_text(FAKE_TRAIN)
-    (nanogpt / "data/shakespeare_char/input.txt").write_text(TEXT)
+    shutil.copy(corpus, nanogpt / "data/shakespeare_char/input.txt")
     (nanogpt / "data/shakespeare_char/train.bin").write_bytes(b"\0\0")
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "tools/compare_nanogpt.py", f"--nanogpt={nanogpt}",

@@ -9,6 +9,7 @@ import pytest
 
 from configs import base, gpt2, openwebtext, quickstart, shakespeare_char
 from gpt_jax import config as config_lib
+from gpt_jax.models import registry
 from gpt_jax.train import default_workdir
 
 
@@ -76,8 +77,11 @@ def test_validation_errors_name_the_field(field, value, match):
 def test_vocab_size_smaller_than_tokenizer():
     config = quickstart.get_config(None)
     config.model.vocab_size = 100
-    with pytest.raises(config_lib.ConfigError, match="model.vocab_size=100"):
-        config_lib.ModelConfig.from_config(config, vocab_size=256)
+    with pytest.raises(config_lib.ConfigError, match=r"model\.vocab_size=100 is smaller than the "
+                                                     r"tokenizer's vocabulary \(256\)"):
+        registry.hyperparameters(config, vocab_size=256)
+    config.model.vocab_size = 300  # Larger than the tokenizer's: kept (e.g. for padding).
+    assert registry.hyperparameters(config, vocab_size=256).vocab_size == 300
 
 
 def test_default_workdir():
@@ -134,10 +138,16 @@ def test_wrong_value_types_in_a_config_file(group, key, value, match):
         config_lib.validate(ml_collections.ConfigDict(d))
 
 
-def test_an_int_where_a_float_goes_is_fine():
+def test_an_int_where_a_float_goes_is_fine_but_a_bool_is_not():
     d = quickstart.get_config(None).to_dict()
-    d["model"]["dropout"] = 0
-    config_lib.validate(ml_collections.ConfigDict(d))
+    d["model"]["dropout"], d["optim"]["lr"] = 0, 1
+    config = ml_collections.ConfigDict(d)
+    config_lib.validate(config)  # Raises on a wrong type (see above); this one is accepted …
+    assert registry.hyperparameters(config, vocab_size=256).dropout == 0.0  # … and used as is.
+    config_lib.validate(config_lib.from_json(config_lib.to_json(config)))  # As config.json too.
+    d["model"]["dropout"] = False  # A bool is an int to Python, not a float to the config.
+    with pytest.raises(config_lib.ConfigError, match="model.dropout=False has type bool"):
+        config_lib.validate(ml_collections.ConfigDict(d))
 
 
 def test_openwebtext_mirrors_nanogpt_train_gpt2():

@@ -1,6 +1,7 @@
 """Tests for gpt_jax.data.pipeline.
 
 Tokens are np.arange, so a window's first token says where it starts: window i starts at i*T.
+Batches are dicts (gpt_jax/data/batch.py); `_windows` turns one back into its [B, T + 1] windows.
 """
 
 import itertools
@@ -29,8 +30,23 @@ def _dataset(tokens=None, seed=0, shard_index=0, shard_count=1, sampling="epochs
     )
 
 
+def _windows(batch: dict[str, np.ndarray], weighted: bool = True) -> np.ndarray:
+    """The [B, T + 1] windows of a language-model batch dict, after checking its contract:
+    int32 inputs and targets [B, T], targets the inputs shifted by one, float32 weights [B, T]
+    (all ones unless `weighted` is False)."""
+    assert set(batch) == {"inputs", "targets", "weights"}
+    inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+    assert inputs.dtype == targets.dtype == np.int32 and weights.dtype == np.float32
+    assert inputs.shape == targets.shape == weights.shape
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    if weighted:
+        np.testing.assert_array_equal(weights, 1.0)
+    return np.concatenate([inputs, targets[:, -1:]], axis=1)
+
+
 def _take(iterator, n: int) -> list[np.ndarray]:
-    return list(itertools.islice(iterator, n))
+    """The windows of the next `n` batches."""
+    return [_windows(b) for b in itertools.islice(iterator, n)]
 
 
 def _window_ids(batches) -> list[int]:
@@ -67,7 +83,7 @@ def test_window_source_pickles_memmap_by_path(tmp_path):
 
 
 def test_batch_shapes_and_contents():
-    batch = next(iter(_dataset()))
+    batch = _windows(next(iter(_dataset())))
     assert batch.shape == (B, T + 1) and batch.dtype == np.int32
     # Each row is one contiguous window on the T grid.
     np.testing.assert_array_equal(np.diff(batch, axis=1), 1)
@@ -126,15 +142,15 @@ def test_too_few_windows_names_config_fields():
 
 def test_eval_batches_fixed_and_in_range():
     tokens = _tokens()
-    a = pipeline.eval_batches(tokens, T, B, num_batches=3, seed=0)
-    b = pipeline.eval_batches(tokens, T, B, num_batches=3, seed=0)
+    a = [_windows(x) for x in pipeline.eval_batches(tokens, T, B, num_batches=3, seed=0)]
+    b = [_windows(x) for x in pipeline.eval_batches(tokens, T, B, num_batches=3, seed=0)]
     assert len(a) == 3
     for x, y in zip(a, b, strict=True):
         assert x.shape == (B, T + 1) and x.dtype == np.int32
         np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(np.diff(x, axis=1), 1)  # Contiguous windows.
         assert x.max() <= len(tokens) - 1
-    c = pipeline.eval_batches(tokens, T, B, num_batches=3, seed=1)
+    c = [_windows(x) for x in pipeline.eval_batches(tokens, T, B, num_batches=3, seed=1)]
     assert not np.array_equal(np.stack(a), np.stack(c))
     with pytest.raises(ValueError, match=r"data\.seq_len"):
         pipeline.eval_batches(tokens[:T], T, B, num_batches=1, seed=0)
@@ -146,14 +162,15 @@ def test_full_eval_covers_every_target_once(num_tokens):
     batches = list(pipeline.full_eval_batches(tokens, T, B))
     assert len(batches) == pipeline.count_full_eval_batches(num_tokens, T, B)
     targets = []
-    for batch, weights in batches:
-        assert batch.shape == (B, T + 1) and batch.dtype == np.int32
-        assert weights.shape == (B, T) and weights.dtype == np.float32
+    for batch in batches:
+        _windows(batch, weighted=False)  # The contract; padding has weight 0.
+        inputs, weights = batch["inputs"], batch["weights"]
+        assert inputs.shape == (B, T) and set(np.unique(weights)) <= {0.0, 1.0}
         # Inputs of weighted targets are real tokens; padded targets are 0.
-        assert np.all(batch[:, :-1][weights > 0] > 0)
-        assert np.all(batch[:, 1:][weights == 0] == 0)
-        targets.append(batch[:, 1:][weights > 0])
-    assert sum(w.sum() for _, w in batches) == num_tokens - 1
+        assert np.all(inputs[weights > 0] > 0)
+        assert np.all(batch["targets"][weights == 0] == 0)
+        targets.append(batch["targets"][weights > 0])
+    assert sum(b["weights"].sum() for b in batches) == num_tokens - 1
     np.testing.assert_array_equal(np.concatenate(targets), tokens[1:])
 
 
@@ -205,12 +222,14 @@ def test_windows_across_shard_boundaries_equal_the_concatenated_stream():
         want = _take(iter(_dataset(tokens, sampling=sampling)), 8)
         got = _take(iter(_dataset(parts, sampling=sampling)), 8)
         np.testing.assert_array_equal(np.stack(got), np.stack(want))
-    np.testing.assert_array_equal(np.stack(pipeline.eval_batches(parts, T, B, 3, seed=0)),
-                                  np.stack(pipeline.eval_batches(tokens, T, B, 3, seed=0)))
-    for (a, wa), (b, wb) in zip(pipeline.full_eval_batches(parts[:-1], T, B),
-                                pipeline.full_eval_batches(tokens[:41], T, B), strict=True):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(wa, wb)
+    for a, b in zip(pipeline.eval_batches(parts, T, B, 3, seed=0),
+                    pipeline.eval_batches(tokens, T, B, 3, seed=0), strict=True):
+        np.testing.assert_array_equal(_windows(a), _windows(b))
+    for a, b in zip(pipeline.full_eval_batches(parts[:-1], T, B),
+                    pipeline.full_eval_batches(tokens[:41], T, B), strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_token_stream_pickles_shard_memmaps_by_path(tmp_path):

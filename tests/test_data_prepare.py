@@ -5,6 +5,7 @@ import hashlib
 import importlib.machinery
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import types
@@ -26,123 +27,177 @@ def _corpus(text: str) -> Corpus:
 _TEXT = "".join(chr(ord("a") + (i * 7) % 26) for i in range(1000))
 
 
+def _prepare(text: str, tokenizer: str, cache_dir: pathlib.Path, val_fraction: float = 0.1,
+             vocab_size: int | None = None, **kwargs) -> shards.PreparedShards:
+    folder = prepare_lib.prepare(_corpus(text), tokenizer, str(cache_dir), val_fraction,
+                                 vocab_size, **kwargs)
+    return shards.open_shards(folder)
+
+
 def test_char_split_counts_dtype_and_files(tmp_path):
-    prepared = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
+    prepared = _prepare(_TEXT, "char", tmp_path)
     assert prepared.dir.parent == tmp_path / "prepared"
     assert sorted(p.name for p in prepared.dir.iterdir()) == [
-        "meta.json", "tokenizer.json", "train.bin", "val.bin"
+        "meta.json", "tokenizer.json", "tokens_00000.bin"
     ]
     meta = json.loads((prepared.dir / "meta.json").read_text())
     assert meta == prepared.meta
-    assert meta["dtype"] == "uint16"
+    assert meta["format"] == "gpt_jax.shards" and meta["dtype"] == "uint16"
     assert (meta["train_tokens"], meta["val_tokens"]) == (900, 100)
-    assert meta["source_sha256"] == _corpus(_TEXT).sha256
-    assert meta["tokenizer"] == {"name": "char", "chars": "abcdefghijklmnopqrstuvwxyz"}
-    assert meta["val_fraction"] == 0.1
-    train, val = prepared.train_tokens(), prepared.val_tokens()
-    assert isinstance(train, np.memmap) and not train.flags.writeable
-    assert train.dtype == np.uint16 and train.shape == (900,)
-    assert prepared.train_path.stat().st_size == 900 * 2
+    assert meta["source"]["fingerprint"] == {"kind": "text", "sha256": _corpus(_TEXT).sha256}
+    assert (meta["source"]["bytes"], meta["source"]["docs"]) == (1000, 1)
+    assert meta["tokenizer"]["name"] == "char" and meta["vocab_size"] == 26
+    assert meta["eot_id"] is None and meta["separator"] == []  # Nothing appended in process.
+    assert meta["options"]["val_fraction"] == 0.1
+    train, val = prepared.train, prepared.val
+    assert all(isinstance(a, np.memmap) and not a.flags.writeable for a in train + val)
+    assert train[0].dtype == np.uint16 and train[0].shape == (900,)
+    shards.verify(prepared.dir)
     # The split is of the token stream: concatenated, it is the whole encoded text.
-    np.testing.assert_array_equal(
-        np.concatenate([train, val]), prepared.tokenizer.encode(_TEXT)
-    )
-    assert prepared.tokenizer.decode(val) == _TEXT[900:]
+    np.testing.assert_array_equal(np.concatenate(train + val), prepared.tokenizer.encode(_TEXT))
+    assert prepared.tokenizer.decode(val[0]) == _TEXT[900:]
 
 
 def test_byte_split_is_of_tokens_not_characters(tmp_path):
     text = "é" * 50 + "a" * 50  # 150 bytes: a character split would differ.
-    prepared = prepare_lib.prepare(_corpus(text), "byte", str(tmp_path), val_fraction=0.1)
+    prepared = _prepare(text, "byte", tmp_path)
     assert (prepared.meta["train_tokens"], prepared.meta["val_tokens"]) == (135, 15)
-    assert np.all(prepared.val_tokens() == ord("a"))
+    assert np.all(np.concatenate(prepared.val) == ord("a"))
 
 
 def test_large_vocab_uses_uint32(tmp_path):
     text = "".join(chr(0x10000 + i) for i in range(65537)) * 2
-    prepared = prepare_lib.prepare(_corpus(text), "char", str(tmp_path), val_fraction=0.5)
+    prepared = _prepare(text, "char", tmp_path, val_fraction=0.5)
     assert prepared.meta["dtype"] == "uint32"
-    assert prepared.val_tokens()[-1] == 65536
+    assert prepared.val[-1][-1] == 65536
+
+
+def test_small_shards_hold_the_same_stream(tmp_path):
+    whole = _prepare(_TEXT, "char", tmp_path / "a")
+    cut = _prepare(_TEXT, "char", tmp_path / "b", shard_tokens=300)
+    assert [s["tokens"] for s in cut.meta["shards"]] == [300, 300, 300, 100]
+    assert cut.meta["splits"]["val"] == [{"file": "tokens_00003.bin", "start": 0, "tokens": 100}]
+    assert cut.meta["shards"][-1]["docs"] == 1 and cut.meta["shards"][0]["bytes"] == 0
+    np.testing.assert_array_equal(np.concatenate(cut.train), np.concatenate(whole.train))
+    np.testing.assert_array_equal(np.concatenate(cut.val), np.concatenate(whole.val))
 
 
 def test_reuses_up_to_date_folder(tmp_path, caplog):
-    first = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
-    mtime = first.train_path.stat().st_mtime_ns
+    first = _prepare(_TEXT, "char", tmp_path)
+    mtimes = {f.name: f.stat().st_mtime_ns for f in first.dir.iterdir()}
     with caplog.at_level("INFO", logger="absl"):
-        second = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
+        second = _prepare(_TEXT, "char", tmp_path)
     assert second.dir == first.dir
-    assert second.train_path.stat().st_mtime_ns == mtime
+    assert {f.name: f.stat().st_mtime_ns for f in first.dir.iterdir()} == mtimes
     assert "Reusing" in caplog.text
 
 
 def test_reprepares_when_source_or_settings_change(tmp_path):
-    first = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
-    changed = prepare_lib.prepare(_corpus(_TEXT + "z"), "char", str(tmp_path), val_fraction=0.1)
-    other_split = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.2)
-    other_tok = prepare_lib.prepare(_corpus(_TEXT), "byte", str(tmp_path), val_fraction=0.1)
+    first = _prepare(_TEXT, "char", tmp_path)
+    changed = _prepare(_TEXT + "z", "char", tmp_path)
+    other_split = _prepare(_TEXT, "char", tmp_path, val_fraction=0.2)
+    other_tok = _prepare(_TEXT, "byte", tmp_path)
     assert len({first.dir, changed.dir, other_split.dir, other_tok.dir}) == 4
-    assert changed.meta["train_tokens"] + changed.meta["val_tokens"] == 1001
+    assert changed.meta["total_tokens"] == 1001
 
 
-def test_damaged_folder_is_rewritten(tmp_path):
-    first = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
-    expected = np.array(first.train_tokens())
-    first.train_path.write_bytes(b"\x00" * 10)  # Truncated: meta.json no longer matches.
-    again = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
-    np.testing.assert_array_equal(again.train_tokens(), expected)
+def test_damaged_folder_is_rewritten(tmp_path, caplog):
+    first = _prepare(_TEXT, "char", tmp_path)
+    expected = np.concatenate(first.train)
+    (first.dir / "tokens_00000.bin").write_bytes(b"\x00" * 10)  # Truncated.
+    with caplog.at_level("INFO", logger="absl"):
+        again = _prepare(_TEXT, "char", tmp_path)
+    assert again.dir == first.dir and "Preparing" in caplog.text
+    np.testing.assert_array_equal(np.concatenate(again.train), expected)
+
+
+def _old_format_folder(folder: pathlib.Path) -> None:
+    """What the in-process prepare wrote before format 2: train.bin, val.bin, its own meta.json."""
+    shutil.rmtree(folder)
+    folder.mkdir()
+    np.arange(90, dtype=np.uint16).tofile(folder / "train.bin")
+    np.arange(10, dtype=np.uint16).tofile(folder / "val.bin")
+    (folder / "tokenizer.json").write_text(json.dumps({"name": "byte"}))
+    (folder / "meta.json").write_text(json.dumps({
+        "version": 1, "source_sha256": "0" * 64, "val_fraction": 0.1, "source": "test",
+        "tokenizer": {"name": "byte"}, "dtype": "uint16", "train_tokens": 90, "val_tokens": 10}))
+
+
+def test_old_format_folder_at_the_key_is_prepared_again_with_one_log_line(tmp_path, caplog):
+    folder = _prepare(_TEXT, "byte", tmp_path).dir
+    _old_format_folder(folder)
+    with caplog.at_level("WARNING", logger="absl"):
+        again = _prepare(_TEXT, "byte", tmp_path)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "older format" in caplog.records[0].getMessage()
+    assert again.dir == folder and not (folder / "train.bin").exists()
+    np.testing.assert_array_equal(np.concatenate(again.train + again.val),
+                                  np.frombuffer(_TEXT.encode(), np.uint8))
+
+
+def test_a_cache_of_the_old_format_is_prepared_again_with_one_line_and_kept(tmp_path, caplog):
+    # Format 1 kept a corpus at byte-<hash of [1, sha, name, val_fraction]> as train.bin/val.bin.
+    old = json.dumps([1, _corpus(_TEXT).sha256, "byte", 0.1])
+    legacy = tmp_path / "prepared" / f"byte-{hashlib.sha256(old.encode()).hexdigest()[:16]}"
+    legacy.mkdir(parents=True)
+    _old_format_folder(legacy)
+    before = {p.name: p.read_bytes() for p in legacy.iterdir()}
+    with caplog.at_level("INFO", logger="absl"):
+        new = _prepare(_TEXT, "byte", tmp_path)
+    lines = [r.getMessage() for r in caplog.records if str(legacy) in r.getMessage()]
+    assert len(lines) == 1 and "current format" in lines[0]
+    assert new.dir != legacy and prepare_lib.FORMAT_VERSION == 2
+    assert {p.name: p.read_bytes() for p in legacy.iterdir()} == before  # Nothing lost.
 
 
 def test_interrupted_prepare_leaves_no_folder(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_lib.tokenizers, "save_tokenizer", interrupted)
+    monkeypatch.setattr(prepare_lib.shards, "write_meta", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
     assert list((tmp_path / "prepared").iterdir()) == []
 
 
-def test_load_prepared_round_trip_and_errors(tmp_path):
-    prepared = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
-    loaded = prepare_lib.load_prepared(str(prepared.dir))
-    assert loaded.meta == prepared.meta
-    np.testing.assert_array_equal(loaded.val_tokens(), prepared.val_tokens())
-    with pytest.raises(FileNotFoundError, match=r"data\.prepared"):
-        prepare_lib.load_prepared(tmp_path)
+def test_a_folder_another_process_finished_first_is_used(tmp_path, monkeypatch):
+    write_meta, calls = shards.write_meta, []
+
+    def racing_write_meta(folder, *args, **kwargs):
+        meta = write_meta(folder, *args, **kwargs)
+        calls.append(folder)
+        if len(calls) == 1:  # Another process prepares and renames its copy meanwhile.
+            theirs = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), 0.1)
+            calls.append(theirs.stat().st_ino)
+        return meta
+
+    monkeypatch.setattr(shards, "write_meta", racing_write_meta)
+    folder = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), 0.1)
+    ours, theirs, theirs_inode = calls
+    assert ours != theirs  # Two temporary folders...
+    assert folder.stat().st_ino == theirs_inode  # ...and the first one renamed into place kept.
+    assert list((tmp_path / "prepared").iterdir()) == [folder]  # Ours was dropped.
+    shards.verify(folder)
+
+
+def test_val_fraction_out_of_range_is_refused(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
         prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=1.0)
-
-
-def test_load_prepared_rejects_a_vocab_too_large_for_its_token_dtype(tmp_path):
-    prepared = prepare_lib.prepare(_corpus(_TEXT), "byte", str(tmp_path), val_fraction=0.1)
-    meta = json.loads((prepared.dir / "meta.json").read_text())
-    meta["dtype"] = "uint8"
-    (prepared.dir / "meta.json").write_text(json.dumps(meta))
-    prepare_lib.load_prepared(prepared.dir)  # 256 ids fit in uint8.
-    (prepared.dir / "tokenizer.json").write_text(json.dumps({"name": "char", "chars": "".join(
-        chr(0x4E00 + i) for i in range(300))}))
-    with pytest.raises(ValueError, match="stores tokens as uint8"):
-        prepare_lib.load_prepared(prepared.dir)
 
 
 # --- The in-process path with learned BPE vocabularies ---
 
 
-def test_byte_and_char_cache_keys_are_unchanged(tmp_path):
-    # Runs from before BPE must keep finding their prepared folders.
-    prepared = prepare_lib.prepare(_corpus(_TEXT), "byte", str(tmp_path), val_fraction=0.1)
-    ident = json.dumps([1, _corpus(_TEXT).sha256, "byte", 0.1])
-    assert prepared.dir.name == f"byte-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
-
-
 def test_in_process_bpe_keys_on_vocab_size(tmp_path):
     text = _TEXT + " the cat sat on the mat\n" * 50
-    small = prepare_lib.prepare(_corpus(text), "bpe", str(tmp_path), 0.1, vocab_size=300)
-    large = prepare_lib.prepare(_corpus(text), "bpe", str(tmp_path), 0.1, vocab_size=320)
-    assert small.dir != large.dir and small.meta["vocab_size"] == 300
+    small = _prepare(text, "bpe", tmp_path, 0.1, vocab_size=300)
+    large = _prepare(text, "bpe", tmp_path, 0.1, vocab_size=320)
+    assert small.dir != large.dir and small.meta["options"]["vocab_size"] == 300
     assert small.tokenizer.vocab_size == 300 and small.meta["dtype"] == "uint16"
-    tokens = np.concatenate([small.train_tokens(), small.val_tokens()])
+    assert small.meta["eot_id"] == 0 and small.meta["separator"] == []
+    tokens = np.concatenate(small.train + small.val)
     assert small.tokenizer.decode(tokens) == text
-    assert prepare_lib.prepare(_corpus(text), "bpe", str(tmp_path), 0.1, 300).dir == small.dir
+    assert _prepare(text, "bpe", tmp_path, 0.1, 300).dir == small.dir
 
 
 # --- The prepare CLI: sources, shards, parallelism, resume, reuse ---
@@ -200,16 +255,7 @@ def test_single_file_bpe_format_and_split(doc_file, tmp_path):
     for shard in m["shards"]:
         assert shard["sha256"] == shards.sha256_file(p.dir / shard["file"])
     shards.verify(p.dir)
-    assert prepare_lib.open_prepared(p.dir).meta == m
-
-
-def test_open_prepared_reads_the_in_process_cache_too(tmp_path):
-    prepared = prepare_lib.prepare(_corpus(_TEXT), "char", str(tmp_path), val_fraction=0.1)
-    p = prepare_lib.open_prepared(prepared.dir)
-    assert p.eot_id is None and p.dtype == np.uint16
-    np.testing.assert_array_equal(np.concatenate(p.train + p.val), prepared.tokenizer.encode(_TEXT))
-    with pytest.raises(FileNotFoundError, match="not a prepared data folder"):
-        prepare_lib.open_prepared(tmp_path)
+    assert shards.open_shards(p.dir).meta == m
 
 
 def test_folder_and_glob_sources(tmp_path):
@@ -357,7 +403,7 @@ def test_cli_acceptance_shape(doc_file, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{out}: ") and "vocab 300, end-of-text id 0" in done.stdout
     assert "MB/s" in done.stderr and "tokens/s" in done.stderr  # The progress bar.
-    p = prepare_lib.open_prepared(out)
+    p = shards.open_shards(out)
     assert p.tokenizer.decode(_stream(p)) == _DOC + "<|endoftext|>"
     again = _cli(*args)
     assert again.returncode == 0 and "Reusing the up-to-date" in again.stderr
@@ -386,11 +432,11 @@ def test_in_process_hf_tokenizer_keys_on_the_file_contents(tmp_path):
     text = _TEXT + " the cat sat on the mat\n" * 50
     path = tmp_path / "tokenizer.json"
     path.write_text(tokenizers.build_tokenizer("bpe", text, 280).tokenizer_json)
-    first = prepare_lib.prepare(_corpus(text), f"hf:{path}", str(tmp_path), 0.1)
+    first = _prepare(text, f"hf:{path}", tmp_path)
     assert first.tokenizer.name == "hf" and first.tokenizer.vocab_size == 280
-    assert prepare_lib.prepare(_corpus(text), f"hf:{path}", str(tmp_path), 0.1).dir == first.dir
+    assert _prepare(text, f"hf:{path}", tmp_path).dir == first.dir
     path.write_text(tokenizers.build_tokenizer("bpe", text, 290).tokenizer_json)
-    second = prepare_lib.prepare(_corpus(text), f"hf:{path}", str(tmp_path), 0.1)
+    second = _prepare(text, f"hf:{path}", tmp_path)
     assert second.dir != first.dir and second.tokenizer.vocab_size == 290
 
 

@@ -1,31 +1,42 @@
 """KV-cache decoding: equals full recomputation token for token (ragged prompts, past the context
 limit, scanned layers), sampling filters, seeds, stop tokens, sharded params."""
 
-import flax.linen as nn
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
-from gpt_jax.config import ModelConfig
 from gpt_jax.generate import SamplingParams, generate, sample_logits, window_start
-from gpt_jax.models.gpt import GPT
+from gpt_jax.models import registry
 
 GREEDY = SamplingParams(temperature=0.0)
 W = 16  # max_seq_len of the test model.
 
 
-def model_and_params(vocab_size=50, vocab_multiple=64, **model_fields):
-    c = base.get_config()
-    c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 2, 32
-    c.model.vocab_multiple = vocab_multiple
-    c.model.init_std = 0.3  # Peaked logits: greedy continuations that do not repeat one token.
-    c.model.update(model_fields)
-    c.data.seq_len = W
-    model = GPT(ModelConfig.from_config(c, vocab_size))
-    variables = model.init(jax.random.key(0), jnp.zeros((1, W), jnp.int32))
-    return model, nn.meta.unbox(variables["params"])
+@pytest.fixture
+def model_and_params(tiny_gpt):
+    """make(vocab_size=50, **model_fields) → (module, params) of the tiny GPT with a window of W,
+    a vocabulary padded to 64 and peaked logits (init_std 0.3: greedy continuations that do not
+    repeat one token)."""
+    def make(vocab_size=50, scan_layers=False, **model_fields):
+        fields = {"vocab_multiple": 64, "init_std": 0.3, **model_fields}
+        cfg, model, params = tiny_gpt(vocab_size=vocab_size, seq_len=W, **fields)
+        if scan_layers:  # The same weights stacked for scan_layers (an eager scanned init is slow).
+            model = registry.build(dataclasses.replace(cfg, scan_layers=True))
+            layers = [params.pop(f"h_{i}") for i in range(cfg.num_layers)]
+            params["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        return model, params
+
+    return make
+
+
+@functools.cache
+def forward(model):
+    """The jitted forward pass of `model` (one compile per model, whatever the params)."""
+    return jax.jit(model.apply)
 
 
 def reference_greedy(model, params, prompt, n, window="crop"):
@@ -33,13 +44,13 @@ def reference_greedy(model, params, prompt, n, window="crop"):
     (nanoGPT); `half` the window generate's cache holds (sliding by W/2)."""
     # Right-padded to W: a causal model's logits at a position ignore what follows it, and one
     # shape compiles once.
-    logits_fn = jax.jit(lambda ctx: model.apply({"params": params}, ctx))
     seq = list(prompt)
     for _ in range(n):
         i = len(seq) - 1
         start = max(0, i - W + 1) if window == "crop" else window_start(i, W)
         ctx = seq[start:i + 1]
-        logits = logits_fn(jnp.asarray([ctx + [0] * (W - len(ctx))], jnp.int32))
+        logits = forward(model)({"params": params},
+                                jnp.asarray([ctx + [0] * (W - len(ctx))], jnp.int32))
         seq.append(int(jnp.argmax(logits[0, len(ctx) - 1])))
     return seq
 
@@ -48,7 +59,7 @@ RAGGED = [np.array([3, 1, 4, 1, 5]), np.array([7]), np.array([2, 7, 1, 8, 2, 8, 
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_cached_greedy_equals_recomputation_with_ragged_prompts(scan_layers):
+def test_cached_greedy_equals_recomputation_with_ragged_prompts(model_and_params, scan_layers):
     model, params = model_and_params(scan_layers=scan_layers)
     outs = generate(model, params, RAGGED, 7, jax.random.key(0), GREEDY)  # 9 + 7 = W: no slide.
     for prompt, out in zip(RAGGED, outs, strict=True):
@@ -59,7 +70,7 @@ def test_cached_greedy_equals_recomputation_with_ragged_prompts(scan_layers):
     assert [a.tolist() for a in again] == [o.tolist() for o in outs]
 
 
-def test_cache_slides_past_the_context_limit():
+def test_cache_slides_past_the_context_limit(model_and_params):
     model, params = model_and_params()
     prompt = RAGGED[0]
     out = generate(model, params, [prompt], 40, jax.random.key(0), GREEDY)[0]
@@ -71,7 +82,7 @@ def test_cache_slides_past_the_context_limit():
     assert out.tolist() == reference_greedy(model, params, long, 5, window="half")
 
 
-def test_uncached_decoding_is_nanogpt_cropping():
+def test_uncached_decoding_is_nanogpt_cropping(model_and_params):
     model, params = model_and_params()
     out = generate(model, params, [RAGGED[0]], 30, jax.random.key(0), GREEDY, use_cache=False)[0]
     assert out.tolist() == reference_greedy(model, params, RAGGED[0], 30, window="crop")
@@ -81,20 +92,21 @@ def test_uncached_decoding_is_nanogpt_cropping():
     assert [x.tolist() for x in a] == [x.tolist() for x in b]
 
 
-def test_top_k_one_is_greedy_and_sampling_is_seeded():
+def test_top_k_one_is_greedy_and_sampling_is_seeded(model_and_params):
     model, params = model_and_params()
-    greedy = generate(model, params, RAGGED, 10, jax.random.key(0), GREEDY)
-    top1 = generate(model, params, RAGGED, 10, jax.random.key(1), SamplingParams(1.0, top_k=1))
+    # Lengths as in the other tests: each (prompts, length, sampling) compiles once.
+    greedy = generate(model, params, RAGGED, 7, jax.random.key(0), GREEDY)
+    top1 = generate(model, params, RAGGED, 7, jax.random.key(1), SamplingParams(1.0, top_k=1))
     assert [x.tolist() for x in greedy] == [x.tolist() for x in top1]
     hot = SamplingParams(temperature=1.5)
-    a = generate(model, params, RAGGED, 20, jax.random.key(3), hot)
-    b = generate(model, params, RAGGED, 20, jax.random.key(3), hot)
-    c = generate(model, params, RAGGED, 20, jax.random.key(4), hot)
+    a = generate(model, params, RAGGED, 7, jax.random.key(3), hot)
+    b = generate(model, params, RAGGED, 7, jax.random.key(3), hot)
+    c = generate(model, params, RAGGED, 7, jax.random.key(4), hot)
     assert [x.tolist() for x in a] == [x.tolist() for x in b]
     assert [x.tolist() for x in a] != [x.tolist() for x in c]
 
 
-def test_padded_vocab_ids_are_never_sampled():
+def test_padded_vocab_ids_are_never_sampled(model_and_params):
     model, params = model_and_params(vocab_size=5, vocab_multiple=64)
     outs = generate(model, params, [np.array([1])] * 4, 60, jax.random.key(3),
                     SamplingParams(temperature=3.0))
@@ -113,11 +125,11 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert draws == {0}  # The most likely id always stays.
 
 
-def test_stop_tokens_end_each_row():
+def test_stop_tokens_end_each_row(model_and_params):
     model, params = model_and_params()
-    free = generate(model, params, RAGGED, 12, jax.random.key(0), GREEDY)
+    free = generate(model, params, RAGGED, 7, jax.random.key(0), GREEDY)
     stop = int(free[0][len(RAGGED[0]) + 3])  # Row 0's 4th new token (or an earlier copy).
-    outs = generate(model, params, RAGGED, 12, jax.random.key(0), GREEDY, stop_tokens=[stop])
+    outs = generate(model, params, RAGGED, 7, jax.random.key(0), GREEDY, stop_tokens=[stop])
     for prompt, full, out in zip(RAGGED, free, outs, strict=True):
         new = full[len(prompt):].tolist()
         cut = new.index(stop) + 1 if stop in new else len(new)
@@ -125,7 +137,7 @@ def test_stop_tokens_end_each_row():
     assert len(outs[0]) <= len(RAGGED[0]) + 4 < len(free[0])
 
 
-def test_empty_prompt_is_refused():
+def test_empty_prompt_is_refused(model_and_params):
     model, params = model_and_params()
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(model, params, [np.array([], np.int32)], 3, jax.random.key(0), GREEDY)

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,12 +14,10 @@ import pytest
 import torch
 import transformers
 
-from configs import base
-from gpt_jax.config import ModelConfig
 from gpt_jax.interop import hf_gpt2
-from gpt_jax.models.gpt import GPT
+from gpt_jax.models import registry
 from gpt_jax.parallel import sharding
-from gpt_jax.training import checkpoint, trainer
+from gpt_jax.training import build, checkpoint, loop, resume, weights
 
 
 def load_tool():
@@ -34,7 +31,6 @@ def load_tool():
 convert_hf = load_tool()
 
 V = 100  # The tiny HF model's vocabulary (bos/eos ids inside it).
-TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300))
 
 
 def hf_model(seed: int = 0, **overrides) -> transformers.GPT2LMHeadModel:
@@ -54,26 +50,27 @@ def state_dict(model: transformers.GPT2LMHeadModel) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def model_config(**fields) -> ModelConfig:
-    c = base.get_config()
-    c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 2, 32
-    c.model.max_seq_len = 32
-    for k, v in fields.items():
-        c.model[k] = v
-    return ModelConfig.from_config(c, c.model.vocab_size or V)
+@pytest.fixture
+def gpt(tiny_gpt):
+    """make(seed=0, vocab_size=V, **model_fields) → (hyperparameters, params) of the tiny GPT
+    shaped like `hf_model()` (2 heads, 32 positions), every parameter perturbed (biases and norms
+    included) so that a mapping mistake shows."""
+    def make(seed: int = 0, vocab_size: int = V, scan_layers: bool = False, **fields):
+        cfg, _, params = tiny_gpt(vocab_size=vocab_size, seed=seed,
+                                  **{"num_heads": 2, "max_seq_len": 32, **fields})
+        if scan_layers:  # The scan_layers layout, stacked here (an eager scanned init is slow).
+            cfg = dataclasses.replace(cfg, scan_layers=True)
+            layers = [params.pop(f"h_{i}") for i in range(cfg.num_layers)]
+            params["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        rng = np.random.default_rng(seed + 1)  # NumPy: eager jax.random would compile per shape.
+        return cfg, jax.tree.map(
+            lambda x: (x + 0.1 * rng.normal(size=x.shape)).astype(np.float32), params)
+
+    return make
 
 
-def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Our model's init with every leaf perturbed (biases and norms included)."""
-    params = nn.meta.unbox(GPT(cfg).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32)))["params"]
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(treedef, noisy)
-
-
-def our_logits(cfg: ModelConfig, params, tokens_BT: np.ndarray) -> np.ndarray:
-    logits_BTV = GPT(cfg).apply({"params": params}, jnp.asarray(tokens_BT))
+def our_logits(cfg, params, tokens_BT: np.ndarray) -> np.ndarray:
+    logits_BTV = jax.jit(registry.build(cfg).apply)({"params": params}, tokens_BT)
     return np.asarray(logits_BTV)[..., : cfg.vocab_size]  # Padded ids are masked anyway.
 
 
@@ -86,12 +83,13 @@ def tokens(vocab: int, shape=(2, 32), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_hf_model_imports_with_equal_logits(scan_layers):
+# Stacked layers: also imported (and compared) in test_gpt_jax_model_exports_with_equal_logits.
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_hf_model_imports_with_equal_logits(gpt, scan_layers):
     hf = hf_model()
     fields = hf_gpt2.model_fields_from_hf(hf.config)
     assert fields["activation"] == "gelu_tanh" and fields["bias"] and fields["tie_embeddings"]
-    cfg = model_config(**fields, vocab_multiple=64, scan_layers=scan_layers)  # V 100 → 128.
+    cfg, _ = gpt(**fields, vocab_multiple=64, scan_layers=scan_layers)  # V 100 → 128.
     params = hf_gpt2.params_from_hf(state_dict(hf), cfg)
     assert ("h" in params) == scan_layers
     np.testing.assert_allclose(our_logits(cfg, params, tokens(V)), hf_logits(hf, tokens(V)),
@@ -100,14 +98,14 @@ def test_hf_model_imports_with_equal_logits(scan_layers):
 
 @pytest.mark.parametrize("bias,activation,scan_layers,tie", [
     (False, "gelu", False, True),  # nanoGPT's recipe: no biases, exact GELU.
-    (True, "gelu_tanh", False, True),  # GPT-2's.
-    (False, "gelu_tanh", True, True),
-    (True, "gelu", True, False),  # Untied LM head.
+    pytest.param(True, "gelu_tanh", False, True, marks=pytest.mark.slow),  # GPT-2's.
+    pytest.param(False, "gelu_tanh", True, True, marks=pytest.mark.slow),
+    (True, "gelu", True, False),  # Biases, stacked layers, an untied LM head.
 ])
-def test_gpt_jax_model_exports_with_equal_logits(tmp_path, bias, activation, scan_layers, tie):
-    cfg = model_config(bias=bias, activation=activation, scan_layers=scan_layers,
-                       tie_embeddings=tie, vocab_size=70, vocab_multiple=16)  # Padded to 80.
-    params = random_params(cfg)
+def test_gpt_jax_model_exports_with_equal_logits(gpt, tmp_path, bias, activation, scan_layers,
+                                                 tie):
+    cfg, params = gpt(bias=bias, activation=activation, scan_layers=scan_layers,
+                      tie_embeddings=tie, vocab_size=70, vocab_multiple=16)  # Padded to 80.
     hf_gpt2.save_hf(params, cfg, tmp_path)
     hf, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # No missing, unexpected or mismatched weights.
@@ -123,10 +121,10 @@ def test_gpt_jax_model_exports_with_equal_logits(tmp_path, bias, activation, sca
     jax.tree.map(np.testing.assert_array_equal, back, expect)
 
 
-def greedy(cfg: ModelConfig, params, prompt: list[int], new: int) -> list[int]:
+def greedy(cfg, params, prompt: list[int], new: int) -> list[int]:
     """Greedy decoding by full recomputation: the model is causal, so position t's logits on a
     zero-padded buffer depend only on tokens ≤ t (one compiled shape for every step)."""
-    forward = jax.jit(lambda buf_1T: GPT(cfg).apply({"params": params}, buf_1T))
+    forward = jax.jit(lambda buf_1T: registry.build(cfg).apply({"params": params}, buf_1T))
     buf = np.zeros((1, len(prompt) + new), np.int32)
     buf[0, : len(prompt)] = prompt
     for t in range(len(prompt), len(prompt) + new):
@@ -134,9 +132,8 @@ def greedy(cfg: ModelConfig, params, prompt: list[int], new: int) -> list[int]:
     return buf[0].tolist()
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
-    cfg = model_config(bias=True, activation="gelu_tanh", vocab_size=V, vocab_multiple=64)
-    params = random_params(cfg, seed=3)
+def test_greedy_generation_matches_transformers(gpt, tmp_path):
+    cfg, params = gpt(seed=3, bias=True, activation="gelu_tanh", vocab_multiple=64)
     hf_gpt2.save_hf(params, cfg, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     prompt = [5, 17, 42, 8]
@@ -146,28 +143,20 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert greedy(cfg, params, prompt, 20) == theirs[0].tolist()
 
 
-def tiny_run_config(corpus, cache_dir):
-    c = base.get_config()
-    c.data.path, c.data.cache_dir, c.data.tokenizer = str(corpus), str(cache_dir), "char"
-    c.data.seq_len = 16
-    c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 2, 32
-    c.train.batch_size, c.train.num_steps, c.train.eval_every, c.train.eval_batches = 4, 2, 2, 1
-    c.train.final_eval = "none"
-    c.optim.warmup_steps, c.optim.decay_steps = 1, 10
-    c.log.progress, c.log.tensorboard, c.sample.num_samples = False, False, 0
-    return c
-
-
 @pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
+def run_config(tiny_config):
+    """A 2-step char run of a 1-layer model on conftest's corpus (T 16): no evaluation, samples
+    or TensorBoard (fewer compiles)."""
+    return lambda: tiny_config(**{
+        "model.num_layers": 1, "data.seq_len": 16, "train.batch_size": 4, "train.num_steps": 2,
+        "train.eval_every": 100,
+        "train.eval_batches": 1, "train.final_eval": "none", "optim.warmup_steps": 1,
+        "optim.decay_steps": 10, "log.tensorboard": False, "sample.num_samples": 0})
 
 
-def test_cli_export_then_import_round_trip(corpus, tmp_path, capsys):
+def test_cli_export_then_import_round_trip(run_config, tmp_path, capsys):
     run = tmp_path / "run"
-    trainer.run(tiny_run_config(corpus, tmp_path / "cache"), run)
+    loop.run(run_config(), run)
     out = tmp_path / "hf"
     assert convert_hf.main(["export", f"--workdir={run}", f"--out={out}"]) == 0
     assert "exported step 2" in capsys.readouterr().out
@@ -175,13 +164,13 @@ def test_cli_export_then_import_round_trip(corpus, tmp_path, capsys):
     assert not any(info.values()), info
     hf.eval()
     saved = json.loads((run / "config.json").read_text())
-    assert hf.config.n_layer == 2 and hf.config.vocab_size == saved["model"]["vocab_size"]
+    assert hf.config.n_layer == 1 and hf.config.vocab_size == saved["model"]["vocab_size"]
     assert hf.config.activation_function == "gelu"  # Exact GELU, the base config's.
     assert (out / "gpt_jax_tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
 
-    cfg = ModelConfig.from_config(ml_collections.ConfigDict(saved), saved["model"]["vocab_size"])
-    params = jax.device_get(checkpoint.restore_params(
-        run / "checkpoints", 2, checkpoint.abstract_params(cfg)))
+    cfg = registry.hyperparameters(ml_collections.ConfigDict(saved))
+    params = jax.device_get(weights.restore_params(run / "checkpoints", 2,
+                                                   weights.abstract_params(cfg)))
     toks = tokens(cfg.vocab_size, (2, 16))
     np.testing.assert_allclose(our_logits(cfg, params, toks), hf_logits(hf, toks), atol=1e-4, rtol=0)
 
@@ -207,49 +196,51 @@ def test_cli_export_then_import_round_trip(corpus, tmp_path, capsys):
     np.testing.assert_array_equal(hf_logits(a, toks), hf_logits(b, toks))
 
 
-def test_init_from_hf_and_from_an_imported_workdir(corpus, tmp_path):
+def test_init_from_hf_and_from_an_imported_workdir(run_config, tmp_path):
     hf = hf_model(seed=1)
     hf.save_pretrained(tmp_path / "hf")  # transformers' own writer.
     assert convert_hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'imp'}"]) == 0
     for source, vocab_multiple, max_seq_len in ((f"hf:{tmp_path / 'hf'}", 1, None),
                                                 (str(tmp_path / "imp"), 64, 32)):
-        c = tiny_run_config(corpus, tmp_path / "cache")
-        c.model.vocab_size, c.model.vocab_multiple = V, vocab_multiple
+        c = run_config()
+        c.model.num_layers, c.model.vocab_size, c.model.vocab_multiple = 2, V, vocab_multiple
         c.model.max_seq_len = max_seq_len  # None: data.seq_len 16, fewer than HF's 32 positions.
         c.model.bias, c.model.activation = True, "gelu_tanh"
         c.checkpoint.init_from = source
-        r = trainer.setup(c, tmp_path / f"run{vocab_multiple}")
+        r = build.setup(c, tmp_path / f"run{vocab_multiple}")
         manager = checkpoint.make_manager(checkpoint.checkpoint_dir(r.workdir), keep=1)
         with sharding.activation_context(r.mesh, r.rules):
-            state, start = trainer.initial_state(r, manager, None)
+            state, start = resume.initial_state(r, manager, None)
         assert start == 0
-        want = hf_gpt2.params_from_hf(state_dict(hf), r.model.cfg)
+        want = hf_gpt2.params_from_hf(state_dict(hf), r.hparams)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), want)
     with pytest.raises(checkpoint.CheckpointError, match=r"has model\.vocab_multiple=64 but this run "
                                                          r"has model\.vocab_multiple=1; set --config"):
-        checkpoint.load_params(str(tmp_path / "imp"), None,
-                               dataclasses.replace(r.model.cfg, vocab_multiple=1))
+        weights.load_params(str(tmp_path / "imp"), None,
+                            dataclasses.replace(r.hparams, vocab_multiple=1))
 
 
-def test_refusals_are_one_line_and_name_the_fix(tmp_path, capsys):
-    cfg = model_config(bias=True, activation="gelu_tanh", vocab_size=V)
+def test_refusals_are_one_line_and_name_the_fix(gpt, tmp_path, capsys):
+    cfg, _ = gpt(bias=True, activation="gelu_tanh")
     with pytest.raises(checkpoint.CheckpointError, match=r"hf:.*nope: no such folder"):
-        checkpoint.load_params(f"hf:{tmp_path / 'nope'}", None, cfg)
+        weights.load_params(f"hf:{tmp_path / 'nope'}", None, cfg)
     assert convert_hf.main(["import", f"--hf={tmp_path / 'nope'}", f"--workdir={tmp_path / 'w'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no such folder" in err and len(err.splitlines()) == 1
 
     hf = hf_model()
     hf.save_pretrained(tmp_path / "hf")
-    wide = model_config(bias=True, activation="gelu_tanh", vocab_size=V, d_model=64)
+    # Only the hyperparameters matter here: no model is built.
+    wide = dataclasses.replace(cfg, d_model=64)
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"model\.d_model=32 \(n_embd\) but this model has model\.d_model=64; "
-                             r"set --config\.model\.d_model=32"):
-        checkpoint.load_params(f"hf:{tmp_path / 'hf'}", None, wide)
-    long = model_config(bias=True, activation="gelu_tanh", vocab_size=V, max_seq_len=64)
+                       match=r"hf has model\.d_model=32 but this run has model\.d_model=64; "
+                             r"set --config\.model\.d_model=32\.") as e:
+        weights.load_params(f"hf:{tmp_path / 'hf'}", None, wide)
+    assert "\n" not in str(e.value)
+    long = dataclasses.replace(cfg, max_seq_len=64)
     with pytest.raises(checkpoint.CheckpointError, match="32 positions .* at most 32"):
-        checkpoint.load_params(f"hf:{tmp_path / 'hf'}", None, long)
-    no_bias = model_config(bias=False, activation="gelu_tanh", vocab_size=V)
+        weights.load_params(f"hf:{tmp_path / 'hf'}", None, long)
+    no_bias = dataclasses.replace(cfg, bias=False)
     with pytest.raises(hf_gpt2.InteropError, match="non-zero but model.bias=False .* model.bias=True"):
         hf_gpt2.params_from_hf(state_dict(hf), no_bias)
     sd = state_dict(hf)
@@ -259,7 +250,7 @@ def test_refusals_are_one_line_and_name_the_fix(tmp_path, capsys):
     with pytest.raises(hf_gpt2.InteropError, match="scale_attn_by_inverse_layer_idx"):
         hf_gpt2.model_fields_from_hf(transformers.GPT2Config(scale_attn_by_inverse_layer_idx=True))
     with pytest.raises(hf_gpt2.InteropError, match="exportable ones"):
-        hf_gpt2.hf_config_from_model(model_config(activation="swish_nonexistent"))
+        hf_gpt2.hf_config_from_model(dataclasses.replace(cfg, activation="swish_nonexistent"))
 
 
 def test_an_imported_gpt2_vocabulary_model_names_the_gpt2_tokenizer(tmp_path):

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs import base
-from gpt_jax.config import ModelConfig
-from gpt_jax.models.gpt import GPT, count_params
+from gpt_jax.models import gpt, registry
 from gpt_jax.training import allocator
-from gpt_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from gpt_jax.training.metrics import MetricsWriter, peak_flops_per_device
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -21,16 +20,19 @@ def test_flops_per_token_matches_a_hand_count(tied):
     c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 2, 16
     c.model.tie_embeddings = tied
     c.data.seq_len = 8
-    cfg = ModelConfig.from_config(c, vocab_size=10)
-    shapes = jax.eval_shape(lambda: GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-    n = count_params(shapes["params"])
+    cfg = registry.hyperparameters(c, vocab_size=10)
+    model = registry.build(cfg)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    n = registry.count_params(shapes["params"])
     # Hand count of the matmul weights: per layer qkv 16·48 + out 16·16 + fc 16·64 + proj 64·16,
     # plus the LM head 16·10 (tied or not); norms add 2·16 per layer + 16 (no bias).
     matmul = 2 * (16 * 48 + 16 * 16 + 16 * 64 + 64 * 16) + 16 * 10
     norms = 2 * 2 * 16 + 16
     assert n - 8 * 16 - (0 if tied else 10 * 16) == matmul + norms
     attention = 12 * 2 * 2 * 8 * 8  # 12 · layers · heads · head_dim · T
-    assert flops_per_token(cfg, n, 8) == 6 * (matmul + norms) + attention
+    want = 6 * (matmul + norms) + attention
+    assert gpt.flops_per_token(cfg, n, 8) == want
+    assert registry.arch_of(cfg).flops_per_token(cfg, n, 8) == want  # What MFU and benchmarks use.
 
 
 def test_peak_flops_lookup():

@@ -18,8 +18,11 @@ def plan(tmp_path, *flags):
                  if (tmp_path / "plan.json").exists() else None)
 
 
+@pytest.mark.slow  # ~6 s: compiling for 4 simulated devices, whatever the model size.
 def test_plan_reports_per_device_memory_and_flops(tmp_path):
-    out, p = plan(tmp_path, "--config.mesh.fsdp=4", "--hbm_gb=80")
+    # One layer and 32 positions: a small compile for the 4 simulated devices.
+    out, p = plan(tmp_path, "--config.mesh.fsdp=4", "--hbm_gb=80", "--config.model.num_layers=1",
+                  "--config.data.seq_len=32")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fits" in out.stdout and p["devices"] == 4 and p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     g = p["per_device_gb"]
@@ -31,6 +34,7 @@ def test_plan_reports_per_device_memory_and_flops(tmp_path):
     assert flops["xla_per_device"] == pytest.approx(flops["model_6N_plus_attention"] / 4, rel=0.3)
 
 
+@pytest.mark.slow  # Compiles the quickstart step for 2 simulated devices in a subprocess.
 def test_plan_that_does_not_fit_exits_2(tmp_path):
     out, p = plan(tmp_path, "--config.mesh.tensor=2", "--hbm_gb=0.001")
     assert out.returncode == 2 and "DOES NOT FIT" in out.stdout and not p["fits"]

@@ -9,20 +9,26 @@ import pytest
 
 from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.sample import RunError, load_run
-from gpt_jax.training import trainer
+from gpt_jax.training import loop
 from gpt_jax.training.checkpoint import CheckpointError
-from tests.test_train import TEXT, tiny_config
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sample")
-    (tmp / "corpus.txt").write_text(TEXT)
-    c = tiny_config(tmp / "corpus.txt", tmp / "cache")
-    c.train.num_steps, c.train.eval_every, c.checkpoint.every = 20, 10, 10
-    c.sample.num_samples = 0
-    trainer.run(c, tmp / "run")
-    return tmp / "run"
+def shared_runs():
+    """Runs trained once per module, by the first test that asks (function-scoped fixtures such
+    as tiny_config cannot feed a module-scoped one)."""
+    return {}
+
+
+@pytest.fixture
+def workdir(tiny_config, tmp_path, shared_runs):
+    """A finished 20-step run with checkpoints (and evals) at steps 10 and 20."""
+    if "run" not in shared_runs:
+        c = tiny_config(**{"train.num_steps": 20, "train.eval_every": 10, "checkpoint.every": 10,
+                           "sample.num_samples": 0})
+        loop.run(c, tmp_path / "run")
+        shared_runs["run"] = tmp_path / "run"
+    return shared_runs["run"]
 
 
 def sample(workdir, *args):
@@ -46,11 +52,13 @@ def test_cli_samples_with_the_runs_tokenizer(workdir, tmp_path):
     assert [tok.decode(o.tolist()) for o in outs] == [t.removesuffix("\n") for t in texts]
 
 
-def test_loads_the_chosen_checkpoint(workdir):
+def test_loads_the_chosen_checkpoint(workdir, metrics_rows):
     tok, model, params_10, step = load_run(workdir, "10")
     assert step == 10
     _, _, params_new, newest = load_run(workdir, "newest")
     assert newest == 20
+    val = {m["step"]: m["val/loss"] for m in metrics_rows(workdir) if "val/loss" in m}
+    assert load_run(workdir, "best")[3] == min((10, 20), key=val.__getitem__)
     assert not np.allclose(params_10["wte"]["embedding"], params_new["wte"]["embedding"])
     out = generate(model, params_new, [tok.encode("def")], 5, jax.random.key(0),
                    SamplingParams(temperature=0.0))[0]

@@ -99,14 +99,15 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
     import jax
     import numpy as np
 
+    from gpt_jax.data.batch import lm_batch
     from gpt_jax.generate import SamplingParams, generate
-    from gpt_jax.models.gpt import count_params
+    from gpt_jax.models.registry import count_params
     from gpt_jax.parallel import sharding
-    from gpt_jax.training import allocator, metrics, trainer
+    from gpt_jax.training import allocator, build, metrics
 
     if config.train.tune_host_malloc:
-        allocator.tune_glibc_malloc()  # Before the first large allocation, as the trainer does.
-    r = trainer.setup_without_data(config)
+        allocator.tune_glibc_malloc()  # Before the first large allocation, as build.setup does.
+    r = build.setup_without_data(config)
     config, model, mesh, rules = r.config, r.model, r.mesh, r.rules
     B, T = config.train.batch_size, config.data.seq_len
     device = jax.devices()[0]
@@ -119,25 +120,25 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
     }
     with sharding.activation_context(mesh, rules):
         init_state, abstract_state = r.init_state, r.abstract_state
-        train_step, _ = trainer.compile_steps(config, model, mesh, rules, r.state_shardings)
-        batch_sh = sharding.batch_sharding(mesh, rules)
+        train_step, _ = build.compile_steps(r)
+        batch_sh = build.batch_sharding(r)
         t0 = time.perf_counter()
-        compiled = train_step.lower(abstract_state, trainer.abstract_batch(r)).compile()
+        compiled = train_step.lower(abstract_state, build.abstract_batch(r)).compile()
         result["compile_s"] = time.perf_counter() - t0
         n_params = count_params(abstract_state.params)
         result["parameters"] = n_params
-        step_flops = metrics.flops_per_token(model.cfg, n_params, T) * B * T
+        step_flops = r.arch.flops_per_token(r.hparams, n_params, T) * B * T
         if compile_only:
             return result
 
         rng = np.random.default_rng(0)
-        batches = [rng.integers(0, model.cfg.vocab_size, (B, T + 1), dtype=np.int32)
+        batches = [lm_batch(rng.integers(0, r.hparams.vocab_size, (B, T + 1), dtype=np.int32))
                    for _ in range(4)]
         state = init_state()
 
         def one(i):
             nonlocal state
-            batch = sharding.global_batch(batches[i % len(batches)], batch_sh, (B, T + 1))
+            batch = sharding.global_batch(batches[i % len(batches)], batch_sh, B)
             state, m = compiled(state, batch)
             return m
 

@@ -36,8 +36,9 @@ from configs import gpt2 as gpt2_recipe
 from gpt_jax import config as config_lib
 from gpt_jax.data import tokenizers
 from gpt_jax.interop import hf_gpt2
-from gpt_jax.models.gpt import count_params
-from gpt_jax.training import checkpoint
+from gpt_jax.models import registry
+from gpt_jax.models.registry import count_params
+from gpt_jax.training import checkpoint, weights
 
 OUR_TOKENIZER = "tokenizer.json"  # A workdir's tokenizer (gpt_jax.data.tokenizers format).
 EXPORTED_TOKENIZER = "gpt_jax_tokenizer.json"  # Its name in an HF folder, beside HF's own files.
@@ -60,7 +61,7 @@ def import_config(hf_config) -> ml_collections.ConfigDict:
 def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = False) -> pathlib.Path:
     """Writes the gpt_jax workdir `workdir` for the HF GPT-2 `source`; returns its params/."""
     out = pathlib.Path(workdir)
-    for sub in ("checkpoints", checkpoint.PARAMS_DIR):
+    for sub in ("checkpoints", weights.PARAMS_DIR):
         if (out / sub).exists():
             raise checkpoint.CheckpointError(f"{out} already holds a model ({sub}/); choose a new "
                                              "--workdir.")
@@ -73,11 +74,11 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
         if name in tokenizers.TOKENIZERS:  # Not hf:PATH, whose path was the run's.
             config.data.tokenizer = name
     config_lib.validate(config)
-    cfg = config_lib.ModelConfig.from_config(config, config.model.vocab_size)
+    cfg = registry.hyperparameters(config)
     params = hf_gpt2.params_from_hf(state_dict, cfg)
     config_json = config_lib.to_json(config)
     out.mkdir(parents=True, exist_ok=True)
-    params_dir = checkpoint.save_params(out, params, config_json)
+    params_dir = weights.save_params(out, params, config_json)
     (out / "config.json").write_text(config_json + "\n")
     copied = _copy_hf_tokenizer(source, out / HF_TOKENIZER_DIR)
     if ours.is_file():
@@ -122,9 +123,12 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path,
               which: int | str | None = None) -> pathlib.Path:
     """Writes the parameters of `workdir`'s checkpoint `which` (newest, best or a step) as an HF
     GPT-2 folder `out`; returns `out`."""
-    _, cfg, params, step = checkpoint.load_trained(workdir, which)
+    _, cfg, params, step = weights.load_trained(workdir, which)
+    if registry.arch_of(cfg).name != "gpt":
+        raise hf_gpt2.InteropError(f"{workdir} holds a model.arch={registry.arch_of(cfg).name!r} "
+                                   "model; only GPT-2 (model.arch=gpt) models export.")
     params = jax.device_get(params)
-    run_dir = checkpoint.params_source(str(workdir))[0].parent
+    run_dir = weights.params_source(str(workdir))[0].parent
     out = pathlib.Path(out)
     hf_gpt2.save_hf(params, cfg, out)
     written = ["config.json", hf_gpt2.WEIGHTS_NAME, *_copy_tokenizers(run_dir, out)]

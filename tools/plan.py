@@ -50,16 +50,16 @@ def simulate_devices(n: int) -> None:
 
 def plan(config, hbm_gb: float) -> dict:
     """Lowers and compiles the train step of `config` on the mesh over all (simulated) devices."""
-    from gpt_jax.models.gpt import count_params
+    from gpt_jax.models.registry import count_params
     from gpt_jax.parallel import sharding
-    from gpt_jax.training import metrics, trainer
+    from gpt_jax.training import build
 
     t0 = time.perf_counter()
-    r = trainer.setup_without_data(config)
-    config, model, mesh, abstract_state = r.config, r.model, r.mesh, r.abstract_state
-    train_step, _ = trainer.compile_steps(config, model, mesh, r.rules, r.state_shardings)
+    r = build.setup_without_data(config)
+    config, mesh, abstract_state = r.config, r.mesh, r.abstract_state
+    train_step, _ = build.compile_steps(r)
     with sharding.activation_context(mesh, r.rules):
-        lowered = train_step.lower(abstract_state, trainer.abstract_batch(r))
+        lowered = train_step.lower(abstract_state, build.abstract_batch(r))
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -75,7 +75,7 @@ def plan(config, hbm_gb: float) -> dict:
                + mem.temp_size_in_bytes)
     n_params = count_params(abstract_state.params)
     tokens = config.train.batch_size * config.data.seq_len
-    model_flops = metrics.flops_per_token(model.cfg, n_params, config.data.seq_len) * tokens
+    model_flops = r.arch.flops_per_token(r.hparams, n_params, config.data.seq_len) * tokens
     return {
         "config": FLAGS["config"].serialize().split("=", 1)[-1],
         "mesh": dict(mesh.shape),
@@ -99,7 +99,9 @@ def plan(config, hbm_gb: float) -> dict:
             # XLA counts a loop body once. The accumulation loop holds the whole model (scale by
             # its trip count); a loop over scanned layers does not (no honest scale: omitted).
             "xla_per_device": (float(cost["flops"]) * config.train.grad_accum_steps
-                               if cost and "flops" in cost and not model.cfg.scan_layers
+                               # An architecture without a scan_layers field never scans.
+                               if cost and "flops" in cost
+                               and not getattr(r.hparams, "scan_layers", False)
                                else None),
         },
         "seconds": {"lower": t1 - t0, "compile": t2 - t1},

@@ -15,6 +15,10 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
+from gpt_jax.data.batch import lm_batch
+
+Batch = dict[str, np.ndarray]
+
 # Tokens hashed from each end and the middle for WindowSource's fingerprint: enough to tell splits
 # apart, cheap on a multi-GB memmap.
 _FINGERPRINT_TOKENS = 4096
@@ -231,9 +235,9 @@ def train_dataset(
     sampling: str,
     weights: Sequence[float] | None = None,
 ) -> grain.IterDataset:
-    """Returns an endless stream of this shard's rows of each global batch: [batch_size /
-    shard_count, seq_len + 1] int32 arrays, rows [shard_index·b, (shard_index+1)·b) of the
-    global batch of `batch_size` windows.
+    """Returns an endless stream of this shard's rows of each global batch: batch dicts
+    (gpt_jax/data/batch.py) of [batch_size / shard_count, seq_len] arrays, rows
+    [shard_index·b, (shard_index+1)·b) of the global batch of `batch_size` windows.
 
     Every shard walks the same global order and reads only its own rows (batching and slicing
     are lazy: a row is read only when this shard's batch asks for it), so the global batches
@@ -270,7 +274,7 @@ def train_dataset(
     ds = ds.batch(batch_size // shard_count, drop_remainder=True)
     if shard_count > 1:  # Global batch b is local batches b·count … b·count + count − 1.
         ds = ds[shard_index::shard_count]
-    return ds.to_iter_dataset(read)
+    return ds.map(lm_batch).to_iter_dataset(read)
 
 
 def _check_split(tokens: TokenStream, seq_len: int, batch_size: int) -> None:
@@ -287,8 +291,9 @@ def _check_split(tokens: TokenStream, seq_len: int, batch_size: int) -> None:
 
 def eval_batches(
     tokens: Tokens, seq_len: int, batch_size: int, num_batches: int, seed: int
-) -> list[np.ndarray]:
-    """Returns `num_batches` fixed [batch_size, seq_len + 1] int32 batches at seeded offsets.
+) -> list[Batch]:
+    """Returns `num_batches` fixed batches (gpt_jax/data/batch.py) of `batch_size` windows of
+    seq_len + 1 tokens at seeded offsets.
 
     Like nanoGPT's estimate_loss, windows start anywhere (not on a seq_len grid); unlike it, the
     same arguments always give the same batches, so successive evals are comparable.
@@ -297,7 +302,8 @@ def eval_batches(
     _check_split(tokens, seq_len, batch_size)
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - seq_len, size=(num_batches, batch_size))
-    return [np.stack([tokens.read(s, s + seq_len + 1) for s in row]) for row in starts.tolist()]
+    return [lm_batch(np.stack([tokens.read(s, s + seq_len + 1) for s in row]))
+            for row in starts.tolist()]
 
 
 def count_full_eval_batches(num_tokens: int, seq_len: int, batch_size: int) -> int:
@@ -306,10 +312,8 @@ def count_full_eval_batches(num_tokens: int, seq_len: int, batch_size: int) -> i
     return math.ceil(num_windows / batch_size)
 
 
-def full_eval_batches(
-    tokens: Tokens, seq_len: int, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (batch [B, T + 1] int32, weights [B, T] float32) predicting every token once.
+def full_eval_batches(tokens: Tokens, seq_len: int, batch_size: int) -> Iterator[Batch]:
+    """Yields batches (gpt_jax/data/batch.py) of [B, T] arrays predicting every token once.
 
     Windows start every seq_len tokens; the last window and the last batch are padded with token
     0 and weight 0, so every batch has one static shape (no recompiles) and
@@ -323,7 +327,7 @@ def full_eval_batches(
 
 def _full_eval_batches(
     tokens: TokenStream, seq_len: int, batch_size: int, num_batches: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[Batch]:
     # A separate generator so that full_eval_batches validates its arguments when called.
     for b in range(num_batches):
         batch = np.zeros((batch_size, seq_len + 1), dtype=np.int32)
@@ -335,4 +339,4 @@ def _full_eval_batches(
                 break
             batch[row, : len(window)] = window
             weights[row, : len(window) - 1] = 1.0
-        yield batch, weights
+        yield lm_batch(batch, weights)

@@ -1,21 +1,18 @@
-"""Tokenize a corpus once into token files: in-process for training, or from the command line.
+"""Tokenize a corpus once into a prepared folder: in process for training, or from the command
+line. Both write the one format of shards.py, which training opens with training_data.open_folders.
 
 In process (`prepare`, what training does with data.corpus / data.path): the whole corpus in
-memory → `cache_dir/prepared/<key>/` holding train.bin, val.bin (nanoGPT's format: flat
-little-endian uint16 or uint32 token ids), tokenizer.json and meta.json. The key hashes
-everything the files depend on, so a changed corpus, tokenizer or split gets a new folder and an
-unchanged one is reused.
+memory, tokenized at once, into `cache_dir/prepared/<key>/`. The key hashes everything the
+tokens depend on, so a changed corpus, tokenizer or split gets a new folder and an unchanged one
+is reused.
 
-Command line, for corpora of any size (streamed, parallel, resumable; format in shards.py):
+Command line, for corpora of any size (streamed, parallel, resumable; prepare_stream.py):
 
     python -m gpt_jax.data.prepare --source=FILE|FOLDER|GLOB|FILE.jsonl|hf:NAME[:CONFIG]
         --tokenizer=byte|char|bpe|gpt2|hf:tokenizer.json [--vocab_size=N] --out=DIR
         [--val_fraction=0.1 --num_workers=N --text_field=text --split=train]
-
-`open_prepared(DIR)` opens either kind of folder as memmaps.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -31,188 +28,133 @@ from absl import app, flags, logging
 from gpt_jax.data import prepare_stream, shards, tokenizers
 from gpt_jax.data.corpora import Corpus
 
-# Bump when the prepared files' layout or tokenization changes, to invalidate old caches.
-FORMAT_VERSION = 1
+# Bump when the in-process folders' layout or tokenization changes: the key hashes it, so old
+# caches are no longer found. 2: shards.py's format (1 wrote train.bin / val.bin).
+FORMAT_VERSION = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """A prepared folder: token files, their metadata and the tokenizer that made them."""
-
-    dir: pathlib.Path
-    train_path: pathlib.Path
-    val_path: pathlib.Path
-    meta: dict[str, Any]
-    tokenizer: tokenizers.Tokenizer
-
-    def train_tokens(self) -> np.ndarray:
-        """Returns the train split's token ids as a read-only memmap."""
-        return _open_tokens(self.train_path, self.meta["dtype"], self.meta["train_tokens"])
-
-    def val_tokens(self) -> np.ndarray:
-        """Returns the validation split's token ids as a read-only memmap."""
-        return _open_tokens(self.val_path, self.meta["dtype"], self.meta["val_tokens"])
+def _options(tokenizer_name: str, val_fraction: float, vocab_size: int | None,
+             shard_tokens: int) -> dict[str, Any]:
+    """meta.json's "options": the settings besides the corpus that the folder depends on."""
+    options: dict[str, Any] = {"val_fraction": val_fraction, "shard_tokens": shard_tokens}
+    if tokenizer_name == "bpe":
+        # In process, bpe trains on the corpus's first characters (not bytes, as the CLI).
+        options["bpe_sample_chars"] = tokenizers.BPE_SAMPLE_BYTES
+        options["vocab_size"] = vocab_size or tokenizers.DEFAULT_BPE_VOCAB
+    elif tokenizer_name.startswith(tokenizers.HF_PREFIX):  # The file's contents, not its name.
+        path = pathlib.Path(tokenizer_name.removeprefix(tokenizers.HF_PREFIX))
+        if path.is_file():
+            options["tokenizer_sha256"] = shards.sha256_file(path)
+    return options
 
 
-def _open_tokens(path: pathlib.Path, dtype: str, count: int) -> np.ndarray:
-    if count == 0:
-        # mmap cannot map an empty file; an empty split is still a valid (useless) split.
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+def _fingerprint(corpus: Corpus, tokenizer_name: str, options: dict[str, Any]) -> str:
+    """What "up to date" means for an in-process folder: its meta.json's "fingerprint"."""
+    ident = {"format": shards.FORMAT, "version": shards.VERSION, "in_process": FORMAT_VERSION,
+             "source_sha256": corpus.sha256, "tokenizer": tokenizer_name, "options": options}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def _key(source_sha256: str, tokenizer_name: str, val_fraction: float,
-         tokenizer_options: dict[str, Any]) -> str:
-    parts: list[Any] = [FORMAT_VERSION, source_sha256, tokenizer_name, val_fraction]
-    if tokenizer_options:  # Only where they exist (bpe, hf:): byte and char keys stay as they were.
-        parts.append(tokenizer_options)
-    kind = tokenizer_name.partition(":")[0]  # hf:PATH → hf: a path is no folder name.
-    return f"{kind}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
+def _legacy_folder(root: pathlib.Path, corpus: Corpus, tokenizer_name: str, val_fraction: float,
+                   options: dict[str, Any]) -> pathlib.Path:
+    """Where format 1 (train.bin / val.bin) kept this corpus: its key, as that code hashed it."""
+    parts: list[Any] = [1, corpus.sha256, tokenizer_name, val_fraction]
+    legacy = {k: options[k] for k in ("vocab_size", "tokenizer_sha256") if k in options}
+    if legacy:
+        parts.append(legacy)
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return root / f"{tokenizer_name.partition(':')[0]}-{digest}"
 
 
-def _is_valid(folder: pathlib.Path, identity: dict[str, Any], tokenizer_name: str) -> bool:
-    """Whether `folder` is a complete prepared folder of this identity and tokenizer."""
-    try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if any(meta.get(k) != v for k, v in identity.items()):
-        return False
-    if meta["tokenizer"]["name"] != tokenizer_name.partition(":")[0]:
-        return False
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    # A truncated token file means a damaged cache, whatever meta.json says.
-    return all(
-        (folder / f"{split}.bin").is_file()
-        and (folder / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
-        for split in ("train", "val")
-    )
+def _write_shards(folder: pathlib.Path, progress: dict[str, Any], ids: np.ndarray, dtype: str,
+                  shard_tokens: int, nbytes: int) -> None:
+    """Writes the token stream `ids` as shards of `shard_tokens` tokens; the corpus is one
+    document of `nbytes` source bytes, counted in the last shard."""
+    writer = shards.ShardWriter(folder, progress, dtype, shard_tokens)
+    starts = range(0, len(ids), shard_tokens)
+    for i, start in enumerate(starts):
+        last = i == len(starts) - 1
+        writer.write(ids[start : start + shard_tokens], int(last), nbytes if last else 0, i + 1)
+    writer.flush()
 
 
-def load_prepared(folder: str | pathlib.Path) -> Prepared:
-    """Returns the prepared folder `folder` (made by `prepare`, e.g. named by data.prepared)."""
-    folder = pathlib.Path(folder)
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{str(folder)!r} is not a prepared data folder (no meta.json); point data.prepared "
-            "at a folder made by the prepare step."
-        )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta["version"] != FORMAT_VERSION:
-        raise ValueError(
-            f"prepared folder {str(folder)!r} has format version {meta['version']}, this code "
-            f"reads version {FORMAT_VERSION}; prepare the data again."
-        )
-    tokenizer = tokenizers.load_tokenizer(folder / "tokenizer.json")
-    max_id = np.iinfo(np.dtype(meta["dtype"])).max
-    if tokenizer.vocab_size - 1 > max_id:
-        raise ValueError(
-            f"prepared folder {str(folder)!r} stores tokens as {meta['dtype']} (ids up to {max_id}) "
-            f"but its tokenizer has {tokenizer.vocab_size} ids; prepare the data again."
-        )
-    return Prepared(
-        dir=folder,
-        train_path=folder / "train.bin",
-        val_path=folder / "val.bin",
-        meta=meta,
-        tokenizer=tokenizer,
-    )
-
-
-def _write(folder: pathlib.Path, corpus: Corpus, tokenizer_name: str, val_fraction: float,
-           identity: dict[str, Any], vocab_size: int | None) -> None:
+def _write(folder: pathlib.Path, corpus: Corpus, tokenizer_name: str, options: dict[str, Any],
+           fingerprint: str, vocab_size: int | None) -> None:
     """Tokenizes `corpus` and writes every file of a prepared folder into `folder`."""
-    # bpe trains on a bounded head of the corpus, as the CLI does (tokenizers.BPE_SAMPLE_BYTES,
-    # here in characters).
+    # The tokenization of format 1, unchanged, so runs read the same tokens: bpe trains on a
+    # bounded head of the corpus (tokenizers.BPE_SAMPLE_BYTES, here in characters), char on all.
     sample = corpus.text[: tokenizers.BPE_SAMPLE_BYTES] if tokenizer_name == "bpe" else corpus.text
     tok = tokenizers.build_tokenizer(tokenizer_name, sample, vocab_size)
     ids = tok.encode(corpus.text)
     dtype = shards.token_dtype(tok.vocab_size)
-    # nanoGPT's split: the first part of the token stream trains, the tail validates.
-    num_train = int(len(ids) * (1 - val_fraction))
-    ids = ids.astype(dtype)
-    ids[:num_train].tofile(folder / "train.bin")
-    ids[num_train:].tofile(folder / "val.bin")
-    tokenizers.save_tokenizer(tok, folder / "tokenizer.json")
-    meta = {
-        **identity,
-        "source": corpus.description,
-        "tokenizer": tok.to_dict(),
+    tokenizers.save_tokenizer(tok, folder / shards.TOKENIZER)
+    progress = {"fingerprint": fingerprint,
+                "tokenizer_sha256": shards.sha256_file(folder / shards.TOKENIZER), "shards": []}
+    _write_shards(folder, progress, ids, dtype, options["shard_tokens"],
+                  len(corpus.text.encode("utf-8")))
+    meta = shards.write_meta(folder, progress, {
+        "fingerprint": fingerprint,
+        "source": {"spec": corpus.description, "description": corpus.description,
+                   "fingerprint": {"kind": "text", "sha256": corpus.sha256}},
+        "tokenizer": {"spec": tokenizer_name, "name": tok.name, "vocab_size": tok.vocab_size,
+                      "eot_id": tok.eot_id, "sha256": progress["tokenizer_sha256"]},
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "separator": [],  # Nothing appended: the corpus's tokens exactly, as format 1 had them.
         "dtype": dtype,
-        "train_tokens": num_train,
-        "val_tokens": len(ids) - num_train,
-    }
-    # meta.json last: its presence is what marks a folder complete.
-    (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1),
-                                      encoding="utf-8")
+        "options": options,
+    })
     logging.info("Prepared %s: %d train and %d val tokens (%s, vocab %d).", corpus.description,
-                 num_train, len(ids) - num_train, dtype, tok.vocab_size)
+                 meta["train_tokens"], meta["val_tokens"], dtype, tok.vocab_size)
 
 
 def prepare(corpus: Corpus, tokenizer_name: str, cache_dir: str, val_fraction: float,
-            vocab_size: int | None = None) -> Prepared:
-    """Returns the prepared token files of `corpus`, tokenizing it unless an up-to-date copy exists.
+            vocab_size: int | None = None, *,
+            shard_tokens: int = prepare_stream.SHARD_TOKENS) -> pathlib.Path:
+    """Returns the prepared folder of `corpus` (open it with training_data.open_folders),
+    tokenizing it unless an up-to-date copy exists in `cache_dir`/prepared.
 
     The first (1 - val_fraction) of the token stream is the train split, the rest validation.
     `vocab_size` is bpe's (default tokenizers.DEFAULT_BPE_VOCAB). Files are written into a
     temporary folder renamed into place, so an interrupted prepare never leaves a folder that
-    looks complete.
+    looks complete, and processes sharing the cache see a whole folder or none. A folder at the
+    key that is not up to date (damaged, or an older format) is prepared again.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     tokenizers.check_name(tokenizer_name)
-    tokenizer_options = {}
-    if tokenizer_name == "bpe":
-        vocab_size = vocab_size or tokenizers.DEFAULT_BPE_VOCAB
-        tokenizer_options["vocab_size"] = vocab_size
-    elif tokenizer_name.startswith(tokenizers.HF_PREFIX):  # The file's contents, not its name.
-        path = pathlib.Path(tokenizer_name.removeprefix(tokenizers.HF_PREFIX))
-        if path.is_file():
-            tokenizer_options["tokenizer_sha256"] = shards.sha256_file(path)
-    identity = {
-        "version": FORMAT_VERSION,
-        "source_sha256": corpus.sha256,
-        "val_fraction": val_fraction,
-        **tokenizer_options,
-    }
+    options = _options(tokenizer_name, val_fraction, vocab_size, shard_tokens)
+    fingerprint = _fingerprint(corpus, tokenizer_name, options)
     root = pathlib.Path(cache_dir) / "prepared"
-    final = root / _key(corpus.sha256, tokenizer_name, val_fraction, tokenizer_options)
-    if _is_valid(final, identity, tokenizer_name):
+    kind = tokenizer_name.partition(":")[0]  # hf:PATH → hf: a path is no folder name.
+    final = root / f"{kind}-{fingerprint[:16]}"
+    if shards.complete_meta(final, fingerprint):
         logging.info("Reusing prepared data in %s.", final)
-        return load_prepared(final)
+        return final
+    legacy = _legacy_folder(root, corpus, tokenizer_name, val_fraction, options)
+    if final.exists():
+        logging.warning("Preparing %s again: it is incomplete, damaged or in an older format.",
+                        final)
+    elif (legacy / "train.bin").is_file():
+        logging.info("Preparing %s again in the current format as %s (the old train.bin/val.bin "
+                     "folder is no longer read; delete it to free the space).", legacy, final)
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
     try:
-        _write(tmp, corpus, tokenizer_name, val_fraction, identity, vocab_size)
-        if _is_valid(final, identity, tokenizer_name):
+        _write(tmp, corpus, tokenizer_name, options, fingerprint, vocab_size)
+        if shards.complete_meta(final, fingerprint):
             # Another process (e.g. a second host on a shared disk) finished first: use its copy.
-            return load_prepared(final)
-        if final.exists():
-            logging.warning("Replacing incomplete or stale prepared folder %s.", final)
-            shutil.rmtree(final)
+            return final
+        shutil.rmtree(final, ignore_errors=True)
         try:
             os.rename(tmp, final)
         except OSError:
             # Lost a race to another process's rename: fine if its folder is complete.
-            if not _is_valid(final, identity, tokenizer_name):
+            if not shards.complete_meta(final, fingerprint):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_prepared(final)
-
-
-def open_prepared(folder: str | pathlib.Path) -> shards.PreparedShards:
-    """Opens a prepared folder of either kind (the CLI's shards, or the in-process train.bin /
-    val.bin) as lists of read-only memmaps per split, with its tokenizer and end-of-text id."""
-    folder = pathlib.Path(folder)
-    if shards.read_meta(folder) is not None:
-        return shards.open_shards(folder)
-    p = load_prepared(folder)  # Raises the "not a prepared folder" error if it is neither.
-    train, val = p.train_tokens(), p.val_tokens()
-    return shards.PreparedShards(folder, p.meta, p.tokenizer, p.tokenizer.eot_id,
-                                 np.dtype(p.meta["dtype"]), [train] if len(train) else [],
-                                 [val] if len(val) else [])
+    return final
 
 
 def _define_flags() -> None:

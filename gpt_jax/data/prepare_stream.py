@@ -257,9 +257,7 @@ def prepare_folder(
                                 "source": src.fingerprint(), "tokenizer": tok_ident,
                                 "options": options})
 
-    meta = shards.read_meta(out)
-    if (meta and meta.get("fingerprint") == fingerprint and (out / shards.TOKENIZER).is_file()
-            and shards.shards_intact(out, meta["shards"], meta["dtype"]) == len(meta["shards"])):
+    if meta := shards.complete_meta(out, fingerprint):
         logging.info("Reusing the up-to-date prepared folder %s (%d tokens; same source, "
                      "tokenizer and options).", out, meta["total_tokens"])
         return shards.open_shards(out)
@@ -293,21 +291,12 @@ def prepare_folder(
 
 
 def _write_meta(out: pathlib.Path, progress: dict[str, Any], fields: dict[str, Any]) -> None:
-    """Writes meta.json (`fields` + shards, totals and split), the mark of a complete folder,
-    and removes progress.json."""
-    records = [{k: v for k, v in s.items() if k != "chunks_end"} for s in progress["shards"]]
-    total = sum(s["tokens"] for s in records)
-    if total == 0:
+    """Writes meta.json, the mark of a complete folder (shards.write_meta), refusing an empty
+    source."""
+    if not any(s["tokens"] for s in progress["shards"]):
         raise ValueError(f"--source={fields['source']['spec']!r} holds no text; give a "
                          "non-empty source.")
-    num_docs = sum(s["docs"] for s in records)
-    fields["source"].update(bytes=sum(s["bytes"] for s in records), docs=num_docs)
-    num_train = int(total * (1 - fields["options"]["val_fraction"]))  # nanoGPT's split.
-    meta = {"format": shards.FORMAT, "version": shards.VERSION, **fields, "shards": records,
-            "total_tokens": total, "total_docs": num_docs, "train_tokens": num_train,
-            "val_tokens": total - num_train, "splits": shards.split_ranges(records, num_train)}
-    shards.write_json_atomic(out / shards.META, meta)
-    (out / shards.PROGRESS).unlink()
+    shards.write_meta(out, progress, fields)
 
 
 def _stream(src: sources.Source, tok: tokenizers.Tokenizer, out: pathlib.Path,

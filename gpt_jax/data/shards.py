@@ -1,4 +1,5 @@
-"""The prepared-folder format the prepare CLI writes (`--out=DIR`) and training reads.
+"""The one prepared-folder format: what the prepare CLI writes (`--out=DIR`), what training's
+in-process path writes into its cache (prepare.prepare), and what training reads (`open_shards`).
 
 ```
 DIR/
@@ -15,6 +16,10 @@ whole chunks of ~1 MB of text, closed once it reaches `shard_tokens`, so documen
 shard boundaries: a reader concatenates the shards. The train/val split is of that stream, as
 nanoGPT's and `data.val_fraction`: the first floor(total · (1 − val_fraction)) tokens train, the
 rest validate. Splits are (file, start, tokens) ranges, so the split shard is not copied.
+
+The in-process writer (prepare.prepare) tokenizes its corpus whole, as one document with
+nothing appended: its "separator" is [], its source "fingerprint" the text's sha256, and the
+document and source bytes are counted in the last shard.
 
 meta.json:
 ```
@@ -185,6 +190,27 @@ def _memmaps(folder: pathlib.Path, ranges: list[dict[str, Any]], dtype: np.dtype
                       shape=(r["tokens"],)) for r in ranges if r["tokens"]]
 
 
+def write_meta(folder: pathlib.Path, progress: dict[str, Any], fields: dict[str, Any]
+               ) -> dict[str, Any]:
+    """Writes meta.json (`fields` + the shards of `progress`, their totals and the train/val
+    split), the mark of a complete folder, removes progress.json, and returns the meta.
+
+    `fields` holds the schema's entries from "fingerprint" to "options"; its "source" gets
+    "bytes" and "docs" here.
+    """
+    records = [{k: v for k, v in s.items() if k != "chunks_end"} for s in progress["shards"]]
+    total = sum(s["tokens"] for s in records)
+    num_docs = sum(s["docs"] for s in records)
+    fields["source"].update(bytes=sum(s["bytes"] for s in records), docs=num_docs)
+    num_train = int(total * (1 - fields["options"]["val_fraction"]))  # nanoGPT's split.
+    meta = {"format": FORMAT, "version": VERSION, **fields, "shards": records,
+            "total_tokens": total, "total_docs": num_docs, "train_tokens": num_train,
+            "val_tokens": total - num_train, "splits": split_ranges(records, num_train)}
+    write_json_atomic(folder / META, meta)
+    (folder / PROGRESS).unlink()
+    return meta
+
+
 def read_meta(folder: str | pathlib.Path) -> dict[str, Any] | None:
     """meta.json of `folder` if it is a readable file of this format, else None."""
     try:
@@ -194,11 +220,27 @@ def read_meta(folder: str | pathlib.Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
+def complete_meta(folder: pathlib.Path, fingerprint: str) -> dict[str, Any] | None:
+    """meta.json of `folder` if it is complete (tokenizer.json and every shard of the right size
+    present) and made with `fingerprint` (same source, tokenizer and options), else None."""
+    meta = read_meta(folder)
+    if (meta is None or meta.get("fingerprint") != fingerprint
+            or not (folder / TOKENIZER).is_file()
+            or shards_intact(folder, meta["shards"], meta["dtype"]) < len(meta["shards"])):
+        return None
+    return meta
+
+
 def open_shards(folder: str | pathlib.Path) -> PreparedShards:
-    """Opens a prepared folder written by the prepare CLI (prepare.open_prepared also opens the
-    in-process cache's folders)."""
+    """Opens a prepared folder (made by the prepare CLI or by training's in-process prepare):
+    each split as read-only memmaps of its shard ranges, with the folder's tokenizer."""
     folder = pathlib.Path(folder)
     meta = read_meta(folder)
+    if meta is None and (folder / "train.bin").is_file():
+        # Written by the in-process prepare of gpt_jax before it wrote this format.
+        raise ValueError(f"{str(folder)!r} is a prepared folder in the old train.bin/val.bin "
+                         "format; delete it and prepare the data again (training re-prepares "
+                         "data.corpus / data.path by itself).")
     if meta is None:
         raise FileNotFoundError(f"{str(folder)!r} is not a prepared data folder (no {FORMAT} "
                                 "meta.json); run python -m gpt_jax.data.prepare --out=DIR first.")

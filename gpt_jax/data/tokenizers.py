@@ -21,6 +21,7 @@ needs tiktoken's cache as when it was made.
 """
 
 import json
+import os
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -356,8 +357,12 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | pathlib.Path) -> None:
-    """Writes `tok` as JSON to `path`."""
-    pathlib.Path(path).write_text(json.dumps(tok.to_dict(), ensure_ascii=False), encoding="utf-8")
+    """Writes `tok` as JSON to `path`, atomically: other processes of a run read the file while
+    process 0 writes it, and must see the old or the new content, never an empty file."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(tok.to_dict(), ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:

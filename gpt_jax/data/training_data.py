@@ -1,19 +1,19 @@
 """The run's data: its tokenizer, the train split of one dataset or of a weighted mixture of
 several, and the validation split it reports.
 
-Two origins: a corpus tokenized in process (`prepare.prepare`, data.corpus / data.path), or one
-or more folders made by the prepare CLI (data.prepared). A mixture's folders must share one
-tokenizer (token ids mean the same thing in each); val/loss is the first folder's val split.
+Every run reads prepared folders (shards.py's format) through `open_folders`: one made in
+process from data.corpus / data.path (`prepare.prepare` returns it), or one or more made by the
+prepare CLI (data.prepared). A mixture's folders must share one tokenizer (token ids mean the
+same thing in each); val/loss is the first folder's val split.
 """
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Sequence
 
 from absl import logging
 
-from gpt_jax.data import prepare, shards, tokenizers
+from gpt_jax.data import shards, tokenizers
 from gpt_jax.data.pipeline import TokenStream
 
 # Vocabularies fixed by the tokenizer's name, known without data (tools that only compile).
@@ -44,19 +44,14 @@ class TrainingData:
         return self.val
 
 
-def from_prepared(p: prepare.Prepared) -> TrainingData:
-    """The data of an in-process prepared folder (one dataset, nanoGPT's train.bin / val.bin)."""
-    return TrainingData(p.tokenizer, [str(p.dir)], [TokenStream(p.train_tokens())], None,
-                        TokenStream(p.val_tokens()))
-
-
 def open_folders(folders: Sequence[str], weights: Sequence[float] | None) -> TrainingData:
-    """Opens the prepared folders `folders` (data.prepared) as one dataset or, if several, a
-    mixture weighted by `weights` (None: proportional to their train tokens).
+    """Opens the prepared folders `folders` (data.prepared, or the one prepare.prepare returns)
+    as one dataset or, if several, a mixture weighted by `weights` (None: proportional to their
+    train tokens).
 
     Raises ValueError (or FileNotFoundError) with a one-line message naming the fix.
     """
-    opened = [prepare.open_prepared(pathlib.Path(f).expanduser()) for f in folders]
+    opened = [shards.open_shards(pathlib.Path(f).expanduser()) for f in folders]
     first = opened[0]
     for folder, p in zip(folders[1:], opened[1:], strict=True):
         if p.tokenizer.to_dict() != first.tokenizer.to_dict():
@@ -66,8 +61,9 @@ def open_folders(folders: Sequence[str], weights: Sequence[float] | None) -> Tra
                 "mixture with the same tokenizer (e.g. --tokenizer=gpt2).")
     for folder, p in zip(folders, opened, strict=True):
         if not p.num_train_tokens:
-            raise ValueError(f"data.prepared folder {folder!r} has no train tokens; prepare it "
-                             "from a bigger source or lower --val_fraction.")
+            raise ValueError(f"the prepared data in {folder!r} has no train tokens; use a bigger "
+                             "corpus or a lower val fraction (data.val_fraction, or the prepare "
+                             "command's --val_fraction).")
     if weights is not None and len(weights) != len(folders):
         raise ValueError(f"data.mixture_weights has {len(weights)} weight(s) for {len(folders)} "
                          "data.prepared folder(s); give one weight per folder.")
@@ -97,12 +93,5 @@ def _describe(p: shards.PreparedShards) -> str:
 def prepared_vocab_size(folder: str) -> int | None:
     """The vocabulary size of the prepared folder `folder` from its meta.json alone (no token
     file opened), or None if it cannot be read."""
-    folder_path = pathlib.Path(folder).expanduser()
-    meta = shards.read_meta(folder_path)
-    if meta is not None:
-        return int(meta["vocab_size"])
-    try:  # An in-process cache folder: its meta.json holds the tokenizer, not the size.
-        meta = json.loads((folder_path / "meta.json").read_text(encoding="utf-8"))
-        return tokenizers.tokenizer_from_dict(meta["tokenizer"]).vocab_size
-    except (OSError, ValueError, KeyError):
-        return None
+    meta = shards.read_meta(pathlib.Path(folder).expanduser())
+    return None if meta is None else int(meta["vocab_size"])

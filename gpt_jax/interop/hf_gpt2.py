@@ -24,8 +24,9 @@ import flax.linen as nn
 import numpy as np
 from absl import logging
 
-from gpt_jax.config import ModelConfig
 from gpt_jax.data import tokenizers
+from gpt_jax.models import gpt, registry
+from gpt_jax.models.gpt import GPTConfig
 
 # HF activation_function → model.activation. HF's "gelu" is the exact (erf) GELU; "gelu_new" and
 # "gelu_pytorch_tanh" are the tanh approximation GPT-2 was trained with.
@@ -45,7 +46,7 @@ class InteropError(ValueError):
     """A model or folder that cannot be converted; the message says why and what to do."""
 
 
-def _block_table(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...],
+def _block_table(cfg: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...],
                                                  tuple[int, ...]]]:
     """(HF name within `transformer.h.{i}.`, our path within a block, HF shape, our shape)."""
     D, N, H, F = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
@@ -108,14 +109,7 @@ def model_fields_from_hf(hf_config: Any) -> dict[str, Any]:
     }
 
 
-# HF config name of each model field, for messages.
-_HF_NAMES = {"num_layers": "n_layer", "num_heads": "n_head", "d_model": "n_embd",
-             "mlp_ratio": "n_inner / n_embd", "max_seq_len": "n_positions",
-             "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings",
-             "activation": "activation_function", "norm_eps": "layer_norm_epsilon"}
-
-
-def hf_config_from_model(cfg: ModelConfig) -> Any:
+def hf_config_from_model(cfg: GPTConfig) -> Any:
     """A transformers GPT2Config for the model `cfg` (the real vocab, not the padded one)."""
     import transformers  # Only conversions need it (requirements-dev.txt).
 
@@ -145,18 +139,26 @@ def hf_config_from_model(cfg: ModelConfig) -> Any:
     )
 
 
-def check_fits(hf_config: Any, cfg: ModelConfig, source: str) -> None:
+# HF config name of each model field checked by check_fits, for messages.
+_HF_NAMES = {"num_layers": "n_layer", "num_heads": "n_head", "d_model": "n_embd",
+             "mlp_ratio": "n_inner / n_embd", "vocab_size": "vocab_size",
+             "tie_embeddings": "tie_word_embeddings", "activation": "activation_function"}
+
+
+def check_fits(hf_config: Any, cfg: GPTConfig, source: str) -> None:
     """Raises InteropError naming the first model field where the model `cfg` cannot take the HF
-    model's weights as they are. Fewer positions than the HF model are fine (the position table is
-    cropped, as nanoGPT's crop_block_size); the layer layout and vocab padding are free."""
+    model's weights as they are (the registry's compatibility check, over the fields an HF GPT-2
+    fixes). Fewer positions than the HF model are fine (the position table is cropped, as
+    nanoGPT's crop_block_size); the layer layout and vocab padding are free."""
     fields = model_fields_from_hf(hf_config)
-    for field in ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size",
-                  "tie_embeddings", "activation"):
-        if getattr(cfg, field) != fields[field]:
-            raise InteropError(
-                f"{source} has model.{field}={fields[field]!r} ({_HF_NAMES[field]}) but this model "
-                f"has model.{field}={getattr(cfg, field)!r}; set --config.model.{field}="
-                f"{fields[field]!r}.")
+    try:
+        gpt.ARCH.require_compatible(
+            {"arch": "gpt", **fields}, registry.model_fields(cfg), source,
+            "set --config.model.{field}={value!r}.",
+            fields=("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size",
+                    "tie_embeddings", "activation"))
+    except registry.IncompatibleModelError as e:
+        raise InteropError(f"{e} (HF config: {_HF_NAMES[e.field]})") from None
     if cfg.max_seq_len > fields["max_seq_len"]:
         raise InteropError(
             f"{source} has {fields['max_seq_len']} positions (n_positions) but this model has "
@@ -170,7 +172,7 @@ def check_fits(hf_config: Any, cfg: ModelConfig, source: str) -> None:
 # ------------------------------------------------------------------------------------ parameters
 
 
-def _layers(params: Mapping[str, Any], cfg: ModelConfig) -> list[Mapping[str, Any]]:
+def _layers(params: Mapping[str, Any], cfg: GPTConfig) -> list[Mapping[str, Any]]:
     """Each block's parameters, from either layout (h_0 … h_{L-1}, or h stacked)."""
     if "h" in params:  # scan_layers: every leaf has a leading layers axis.
         stacked = _map_tree(np.asarray, params["h"])  # Once: device → host.
@@ -215,7 +217,7 @@ def _array(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     return a
 
 
-def params_to_hf(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+def params_to_hf(params: Mapping[str, Any], cfg: GPTConfig) -> dict[str, np.ndarray]:
     """A GPT2LMHeadModel state dict (float32 numpy, contiguous) from our parameters.
 
     Only the real `cfg.vocab_size` rows of the (padded) embedding are written. Biases absent from
@@ -257,7 +259,7 @@ def _canonical_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def params_from_hf(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+def params_from_hf(state_dict: Mapping[str, Any], cfg: GPTConfig) -> dict[str, Any]:
     """Our parameters (numpy, the layout `cfg.scan_layers` names) from a GPT2LMHeadModel state dict.
 
     The embedding is padded with zero rows to `cfg.padded_vocab_size` (those ids are masked in the
@@ -402,14 +404,14 @@ def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
-def import_params(source: str, cfg: ModelConfig) -> dict[str, Any]:
+def import_params(source: str, cfg: GPTConfig) -> dict[str, Any]:
     """Our parameters for the model `cfg` from an HF folder or hub name, checked to fit."""
     hf_config, state_dict = load_hf(source)
     check_fits(hf_config, cfg, source)
     return params_from_hf(state_dict, cfg)
 
 
-def save_hf(params: Mapping[str, Any], cfg: ModelConfig, out_dir: str | pathlib.Path) -> Any:
+def save_hf(params: Mapping[str, Any], cfg: GPTConfig, out_dir: str | pathlib.Path) -> Any:
     """Writes `out_dir`/config.json and model.safetensors, which
     `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads; returns the GPT2Config."""
     from safetensors.numpy import save_file

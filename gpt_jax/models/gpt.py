@@ -1,16 +1,76 @@
-"""GPT: decoder-only Transformer language model (GPT-2 architecture)."""
+"""GPT: decoder-only Transformer language model (GPT-2 architecture), `model.arch=gpt`.
+
+Shapes are named in suffixes: B batch, T time, D d_model, V padded vocabulary.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from gpt_jax.config import ModelConfig
-from gpt_jax.models.layers import Block, DecodeState, ScannedBlock, layer_norm
+from gpt_jax.config import check, one_of
+from gpt_jax.models import positions, registry
+from gpt_jax.models.layers import (
+    ACTIVATIONS,
+    DTYPES,
+    Block,
+    DecodeState,
+    ScannedBlock,
+    layer_norm,
+)
 from gpt_jax.parallel.sharding import constrain
 
 Array = jax.Array
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of a GPT; each field is the `model.*` config field of the same name
+    (configs/base.py documents them), vocab_size and max_seq_len resolved."""
+
+    vocab_size: int
+    vocab_multiple: int
+    max_seq_len: int
+    num_layers: int
+    num_heads: int
+    d_model: int
+    mlp_ratio: int
+    dropout: float
+    attention_dropout: float
+    bias: bool
+    tie_embeddings: bool
+    activation: str
+    norm_eps: float
+    init_std: float
+    dtype: str
+    attention_impl: str
+    remat: str
+    scan_layers: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.mlp_ratio * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
 
 
 class GPT(nn.Module):
@@ -21,7 +81,7 @@ class GPT(nn.Module):
     for callers that want logits for only some positions at a time (chunked cross-entropy, decoding).
     """
 
-    cfg: ModelConfig
+    cfg: GPTConfig
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -50,7 +110,7 @@ class GPT(nn.Module):
                 block,
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast,) * 4,  # deterministic, decode, segment ids, positions.
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
@@ -67,34 +127,37 @@ class GPT(nn.Module):
             )
 
     def __call__(self, tokens_BT: Array, deterministic: bool = True,
-                 decode: DecodeState | None = None,
-                 segment_ids_BT: Array | None = None) -> Array:
+                 decode: DecodeState | None = None, segment_ids_BT: Array | None = None,
+                 positions_BT: Array | None = None) -> Array:
         """Logits [B, T, padded_vocab] (float32) for every position of `tokens_BT`."""
-        return self.head(self.hidden(tokens_BT, deterministic, decode, segment_ids_BT))
+        return self.head(self.hidden(tokens_BT, deterministic, decode, segment_ids_BT,
+                                     positions_BT))
 
     def hidden(self, tokens_BT: Array, deterministic: bool = True,
-               decode: DecodeState | None = None,
-               segment_ids_BT: Array | None = None) -> Array:
-        """The final-LayerNorm output [B, T, D]. With `decode`, keys and values go to the KV
-        cache (apply with mutable=["cache"]) and positions count from each row's first token.
-        With `segment_ids_BT` [B, T] (packed documents), attention stays inside each segment;
-        positions stay absolute (a row's, not restarted per document)."""
+               decode: DecodeState | None = None, segment_ids_BT: Array | None = None,
+               positions_BT: Array | None = None) -> Array:
+        """The final-LayerNorm output [B, T, D].
+
+        Positions: `positions_BT` if given ([B, T] or [1, T]), else 0 … T-1; with `decode`, keys
+        and values go to the KV cache (apply with mutable=["cache"]) and positions count from
+        each row's first token. With `segment_ids_BT` [B, T] (packed documents), attention stays
+        inside each segment."""
         T = tokens_BT.shape[1]
-        if decode is None:
-            pos_emb_BTD = self.wpe(jnp.arange(T))[None]
-        else:
-            pos_BT = decode.slot + jnp.arange(T)[None, :] - decode.first_B[:, None]
-            pos_emb_BTD = self.wpe(jnp.clip(pos_BT, 0, self.cfg.max_seq_len - 1))
-        x_BTD = self.wte(tokens_BT) + pos_emb_BTD
+        if decode is not None:
+            positions_BT = positions.decode_positions(decode.slot, decode.first_B, T,
+                                                      self.cfg.max_seq_len)
+        elif positions_BT is None:
+            positions_BT = positions.sequence_positions(T)
+        x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         x_BTD = self.drop(x_BTD, deterministic=deterministic)
         if segment_ids_BT is not None:
             segment_ids_BT = constrain(segment_ids_BT, ("batch", "length"))
         if self.cfg.scan_layers:
-            x_BTD, _ = self.h(x_BTD, deterministic, decode, segment_ids_BT)
+            x_BTD, _ = self.h(x_BTD, deterministic, decode, segment_ids_BT, positions_BT)
         else:
             for block in self.h:
-                x_BTD = block(x_BTD, deterministic, decode, segment_ids_BT)
+                x_BTD = block(x_BTD, deterministic, decode, segment_ids_BT, positions_BT)
         return self.ln_f(x_BTD)
 
     def head(self, x_BTD: Array) -> Array:
@@ -109,6 +172,61 @@ class GPT(nn.Module):
         return logits_BTV
 
 
-def count_params(params) -> int:
-    """Total number of scalars in a parameter tree."""
-    return sum(x.size for x in jax.tree.leaves(params))
+def flops_per_token(cfg: GPTConfig, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token, 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
+
+    N counts the parameters that do matmuls: the position table never does, and an untied token
+    table is a lookup (its LM head is counted). The second term is attention's QK^T and AV.
+    """
+    n = num_params - cfg.max_seq_len * cfg.d_model
+    if not cfg.tie_embeddings:
+        n -= cfg.padded_vocab_size * cfg.d_model
+    return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """The `model` group's values for a GPT; one-line ConfigErrors naming field and fix."""
+    m = config.model
+    for field in ("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_multiple"):
+        check(m[field] >= 1, f"model.{field}={m[field]} must be ≥ 1.")
+    check(m.d_model % m.num_heads == 0,
+          f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; "
+          "choose heads so that d_model % num_heads == 0.")
+    one_of(m.dtype, "model.dtype", DTYPES)
+    one_of(m.attention_impl, "model.attention_impl", ATTENTION_IMPLS)
+    if m.attention_impl == "cudnn":
+        head_dim = m.d_model // m.num_heads
+        check(m.dtype == "bfloat16" and head_dim % 8 == 0 and head_dim <= 128,
+              f"model.attention_impl=cudnn needs model.dtype=bfloat16 and a head dim that is a "
+              f"multiple of 8 up to 128 (got {m.dtype}, {head_dim}); use auto or xla.")
+        check(not config.data.document_mask,
+              "data.document_mask=True needs a masked attention, which model.attention_impl="
+              "cudnn does not take here; use auto or xla (auto takes XLA when masking).")
+    one_of(m.activation, "model.activation", ACTIVATIONS)
+    one_of(m.remat, "model.remat", REMAT_POLICIES)
+    for field in ("dropout", "attention_dropout"):
+        check(0.0 <= m[field] < 1.0, f"model.{field}={m[field]} must be in [0, 1).")
+    if m.max_seq_len is not None:
+        check(config.data.seq_len <= m.max_seq_len,
+              f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
+              "(positions); lower data.seq_len or raise model.max_seq_len.")
+
+
+ARCH = registry.register(registry.Architecture(
+    name="gpt",
+    config_class=GPTConfig,
+    module=GPT,
+    flops_per_token=flops_per_token,
+    # Fields that change parameter shapes or names (scan_layers stacks them under h/).
+    shape_fields=("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size",
+                  "vocab_multiple", "max_seq_len", "bias", "tie_embeddings", "scan_layers"),
+    function_fields=("activation", "norm_eps"),
+    decoding="kv_cache",
+    split_head=True,
+    # Remat and dropout do nothing for decoding but cost compile time.
+    for_inference=lambda cfg: dataclasses.replace(cfg, remat="none", dropout=0.0,
+                                                  attention_dropout=0.0),
+    uses_dropout=lambda cfg: cfg.dropout > 0 or cfg.attention_dropout > 0,
+    logical_axes=("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "norm", "layers"),
+    validate=validate,
+))

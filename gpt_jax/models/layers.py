@@ -3,22 +3,27 @@
 Every module is a pure Flax Linen module usable on its own (init/apply). Parameters carry logical
 axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `norm`), and so do the main activations
 (`batch`, `length`, … through `constrain`); the mapping to mesh axes lives in the config, never
-here. Shapes are named in suffixes: B batch, T time, D d_model, N heads, H head dim, F mlp.
+here. Shapes are named in suffixes: B batch, T time, S cache slots, D d_model, N heads, H head dim,
+F mlp. `positions_BT` ([B, T] or [1, T]) reach every block (see positions.py): schemes applied
+inside attention use them; the learned table is added to the embeddings before the blocks.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpt_jax.config import ModelConfig
 from gpt_jax.parallel.sharding import constrain
 
+if TYPE_CHECKING:  # gpt.py imports this module.
+    from gpt_jax.models.gpt import GPTConfig
+
 Array = jax.Array
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype → compute dtype.
 
 # Activations named in config → functions. nanoGPT uses the exact (erf) GELU; GPT-2 / Hugging Face
 # use the tanh approximation ("gelu_new").
@@ -29,7 +34,7 @@ ACTIVATIONS = {
 }
 
 
-def dense_init(cfg: ModelConfig, axes: tuple[str | None, ...], residual: bool = False):
+def dense_init(cfg: GPTConfig, axes: tuple[str | None, ...], residual: bool = False):
     """GPT-2 init: normal(init_std); residual output projections scaled by 1/sqrt(2·num_layers)."""
     std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if residual else cfg.init_std
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
@@ -50,7 +55,7 @@ class DecodeState(NamedTuple):
     first_B: jax.Array  # int32 [B]: each row's first valid cache slot (left padding before it).
 
 
-def attention_implementation(cfg: ModelConfig) -> str:
+def attention_implementation(cfg: GPTConfig) -> str:
     """The `jax.nn.dot_product_attention` implementation: `auto` takes cuDNN's flash attention on
     CUDA GPUs of compute capability 8.0+ where it supports the shapes (16-bit compute, head_dim a
     multiple of 8 up to 128) and XLA elsewhere."""
@@ -64,7 +69,7 @@ def attention_implementation(cfg: ModelConfig) -> str:
     return "cudnn" if cuda and supported else "xla"
 
 
-def layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(cfg: GPTConfig, name: str | None = None) -> nn.LayerNorm:
     """LayerNorm with optional bias (nanoGPT's bias=False drops it); statistics in float32."""
     return nn.LayerNorm(
         epsilon=cfg.norm_eps,
@@ -86,12 +91,15 @@ class CausalSelfAttention(nn.Module):
     up to itself; that mask takes XLA's attention (cuDNN's is used only without segments).
     """
 
-    cfg: ModelConfig
+    cfg: GPTConfig
 
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool = True,
-                 decode: DecodeState | None = None,
-                 segment_ids_BT: Array | None = None) -> Array:
+                 decode: DecodeState | None = None, segment_ids_BT: Array | None = None,
+                 positions_BT: Array | None = None) -> Array:
+        # `positions_BT` is for position schemes applied to queries and keys; the learned table
+        # (today's only scheme) is added before the blocks, so attention does not read them.
+        del positions_BT
         cfg = self.cfg
         N, H = cfg.num_heads, cfg.head_dim
         qkv_BT3NH = nn.DenseGeneral(
@@ -170,7 +178,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """Position-wise feed-forward: D → mlp_ratio·D → activation → D."""
 
-    cfg: ModelConfig
+    cfg: GPTConfig
 
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool = True) -> Array:
@@ -201,15 +209,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    cfg: ModelConfig
+    cfg: GPTConfig
 
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool = True,
-                 decode: DecodeState | None = None,
-                 segment_ids_BT: Array | None = None) -> Array:
+                 decode: DecodeState | None = None, segment_ids_BT: Array | None = None,
+                 positions_BT: Array | None = None) -> Array:
         x_BTD = x_BTD + CausalSelfAttention(self.cfg, name="attn")(
-            layer_norm(self.cfg, "ln_1")(x_BTD), deterministic, decode, segment_ids_BT
-        )
+            layer_norm(self.cfg, "ln_1")(x_BTD), deterministic, decode, segment_ids_BT,
+            positions_BT)
         x_BTD = x_BTD + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln_2")(x_BTD), deterministic)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
@@ -218,6 +226,6 @@ class ScannedBlock(Block):
     """A Block as an `nn.scan` body: (carry, broadcast args) → (carry, no per-layer output)."""
 
     def __call__(self, x_BTD: Array, deterministic: bool = True,
-                 decode: DecodeState | None = None,
-                 segment_ids_BT: Array | None = None) -> tuple[Array, None]:
-        return super().__call__(x_BTD, deterministic, decode, segment_ids_BT), None
+                 decode: DecodeState | None = None, segment_ids_BT: Array | None = None,
+                 positions_BT: Array | None = None) -> tuple[Array, None]:
+        return super().__call__(x_BTD, deterministic, decode, segment_ids_BT, positions_BT), None

@@ -168,9 +168,12 @@ def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tupl
     return lo // (hi - lo), global_shape[0] // (hi - lo)
 
 
-def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
-    """The global array whose rows this process holds in `local` (see `process_rows`)."""
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+def global_batch(local: Any, sharding: NamedSharding, batch_size: int) -> Any:
+    """The global arrays of a batch (a dict of [B, …] arrays, or one array) of `batch_size` rows,
+    of which this process holds its rows in `local` (see `process_rows`), each placed with
+    `sharding`."""
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+        sharding, a, (batch_size, *a.shape[1:])), local)
 
 
 def put_replicated_host(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Metric sinks (metrics.jsonl, TensorBoard) and the FLOP count behind MFU."""
+"""Metric sinks (metrics.jsonl, TensorBoard), the train-line logger, and peak FLOP/s for MFU (the
+model's FLOPs per token come from its architecture, gpt_jax/models/registry.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import numpy as np
 import tqdm
 from absl import logging
 from tensorboardX import SummaryWriter
-
-from gpt_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by the substring jax reports in `device_kind`. The first match
 # wins, so more specific names come first. Override with log.peak_flops.
@@ -41,18 +40,6 @@ def peak_flops_per_device(device: jax.Device, override: float) -> float | None:
         if name.lower() in device.device_kind.lower():
             return flops
     return None
-
-
-def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token, 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
-
-    N counts the parameters that do matmuls: the position table never does, and an untied token
-    table is a lookup (its LM head is counted). The second term is attention's QK^T and AV.
-    """
-    n = num_params - cfg.max_seq_len * cfg.d_model
-    if not cfg.tie_embeddings:
-        n -= cfg.padded_vocab_size * cfg.d_model
-    return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
 class MetricsWriter:

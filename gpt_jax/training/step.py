@@ -1,4 +1,9 @@
-"""The jitted train and eval steps, and the loss they share."""
+"""The jitted train and eval steps, and the loss they share.
+
+A batch is a dict (see gpt_jax/data/batch.py): `inputs`, `targets`, `weights`, and optionally
+`segment_ids` and `positions`, all [B, T]. Shapes: B batch, T time, D d_model, V vocabulary,
+C loss chunk, A accumulation steps.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from flax.training import train_state
 from gpt_jax.parallel.sharding import constrain
 
 Array = jax.Array
+Batch = dict[str, Array]
 
 
 class TrainState(train_state.TrainState):
@@ -80,73 +86,81 @@ def document_segment_ids(tokens_BT: Array, eot_id: int) -> Array:
     return jnp.cumsum(is_eot_BT, axis=1) - is_eot_BT
 
 
-def model_loss(params, model: nn.Module, batch_BT1: Array, weights_BT: Array,
-               dropout_key: Array | None, loss_chunk: int,
-               eot_id: int | None = None) -> tuple[Array, Array]:
-    """Weighted sum of next-token losses over `batch_BT1` and the sum of weights.
+def model_loss(params, model: nn.Module, batch: Batch, dropout_key: Array | None,
+               loss_chunk: int, eot_id: int | None = None) -> tuple[Array, Array]:
+    """(Σ weights · next-token losses, Σ weights) over one batch dict.
 
-    `loss_chunk` > 0 takes `chunked_cross_entropy` over the model's hidden states. With `eot_id`
-    (data.document_mask), attention stays inside the documents of each row (see
-    `document_segment_ids`)."""
-    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    `batch`: `inputs` and `targets` [B, T] int32, `weights` [B, T] float32 (0 = no loss, as on
+    padding or a prompt), optionally `segment_ids` [B, T] (attention stays inside a segment) and
+    `positions` [B, T]. With `eot_id` (data.document_mask) and no `segment_ids`, segments are
+    the documents the end-of-text tokens end (see `document_segment_ids`). `loss_chunk` > 0 takes
+    `chunked_cross_entropy` over the model's hidden states (a model with `hidden`/`head`)."""
+    inputs_BT, targets_BT, weights_BT = batch["inputs"], batch["targets"], batch["weights"]
     deterministic = dropout_key is None
     rngs = None if deterministic else {"dropout": dropout_key}
     variables = {"params": params}
-    segment_ids_BT = None if eot_id is None else document_segment_ids(inputs_BT, eot_id)
+    segment_ids_BT = batch.get("segment_ids")
+    if segment_ids_BT is None and eot_id is not None:
+        segment_ids_BT = document_segment_ids(inputs_BT, eot_id)
+    kwargs = {"deterministic": deterministic, "rngs": rngs}
+    if segment_ids_BT is not None:  # Only what the batch has: a model need not take them all.
+        kwargs["segment_ids_BT"] = segment_ids_BT
+    if batch.get("positions") is not None:
+        kwargs["positions_BT"] = batch["positions"]
     if loss_chunk == 0:
-        logits_BTV = model.apply(variables, inputs_BT, deterministic=deterministic, rngs=rngs,
-                                 segment_ids_BT=segment_ids_BT)
+        logits_BTV = model.apply(variables, inputs_BT, **kwargs)
         return cross_entropy(logits_BTV, targets_BT, weights_BT)
-    x_BTD = model.apply(variables, inputs_BT, deterministic=deterministic, rngs=rngs,
-                        segment_ids_BT=segment_ids_BT, method="hidden")
+    x_BTD = model.apply(variables, inputs_BT, method="hidden", **kwargs)
     head = functools.partial(model.apply, variables, method="head")
     return chunked_cross_entropy(head, x_BTD, targets_BT, weights_BT, loss_chunk)
-
-
-def _loss_fn(params, model: nn.Module, batch_BT1: Array, dropout_key: Array | None,
-             loss_chunk: int, eot_id: int | None = None) -> Array:
-    weights_BT = jnp.ones((batch_BT1.shape[0], batch_BT1.shape[1] - 1), jnp.float32)
-    total, count = model_loss(params, model, batch_BT1, weights_BT, dropout_key, loss_chunk,
-                              eot_id)
-    return total / count
 
 
 def make_train_step(
     model: nn.Module, schedule: optax.Schedule, grad_accum_steps: int, use_dropout: bool,
     loss_chunk: int = 0, eot_id: int | None = None,
-) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Any]]]:
-    """Returns train_step(state, batch_BT1) -> (state, metrics); jit it with the state donated.
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Any]]]:
+    """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated.
 
-    With accumulation the batch is split into `grad_accum_steps` micro-batches whose gradients are
-    averaged in float32 inside one compiled step (a `lax.scan`), so one call is one optimizer step.
-    `loss_chunk` > 0 computes the cross-entropy that many positions at a time. With `eot_id`
-    (data.document_mask), attention stays inside each document (segment ids from the batch).
+    The loss is the weighted mean Σ w·ℓ / Σ w over the whole batch. With accumulation the batch
+    is split into `grad_accum_steps` micro-batches inside one compiled step (a `lax.scan`); each
+    contributes its weighted sum over the whole batch's Σ w, so a micro-batch with few weighted
+    tokens (a masked fine-tuning batch) counts for what it holds, not as a full share. With
+    all-ones weights and no accumulation this is exactly the mean token loss. `loss_chunk` > 0
+    computes the cross-entropy that many positions at a time. With `eot_id`
+    (data.document_mask), attention stays inside each document.
     """
-    loss_fn = functools.partial(_loss_fn, loss_chunk=loss_chunk, eot_id=eot_id)
 
-    def train_step(state: TrainState, batch_BT1: Array) -> tuple[TrainState, dict[str, Any]]:
+    def loss_fn(params, micro: Batch, key: Array | None, inv_weight: Array) -> Array:
+        total, _ = model_loss(params, model, micro, key, loss_chunk, eot_id)
+        return total * inv_weight
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
         base_key = jax.random.wrap_key_data(state.dropout_key)
         step_key = jax.random.fold_in(base_key, state.step) if use_dropout else None
-        grad_fn = jax.value_and_grad(loss_fn)
+        # A product with 1 / Σw, not a division: what XLA made of the mean over a constant
+        # token count before weights existed, so all-ones weights reproduce it bitwise.
+        inv_weight = 1.0 / jnp.sum(batch["weights"])
         if grad_accum_steps == 1:
-            loss, grads = grad_fn(state.params, model, batch_BT1, step_key)
+            loss, grads = grad_fn(state.params, batch, step_key, inv_weight)
         else:
             # Strided micro-batches (rows i, i + A, …): each device splits its own rows, so a
             # batch sharded over devices stays sharded without moving data.
-            micro_ABT1 = batch_BT1.reshape(-1, grad_accum_steps, batch_BT1.shape[-1]).swapaxes(0, 1)
-            micro_ABT1 = constrain(micro_ABT1, (None, "batch", None))
+            def split(x_BT: Array) -> Array:
+                x_ABT = x_BT.reshape(-1, grad_accum_steps, *x_BT.shape[1:]).swapaxes(0, 1)
+                return constrain(x_ABT, (None, "batch") + (None,) * (x_BT.ndim - 1))
 
             def accumulate(carry, xs):
-                i, micro_BT1 = xs
+                i, micro = xs
                 key = None if step_key is None else jax.random.fold_in(step_key, i)
-                loss_i, grads_i = grad_fn(state.params, model, micro_BT1, key)
+                loss_i, grads_i = grad_fn(state.params, micro, key, inv_weight)
                 return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
             (loss, grads), _ = jax.lax.scan(
-                accumulate, zeros, (jnp.arange(grad_accum_steps), micro_ABT1)
+                accumulate, zeros, (jnp.arange(grad_accum_steps), jax.tree.map(split, batch))
             )
-            loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
         grad_norm = optax.tree.norm(grads)
         # optax.apply_if_finite (see optim.py) drops a non-finite update; remember the first one.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -167,11 +181,11 @@ def make_train_step(
 
 
 def make_eval_step(model: nn.Module, loss_chunk: int = 0, eot_id: int | None = None
-                   ) -> Callable[[Any, Array, Array], tuple[Array, Array]]:
-    """Returns eval_step(params, batch_BT1, weights_BT) -> (sum of losses, sum of weights); with
-    `eot_id`, attention masked to documents as in training."""
+                   ) -> Callable[[Any, Batch], tuple[Array, Array]]:
+    """Returns eval_step(params, batch) -> (Σ weights · losses, Σ weights); with `eot_id`,
+    attention masked to documents as in training."""
 
-    def eval_step(params, batch_BT1: Array, weights_BT: Array) -> tuple[Array, Array]:
-        return model_loss(params, model, batch_BT1, weights_BT, None, loss_chunk, eot_id)
+    def eval_step(params, batch: Batch) -> tuple[Array, Array]:
+        return model_loss(params, model, batch, None, loss_chunk, eot_id)
 
     return eval_step

@@ -2,7 +2,6 @@
 under DP, FSDP, TP, FSDP×TP and DP×FSDP×TP equals the 1-device step; the shardings are the ones
 the rules say; a run resumes on a different mesh."""
 
-import json
 
 import jax
 import numpy as np
@@ -10,8 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import base
+from gpt_jax.data.batch import lm_batch
 from gpt_jax.parallel import sharding
-from gpt_jax.training import trainer
+from gpt_jax.training import build, loop
 
 assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
 
@@ -69,15 +69,16 @@ def stepped(corpus, tmp_path_factory):
 
 def one_step(corpus, workdir, mesh, devices, accum, scan):
     config = make_config(corpus, mesh, **{"train.grad_accum_steps": accum, "model.scan_layers": scan})
-    r = trainer.setup(config, workdir, devices=devices)
+    r = build.setup(config, workdir, devices=devices)
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, r.model.cfg.vocab_size, (16, 17)).astype(np.int32)
+    windows = rng.integers(0, r.hparams.vocab_size, (16, 17)).astype(np.int32)
+    weights = rng.uniform(0.0, 1.0, (16, 16)).astype(np.float32)  # A mask-like weighting.
+    weights[::3, :8] = 0.0
     with sharding.activation_context(r.mesh, r.rules):
         state = r.init_state()
         init_params = jax.tree.map(np.asarray, state.params)
-        train_step, _ = trainer.compile_steps(r.config, r.model, r.mesh, r.rules,
-                                                r.state_shardings)
-        batch = sharding.put_replicated_host(batch, sharding.batch_sharding(r.mesh, r.rules))
+        train_step, _ = build.compile_steps(r)
+        batch = sharding.global_batch(lm_batch(windows, weights), build.batch_sharding(r), 16)
         state, metrics = train_step(state, batch)
     return state, init_params, float(metrics["train/loss"]), jax.tree.map(np.asarray, state.params)
 
@@ -142,20 +143,19 @@ def test_param_and_optimizer_shardings_follow_the_rules(stepped, name):
     assert shard_bytes == full_bytes // (1 if name == "dp" else 8)
 
 
-def test_resume_on_another_mesh_continues_the_run(corpus, tmp_path):
+def test_resume_on_another_mesh_continues_the_run(corpus, tmp_path, metrics_rows):
     """Orbax reshards a checkpoint written under FSDP into a TP run; the result matches a run that
     stayed on one mesh (within float tolerance: reductions differ)."""
     def losses(workdir):
-        rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+        return {r["step"]: r["train/loss"] for r in metrics_rows(workdir) if "train/loss" in r}
 
     split = tmp_path / "split"
-    trainer.run(make_config(corpus, MESHES["fsdp"], **{"train.num_steps": 4,
+    loop.run(make_config(corpus, MESHES["fsdp"], **{"train.num_steps": 4,
                                                       "optim.decay_steps": 8}), split)
-    trainer.run(make_config(corpus, MESHES["tp"], **{"train.num_steps": 8,
+    loop.run(make_config(corpus, MESHES["tp"], **{"train.num_steps": 8,
                                                     "optim.decay_steps": 8}), split)
     straight = tmp_path / "straight"
-    trainer.run(make_config(corpus, MESHES["dp"], **{"train.num_steps": 8,
+    loop.run(make_config(corpus, MESHES["dp"], **{"train.num_steps": 8,
                                                     "optim.decay_steps": 8}), straight)
     a, b = losses(split), losses(straight)
     assert sorted(a) == list(range(1, 9))
@@ -168,7 +168,7 @@ def test_kv_cache_decoding_with_params_sharded_on_the_training_mesh(stepped, cor
     from gpt_jax.generate import SamplingParams, generate
 
     state = stepped("fsdp_tp", 1)[0]
-    r = trainer.setup(make_config(corpus, MESHES["fsdp_tp"]), tmp_path, devices=jax.devices()[:8])
+    r = build.setup(make_config(corpus, MESHES["fsdp_tp"]), tmp_path, devices=jax.devices()[:8])
     prompts = [np.array([5, 3, 9]), np.array([7])]
     greedy = SamplingParams(temperature=0.0)
     with sharding.activation_context(r.mesh, r.rules):

@@ -1,0 +1,215 @@
+"""The training loop: batches → jitted steps → train lines, evals, checkpoints, a clean stop on
+a signal or a non-finite loss, and a final sample. The run is assembled by build.py and starts
+where resume.py says."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from gpt_jax import config as config_lib
+from gpt_jax.data import pipeline
+from gpt_jax.generate import SamplingParams, generate
+from gpt_jax.models.registry import count_params
+from gpt_jax.parallel import distributed, sharding
+from gpt_jax.parallel import mesh as mesh_lib
+from gpt_jax.training import build, checkpoint, resume
+from gpt_jax.training.metrics import MetricsWriter, TrainLogger, peak_flops_per_device
+from gpt_jax.training.preemption import PreemptionGuard
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss with train.on_nonfinite=stop."""
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Trains to train.num_steps (resuming if the workdir has checkpoints); returns the last train
+    and eval metrics."""
+    r = build.setup(config, workdir)
+    with sharding.activation_context(r.mesh, r.rules):  # Every trace sees the mesh and rules.
+        return Loop(r).train()
+
+
+def evaluate(eval_step, params, batches: Iterable[dict]) -> dict:
+    """Weighted mean token loss over `batches` (batch dicts on the device): per-batch sums stay
+    on the device until the end, then add up in float64 on the host."""
+    sync = distributed.must_sync_each_step()
+    sums = []
+    for batch in batches:
+        sums.append(eval_step(params, batch))
+        if sync:
+            jax.block_until_ready(sums[-1])
+    total, count = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
+    loss = float(total / count)
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0)), "val/tokens": int(count)}
+
+
+class Loop:
+    """One training run's loop; `train()` runs it. Holds the state as it advances."""
+
+    def __init__(self, r: build.Run):
+        self.r = r
+        config, t = r.config, r.config.train
+        self.config, self.t = config, t
+        self.primary = distributed.is_primary()
+        self.batch_sh = build.batch_sharding(r)
+        shard_index, shard_count = sharding.process_rows(
+            self.batch_sh, (t.batch_size, config.data.seq_len))
+        self.val_tokens = r.data.val_tokens()
+        try:  # A split too short for one window or batch: the fix is in data.* / train.*.
+            self.train_it = iter(pipeline.train_dataset(
+                r.data.train_tokens(), config.data.seq_len, t.batch_size, t.seed, shard_index,
+                shard_count, config.data.num_threads, config.data.prefetch, config.data.sampling,
+                r.data.weights))
+            fixed = pipeline.eval_batches(self.val_tokens, config.data.seq_len, t.batch_size,
+                                          t.eval_batches, t.seed)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from e
+        self.manager = checkpoint.make_manager(checkpoint.checkpoint_dir(r.workdir),
+                                               config.checkpoint.keep)
+        self.state, self.start = resume.initial_state(r, self.manager, self.train_it)
+        self.config_json = config_lib.to_json(config)
+        if self.primary:
+            if self.start == 0:
+                MetricsWriter.keep_previous(r.workdir)
+            (r.workdir / "config.json").write_text(self.config_json + "\n")
+        num_params = count_params(self.state.params)
+        logging.info("model: %s parameters; workdir %s; mesh %s", f"{num_params:,}", r.workdir,
+                     mesh_lib.describe(r.mesh))
+        eot_id = r.data.eot_id if config.data.document_mask else None
+        self.train_step, self.eval_step = build.compile_steps(r, eot_id)
+        self.fixed_val = [self._to_device(b) for b in fixed]
+        self.writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=self.start,
+                                    active=self.primary)
+        self.bar = tqdm.tqdm(initial=self.start, total=t.num_steps, unit="step", smoothing=0.1,
+                             disable=not (config.log.progress and self.primary), mininterval=0.5)
+        tokens_per_step = t.batch_size * config.data.seq_len
+        step_flops = r.arch.flops_per_token(r.hparams, num_params, config.data.seq_len)
+        peak = peak_flops_per_device(jax.devices()[0], config.log.peak_flops)
+        self.logger = TrainLogger(self.writer, self.bar, tokens_per_step,
+                                  step_flops * tokens_per_step,
+                                  None if peak is None else peak * jax.device_count())
+        self.last_eval: dict = {}
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        # Eval batches are whole on every process (they are small); each device takes its rows.
+        return {k: sharding.put_replicated_host(v, self.batch_sh) for k, v in batch.items()}
+
+    def train(self) -> dict:
+        """Steps from the start to train.num_steps; returns the last train and eval metrics."""
+        t, begin = self.t, time.perf_counter()
+        sync_each_step = distributed.must_sync_each_step()
+        with PreemptionGuard() as preemption:
+            try:
+                if self.start == 0:
+                    self.last_eval = self.run_eval(0, full=False)
+                for i in range(self.start + 1, t.num_steps + 1):
+                    batch = sharding.global_batch(next(self.train_it), self.batch_sh, t.batch_size)
+                    self.state, metrics = self.train_step(self.state, batch)
+                    if sync_each_step:
+                        jax.block_until_ready(metrics)
+                    self.after_step(i, metrics, begin, preemption)
+                self.logger.flush()
+                self.check_finite()
+            finally:
+                self.manager.wait_until_finished()  # Never exit with a save half-written.
+                self.bar.close()
+                self.writer.close()
+        tps = self.logger.median_tokens_per_sec()
+        logging.info("trained to step %d in %.1f s; median training throughput %s tokens/s",
+                     t.num_steps, time.perf_counter() - begin,
+                     "n/a" if tps is None else f"{tps:,.0f}")
+        if self.config.sample.num_samples > 0:
+            print_samples(self.r, self.state.params)  # Every process computes (params sharded).
+        self.last_eval.pop("step", None)
+        return {**self.logger.last, **self.last_eval}
+
+    def after_step(self, i: int, metrics: dict, begin: float, preemption: PreemptionGuard) -> None:
+        """Logs, evaluates, saves and stops as step `i` (just dispatched) asks."""
+        t, logger = self.t, self.logger
+        logger.flush()  # The previous log step's metrics; step i is queued on the device.
+        if logger.last.get("train/nonfinite_steps"):
+            self.check_finite()  # Already fetched: stopping early costs no extra sync.
+        if i == self.start + 1:  # The compile happens here: time it, keep it out of throughput.
+            jax.block_until_ready(metrics)
+            logging.info("first step done %.1f s after the loop started (compile included)",
+                         time.perf_counter() - begin)
+            logger.restart_clock(i)
+        if i == 1 or i % self.config.log.every == 0 or i == t.num_steps:  # Same after a resume.
+            logger.queue(i, metrics)
+        self.bar.update(1)
+        final = i == t.num_steps
+        if i % t.eval_every == 0 or final:
+            logger.flush()
+            self.check_finite()
+            if not final or t.final_eval != "none":
+                full = final and t.final_eval == "full"
+                self.last_eval = {"step": i, **self.run_eval(i, full=full)}
+        if i % self.config.checkpoint.every == 0 or final:
+            logger.flush()
+            self.save(i)
+            logger.restart_clock(i)  # The save's host copy is not training time.
+        # Every process must stop at the same step: with several, they agree at log steps (one
+        # tiny collective), since a signal may reach them at different steps.
+        agree = jax.process_count() == 1 or i % self.config.log.every == 0
+        if agree and not final and distributed.any_process(preemption.requested is not None):
+            logger.flush()
+            if self.manager.latest_step() != i:
+                self.save(i)
+            self.manager.wait_until_finished()
+            preemption.exit(i, checkpoint.checkpoint_dir(self.r.workdir))
+
+    def run_eval(self, step_num: int, full: bool) -> dict:
+        """val/loss on the fixed batches, or (full) on every val token; logged and returned."""
+        seq_len, batch_size = self.config.data.seq_len, self.t.batch_size
+        batches = (map(self._to_device, pipeline.full_eval_batches(
+            self.val_tokens, seq_len, batch_size)) if full else self.fixed_val)
+        m = evaluate(self.eval_step, self.state.params, batches)
+        m["val/split"] = "full" if full else "batches"
+        self.writer.write(step_num, m)
+        if self.primary:
+            self.bar.write(f"step {step_num}: val/loss {m['val/loss']:.4f} ({m['val/split']}, "
+                           f"{m['val/tokens']:,} tokens)")
+        self.logger.restart_clock(step_num)
+        return m
+
+    def check_finite(self) -> None:
+        """Syncs on the state's non-finite marker (only where the loop syncs anyway)."""
+        if self.t.on_nonfinite != "stop":
+            return
+        bad = int(self.state.first_nonfinite_step)
+        if bad:
+            last = self.manager.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad}; stopped (train.on_nonfinite=stop). "
+                + (f"The last good checkpoint, step {last}, is untouched. " if last is not None
+                   else "No checkpoint was written. ")
+                + "Lower optim.lr, raise warmup, or set train.on_nonfinite=skip.")
+
+    def save(self, step_num: int) -> None:
+        """An async checkpoint of step `step_num`, ranked by its val loss if it has one."""
+        self.check_finite()
+        val = self.last_eval
+        val_loss = val.get("val/loss") if val.get("step") == step_num else None
+        checkpoint.save(self.manager, step_num, self.state, self.train_it, self.config_json,
+                        val_loss)
+
+
+def print_samples(r: build.Run, params: Any) -> None:
+    """Prints `sample.num_samples` continuations of `sample.prompt`, decoded with the run's tokenizer."""
+    s = r.config.sample
+    prompts = [r.data.tokenizer.encode(s.prompt)] * s.num_samples
+    out = generate(r.model, params, prompts, s.max_new_tokens, jax.random.key(s.seed),
+                   SamplingParams(s.temperature, s.top_k, s.top_p))
+    if distributed.is_primary():
+        for row in out:
+            print("-" * 40 + "\n" + r.data.tokenizer.decode(row.tolist()), flush=True)

@@ -1,0 +1,186 @@
+"""Parameters without the training state: reading one checkpoint's parameters (sampling,
+export, checkpoint.init_from), writing a parameters-only checkpoint (an imported model), and
+taking parameters from a Hugging Face GPT-2 (`checkpoint.init_from=hf:PATH`).
+
+A parameters-only checkpoint (a model imported by tools/convert_hf.py) sits in WORKDIR/params/,
+apart from checkpoints/, so a training run in that workdir never resumes it by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from gpt_jax.data import tokenizers
+from gpt_jax.models import registry
+from gpt_jax.parallel import sharding
+from gpt_jax.training.checkpoint import CheckpointError, make_manager, saved_config
+
+PARAMS_DIR = "params"
+HF_PREFIX = "hf:"  # checkpoint.init_from=hf:PATH converts a Hugging Face GPT-2 on the fly.
+
+
+def params_source(path: str) -> tuple[pathlib.Path, int | None]:
+    """(checkpoint folder, step or None for "choose") of `path`: a training workdir (its
+    checkpoints/), a workdir made by `tools/convert_hf.py import` (its params/), either folder
+    itself, or one step's folder."""
+    p = pathlib.Path(path).expanduser().resolve()
+    if (p / "state").is_dir():  # One step's folder.
+        return p.parent, int(p.name)
+    for sub in ("checkpoints", PARAMS_DIR):
+        if (p / sub).is_dir():
+            return p / sub, None
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: no such folder; give a workdir, its checkpoints/ or "
+                              "params/ folder, or one step's folder.")
+    return p, None
+
+
+def select_step(manager: ocp.CheckpointManager, which: int | str | None) -> int:
+    """The step `which` names: an int, "best" (lowest val loss), or None / "newest"."""
+    steps = manager.all_steps()
+    if not steps:
+        raise CheckpointError(f"{manager.directory} holds no checkpoint.")
+    if which in (None, "newest"):
+        return manager.latest_step()
+    if which == "best":
+        best = manager.best_step()
+        if best is None:
+            raise CheckpointError(f"no checkpoint in {manager.directory} has a val loss, so none is "
+                                  "best; choose newest or a step.")
+        return best
+    if int(which) not in steps:
+        raise CheckpointError(f"{manager.directory} has no checkpoint of step {which}; it has "
+                              f"{sorted(steps)}.")
+    return int(which)
+
+
+def restore_params(directory: pathlib.Path, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of the checkpoint `step` (not the optimizer state, a multiple of their
+    size), placed as `abstract_params` (ShapeDtypeStructs with shardings) says."""
+    target = {"params": abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(
+        pathlib.Path(directory) / str(step) / "state",
+        args=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True))
+    return restored["params"]
+
+
+def save_params(workdir: str | pathlib.Path, params: Any, config_json: str) -> pathlib.Path:
+    """Writes a parameters-only checkpoint (step 0, with its config) to WORKDIR/params/, which
+    `checkpoint.init_from=WORKDIR` reads. It is not in checkpoints/, so a training run in that
+    workdir never takes it for a state to resume."""
+    directory = pathlib.Path(workdir).resolve() / PARAMS_DIR
+    manager = make_manager(directory, keep=1)
+    manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}),
+        config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return directory
+
+
+def load_params(path: str, abstract_params: Any, hparams: Any) -> Any:
+    """Parameters to start a new run from (checkpoint.init_from), placed like `abstract_params`:
+    another run's checkpoint (a workdir, its checkpoints/ or one step folder; a folder holds
+    several: the newest), an imported workdir (params/), or `hf:PATH`, a Hugging Face GPT-2
+    folder or hub name converted on the fly. The optimizer state, step and data position are not
+    taken: this starts a new run from those weights."""
+    if path.startswith(HF_PREFIX):
+        return _load_hf_params(path[len(HF_PREFIX):], abstract_params, hparams)
+    try:
+        directory, step = params_source(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint.init_from={e} Or: auto, scratch, hf:PATH.") from e
+    manager = make_manager(directory, keep=1, read_only=True)
+    try:
+        step = select_step(manager, step)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint.init_from={path!r}: {e}") from e
+    _check_starts(saved_config(manager, step)["model"], hparams, f"{path} (step {step})")
+    return restore_params(directory, step, abstract_params)
+
+
+def _check_starts(saved_model: dict, hparams: Any, source: str) -> None:
+    """Raises a one-line CheckpointError naming the first shape-changing field in which this run
+    differs from the checkpoint it starts from; warns about function-changing ones (allowed: a
+    deliberate change when fine-tuning)."""
+    arch, ours = registry.arch_of(hparams), registry.model_fields(hparams)
+    try:
+        arch.require_compatible(saved_model, ours, f"checkpoint.init_from={source}",
+                                "set --config.model.{field}={value!r} to start from it.")
+    except registry.IncompatibleModelError as e:
+        raise CheckpointError(str(e)) from None
+    for field in arch.function_changes(saved_model, ours):
+        logging.warning("checkpoint.init_from=%s was trained with model.%s=%r and this run "
+                        "has %r: the weights start under another function; set "
+                        "--config.model.%s=%r to keep it.", source, field, saved_model[field],
+                        ours[field], field, saved_model[field])
+
+
+def abstract_params(hparams: Any) -> Any:
+    """The parameter tree of `hparams`' model as ShapeDtypeStructs on the default device
+    (nothing allocated): the target a checkpoint's parameters are restored into."""
+    model = registry.build(hparams)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(
+        model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+
+
+def load_trained(path: str | pathlib.Path, which: int | str | None = None
+                 ) -> tuple[dict, Any, Any, int]:
+    """(saved config, model hyperparameters, params on the default device, step) of checkpoint
+    `which` (None/"newest", "best" or a step) of a run: a workdir, its checkpoints/ or params/
+    folder, or one step's folder. Only the parameters are read. For sampling and export."""
+    directory, step = params_source(str(path))
+    manager = make_manager(directory, keep=1, read_only=True)
+    step = select_step(manager, which if step is None else step)
+    # The config saved with these parameters, not config.json: it is there also when the path is
+    # a checkpoints/ or step folder.
+    config = saved_config(manager, step)
+    vocab_size = config["model"]["vocab_size"]
+    if vocab_size is None:  # Configs from before the vocab was resolved: the tokenizer decides.
+        vocab_size = tokenizers.load_tokenizer(directory.parent / "tokenizer.json").vocab_size
+        config["model"]["vocab_size"] = vocab_size
+    if config["model"]["max_seq_len"] is None:  # Likewise: it was data.seq_len.
+        config["model"]["max_seq_len"] = config["data"]["seq_len"]
+    hparams = registry.hyperparameters(config["model"])
+    return config, hparams, restore_params(directory, step, abstract_params(hparams)), step
+
+
+def _load_hf_params(source: str, abstract_params: Any, hparams: Any) -> Any:
+    """`checkpoint.init_from=hf:SOURCE`: an HF GPT-2 converted to this run's layout."""
+    where = f"checkpoint.init_from={HF_PREFIX}{source}"
+    if registry.arch_of(hparams).name != "gpt":
+        raise CheckpointError(f"{where} converts GPT-2 models, and this run has model.arch="
+                              f"{registry.arch_of(hparams).name!r}; use model.arch=gpt.")
+    try:
+        from gpt_jax.interop import hf_gpt2  # torch and transformers only on this path.
+
+        params = hf_gpt2.import_params(source, hparams)
+    except ImportError as e:
+        raise CheckpointError(f"{where} needs torch and transformers ({e}); pip install -r "
+                              "requirements-dev.txt.") from e
+    except ValueError as e:  # InteropError: the message names the field and the fix.
+        raise CheckpointError(f"{where}: {e}") from e
+
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape) for k, v in flat}
+
+    got, want = shapes(params), shapes(abstract_params)
+    for name in sorted(set(got) | set(want)):
+        if got.get(name) != want.get(name):
+            raise CheckpointError(f"{where} gives {name} {got.get(name, 'absent')} but this run "
+                                  f"has {want.get(name, 'absent')}; its model.* settings differ.")
+    return jax.tree.map(lambda a, s: sharding.put_replicated_host(np.asarray(a, s.dtype), s.sharding),
+                        params, abstract_params)
