@@ -93,6 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Keep XLA:CPU temporaries in glibc's heap between steps (~30% faster small CPU models; see
     # gpt_jax/training/allocator.py). Off if host memory is tight.
     t.tune_host_malloc = True
+    # Before the first step, compare the compiled train step's memory (XLA's analysis) with what
+    # the devices have (host RAM on CPU) and stop with one line if it cannot fit. False skips it.
+    t.memory_check = True
 
     # Device mesh: axes data (batch split, params replicated), fsdp (batch split, params and
     # optimizer state sharded), tensor (Megatron-style: heads / MLP / vocab split). The sizes must

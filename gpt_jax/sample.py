@@ -1,4 +1,5 @@
-"""`python -m gpt_jax.sample --workdir=DIR --prompt=TEXT`: continue a prompt with a trained run.
+"""`python -m gpt_jax.sample --workdir=DIR --prompt=TEXT`: continue a prompt with a trained run
+(or a model imported by tools/convert_hf.py).
 
 Loads the run's tokenizer and the parameters of one checkpoint (the newest by default,
 `--checkpoint=best` for the lowest val loss, or a step number), then samples with the KV cache.
@@ -6,6 +7,7 @@ Loads the run's tokenizer and the parameters of one checkpoint (the newest by de
 
 from __future__ import annotations
 
+import logging as std_logging
 import pathlib
 import sys
 
@@ -42,6 +44,11 @@ def load_run(workdir: str | pathlib.Path, which: str = "newest"
     Only the parameters are read; they land on the default device."""
     workdir = pathlib.Path(workdir).expanduser()
     if not (workdir / "tokenizer.json").is_file():
+        if (workdir / weights.PARAMS_DIR).is_dir() and not (workdir / "checkpoints").is_dir():
+            raise RunError(f"{workdir} holds an imported model but no tokenizer.json (its "
+                           "Hugging Face folder had no tokenizer files): add the model's "
+                           "tokenizer.json (or vocab.json + merges.txt) to that folder and import "
+                           "it again into a new --workdir with tools/convert_hf.py.")
         raise RunError(f"{workdir} has no tokenizer.json; give the --workdir of a training run.")
     if which not in ("newest", "best") and not which.isdigit():
         raise RunError(f"--checkpoint={which!r}: use newest, best or a step number.")
@@ -64,6 +71,9 @@ def read_prompt(arg: str) -> str:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax's restore chatter would bury the samples.
+    # Orbax also warns that a read-only checkpoint manager will not save: true, and no news here.
+    std_logging.getLogger("absl").addFilter(
+        lambda record: record.levelno >= std_logging.ERROR or "/orbax/" not in record.pathname)
     try:
         tokenizer, model, params, step = load_run(FLAGS.workdir, FLAGS.checkpoint)
         prompt = tokenizer.encode(read_prompt(FLAGS.prompt))

@@ -5,10 +5,13 @@ No arguments: configs/quickstart.py into runs/quickstart.
 
 from __future__ import annotations
 
+import difflib
 import logging as std_logging
 import pathlib
+import re
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -34,6 +37,46 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")  # --config.KEY=VALUE, --noconfig.KEY (bools)
+_LISTED = "(every field is listed in configs/base.py)"
+
+
+def unknown_config_key(key: str) -> str | None:
+    """The one-line message for an override `--config.KEY` that names no field of
+    configs/base.py (every recipe has exactly its fields): the group or field that does not
+    exist and the closest name; None if KEY is a field."""
+    from configs import base
+
+    node, path = base.get_config(), []
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return (f"config field {'.'.join(path)!r} is a value, not a group: set it with "
+                    f"--config.{'.'.join(path)}=VALUE {_LISTED}")
+        if part not in node:
+            names = list(node.keys())
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = (f' Did you mean "{close[0]}"?' if close
+                    else f" The groups are {', '.join(names)}." if not path else "")
+            return (f"unknown config {'field' if path else 'group'}: {'.'.join([*path, part])!r}."
+                    f"{hint} {_LISTED}")
+        node, path = node[part], [*path, part]
+    return None
+
+
+def config_override_error(e: BaseException, argv: list[str]) -> str:
+    """One line for the KeyError/AttributeError that config_flags raises when an override of
+    `argv` names no field: ours, naming the closest group or field, for the first such override;
+    else ml_collections' own text without its quotes, escapes and line breaks."""
+    for arg in argv[1:]:
+        match = _OVERRIDE.match(arg)
+        if match and (msg := unknown_config_key(match.group(1))):
+            return msg
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(…)).
+        e = e.args[0]
+    text = str(e.args[0]) if e.args else type(e).__name__
+    return f"unknown config field: {' '.join(text.split())} {_LISTED}"
+
+
 class _QuietLibraries:
     """Keeps Orbax's per-save INFO chatter out of the run's log; its warnings still show."""
 
@@ -50,8 +93,7 @@ def define_flags() -> None:
             "config", str(REPO / "configs" / "quickstart.py"), "Config file, optionally `:variant`."
         )
     except (AttributeError, KeyError) as e:
-        msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-        _fail(f"unknown config field: {msg} (every field is listed in configs/base.py)")
+        _fail(config_override_error(e, sys.argv))
     flags.DEFINE_string("workdir", None, "Run directory; default runs/<config>[_<variant>].")
 
 
@@ -59,7 +101,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl parsing with one-line errors (bad values, unreadable config files)."""
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, OSError) as e:
+    except (AttributeError, KeyError) as e:  # An override naming no field (a config file given).
+        _fail(config_override_error(e, argv))
+    except (flags.Error, ValueError, OSError) as e:
         _fail(_last_line(e))
 
 
@@ -68,6 +112,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from gpt_jax.training import loop  # Imported late so flag errors come fast.
     from gpt_jax.training.checkpoint import CheckpointError
+    from gpt_jax.training.lock import WorkdirLockedError
     from gpt_jax.training.preemption import Preempted
 
     config_arg = flags.FLAGS["config"].serialize().split("=", 1)[-1]  # FILE.py[:VARIANT]
@@ -81,7 +126,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         loop.run(config, workdir)
-    except (ConfigError, CheckpointError, loop.NonFiniteLossError) as e:
+    except (ConfigError, CheckpointError, WorkdirLockedError, loop.NonFiniteLossError) as e:
         _fail(str(e))
     except Preempted as e:
         # 128 + signal: a scheduler reads "terminated by that signal" and can requeue the job.

@@ -59,3 +59,14 @@ def test_compile_only_and_peak_override(tmp_path):
           "--peak_flops=1e12")
     r = json.loads((tmp_path / "shakespeare_char_cpu.json").read_text())
     assert r["mfu"] == pytest.approx(r["model_tflops_per_sec"] / 1.0)
+
+
+def test_set_refuses_an_unknown_field_in_one_line():
+    """--set with a typo must not benchmark the unchanged model (it used to, silently)."""
+    r = subprocess.run([sys.executable, "tools/benchmark.py", "--preset=quickstart",
+                        "--set=model.num_layer=2", "--compile_only"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: --set=model.num_layer=2: unknown config field: 'model.num_layer'. Did you mean "
+        "\"num_layers\"? (every field is listed in configs/base.py)")

@@ -5,6 +5,8 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,9 @@ import pytest
 import torch
 import transformers
 
+from gpt_jax import sample
+from gpt_jax.data.tokenizers import load_tokenizer
+from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.interop import hf_gpt2
 from gpt_jax.models import registry
 from gpt_jax.parallel import sharding
@@ -44,6 +49,20 @@ def hf_model(seed: int = 0, **overrides) -> transformers.GPT2LMHeadModel:
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model.eval()  # No dropout.
+
+
+def hf_tokenizer() -> transformers.GPT2TokenizerFast:
+    """A tiny byte-level BPE (GPT-2's scheme) trained offline, <|endoftext|> = 0, as transformers
+    wraps it."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, hello there: the quick brown fox jumps over the dog"],
+                            tokenizers.trainers.BpeTrainer(vocab_size=64, show_progress=False,
+                                                           special_tokens=["<|endoftext|>"]))
+    return transformers.GPT2TokenizerFast(tokenizer_object=tok)
 
 
 def state_dict(model: transformers.GPT2LMHeadModel) -> dict[str, np.ndarray]:
@@ -200,6 +219,10 @@ def test_init_from_hf_and_from_an_imported_workdir(run_config, tmp_path):
     hf = hf_model(seed=1)
     hf.save_pretrained(tmp_path / "hf")  # transformers' own writer.
     assert convert_hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'imp'}"]) == 0
+    assert not (tmp_path / "imp" / "tokenizer.json").exists()  # The HF folder has none.
+    with pytest.raises(sample.RunError, match=r"imported model but no tokenizer\.json .* import it "
+                                              r"again into a new --workdir"):
+        sample.load_run(tmp_path / "imp")
     for source, vocab_multiple, max_seq_len in ((f"hf:{tmp_path / 'hf'}", 1, None),
                                                 (str(tmp_path / "imp"), 64, 32)):
         c = run_config()
@@ -261,3 +284,76 @@ def test_an_imported_gpt2_vocabulary_model_names_the_gpt2_tokenizer(tmp_path):
     assert convert_hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'w'}"]) == 0
     assert json.loads((tmp_path / "w" / "tokenizer.json").read_text()) == {"name": "gpt2"}
     assert json.loads((tmp_path / "w" / "config.json").read_text())["data"]["tokenizer"] == "gpt2"
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+    """A tiny random GPT2LMHeadModel and its tokenizer, saved by transformers into one folder."""
+    tokenizer = hf_tokenizer()
+    model = hf_model(seed=2, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", model, tokenizer
+
+
+def test_an_imported_workdir_computes_and_samples_as_transformers(hf_folder, tmp_path):
+    """Issue 13: float32 unless --dtype says otherwise, and the HF tokenizer made the workdir's
+    own (held whole, so a moved workdir still decodes), through the paths sampling takes."""
+    folder, hf, hf_tok = hf_folder
+    assert convert_hf.main(["import", f"--hf={folder}", f"--workdir={tmp_path / 'w'}"]) == 0
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["model"]["dtype"] == "float32"
+    assert config["data"]["tokenizer"] == f"hf:{(tmp_path / 'w/hf_tokenizer/tokenizer.json').resolve()}"
+    (tmp_path / "w").rename(tmp_path / "moved")
+    w = tmp_path / "moved"
+
+    _, hparams, params, step = weights.load_trained(w)
+    assert step == 0 and hparams.dtype == "float32"
+    toks = tokens(hparams.vocab_size)
+    np.testing.assert_allclose(our_logits(hparams, params, toks), hf_logits(hf, toks),
+                               atol=1e-4, rtol=0)
+
+    tok, model, params, _ = sample.load_run(w)
+    prompt = "hello world"
+    assert tok.encode(prompt).tolist() == hf_tok.encode(prompt)
+    out = generate(model, params, [tok.encode(prompt)], 5, jax.random.key(0),
+                   SamplingParams(temperature=0.0))[0]
+    assert len(out) == len(tok.encode(prompt)) + 5
+    assert tok.decode(out.tolist()) == hf_tok.decode(out.tolist())
+    assert tok.decode(out.tolist()).startswith(prompt)
+
+
+def test_gpt2_vocab_and_merges_convert_to_the_workdirs_tokenizer(hf_folder, tmp_path):
+    """A folder with GPT2Tokenizer's vocab.json + merges.txt and no tokenizer.json: converted
+    offline; --dtype=bfloat16 is the recipe's dtype on request."""
+    folder, _, hf_tok = hf_folder
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (old / name).write_bytes((folder / name).read_bytes())
+    hf_tok.backend_tokenizer.model.save(str(old))  # vocab.json, merges.txt
+    assert convert_hf.main(["import", f"--hf={old}", f"--workdir={tmp_path / 'w'}",
+                            "--dtype=bfloat16"]) == 0
+    w = tmp_path / "w"
+    assert json.loads((w / "config.json").read_text())["model"]["dtype"] == "bfloat16"
+    assert sorted(p.name for p in (w / "hf_tokenizer").iterdir()) == [
+        "merges.txt", "tokenizer.json", "vocab.json"]
+    tok = load_tokenizer(w / "tokenizer.json")
+    text = "the quick brown fox, hello"
+    assert tok.encode(text).tolist() == hf_tok.encode(text) and tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.slow  # Two CLI subprocesses (~10 s): the acceptance commands of issue 13.
+def test_cli_import_then_sample(hf_folder, tmp_path):
+    folder, _, _ = hf_folder
+    w = tmp_path / "imp"
+    r = subprocess.run([sys.executable, "tools/convert_hf.py", "import", f"--hf={folder}",
+                        f"--workdir={w}"], capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and "computing in float32" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "gpt_jax.sample", f"--workdir={w}", "--prompt=hello",
+                        "--max_new_tokens=5"], capture_output=True, text=True, timeout=300,
+                       cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    (text,) = r.stdout.split("-" * 40 + "\n")[1:]
+    assert text.startswith("hello") and len(text.rstrip("\n")) > len("hello")

@@ -68,7 +68,11 @@ def test_loads_the_chosen_checkpoint(workdir, metrics_rows):
 def test_errors_are_one_line(workdir, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint of step 7"):
         load_run(workdir, "7")
-    with pytest.raises(RunError, match="no tokenizer.json"):
+    with pytest.raises(RunError, match="no tokenizer.json; give the --workdir of a training run"):
+        load_run(tmp_path, "newest")
+    (tmp_path / "params").mkdir()  # What tools/convert_hf.py import writes, here without tokenizer.
+    with pytest.raises(RunError, match=r"imported model but no tokenizer\.json .*vocab\.json \+ "
+                                       r"merges\.txt"):
         load_run(tmp_path, "newest")
     r = sample(workdir, "--checkpoint=oldest")
     assert r.returncode != 0 and "newest, best or a step number" in r.stderr.strip().splitlines()[-1]

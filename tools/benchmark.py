@@ -65,15 +65,26 @@ def preset_config(name: str, extra: list[str]):
     import contextlib
     import importlib
 
+    from gpt_jax.config import ConfigError
+    from gpt_jax.train import unknown_config_key
+
     file, variant, overrides = PRESETS[name]
     module = importlib.import_module(f"configs.{file.removesuffix('.py')}")
     config = module.get_config(variant) if variant else module.get_config()
+    for e in extra:  # A typo would otherwise add a field that nothing reads.
+        key = e.split("=", 1)[0]
+        problem = "give GROUP.FIELD=VALUE" if "=" not in e else unknown_config_key(key)
+        if problem:
+            raise ConfigError(f"--set={e}: {problem}")
     for key, value in list(overrides.items()) + [e.split("=", 1) for e in extra]:
-        group, field = key.split(".")
+        *groups, field = key.split(".")  # GROUP.FIELD, or deeper (mesh.rules.embed).
         if isinstance(value, str):
             with contextlib.suppress(ValueError, SyntaxError):  # Else text, e.g. bfloat16.
                 value = ast.literal_eval(value)
-        config[group][field] = value
+        node = config
+        for group in groups:
+            node = node[group]
+        node[field] = value
     return config
 
 

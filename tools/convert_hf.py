@@ -1,14 +1,18 @@
 """Converts Hugging Face GPT-2 models to gpt_jax workdirs and back.
 
-    python tools/convert_hf.py import --hf=DIR_OR_HUB_NAME --workdir=OUT [--scan_layers]
+    python tools/convert_hf.py import --hf=DIR_OR_HUB_NAME --workdir=OUT [--dtype=bfloat16] [--scan_layers]
     python tools/convert_hf.py export --workdir=DIR --out=OUT [--checkpoint=newest|best|STEP]
 
 import: DIR holds config.json and model.safetensors (or sharded safetensors, or pytorch_model.bin);
 a hub name (e.g. gpt2) goes through transformers' from_pretrained where the network allows. OUT
-gets config.json (configs/gpt2.py's recipe with the model's shape), the parameters in params/
-(read by `--config.checkpoint.init_from=OUT`; never resumed as a training state) and the HF
-tokenizer files in hf_tokenizer/ (HF's format; OUT/tokenizer.json is gpt_jax's own, written
-only when DIR came from an export and holds gpt_jax_tokenizer.json).
+gets config.json (configs/gpt2.py's recipe with the model's shape, computing in float32 unless
+--dtype=bfloat16, so its logits are transformers' to ~1e-6), the parameters in params/ (read by
+`python -m gpt_jax.sample --workdir=OUT` and `--config.checkpoint.init_from=OUT`; never resumed
+as a training state), the HF tokenizer files in hf_tokenizer/ as they came, and OUT/tokenizer.json,
+gpt_jax's own, which the sample CLI decodes with: the run's tokenizer if DIR came from an export
+(gpt_jax_tokenizer.json), else the HF tokenizer.json held whole (vocab.json + merges.txt are
+converted to one, offline), else for a 50257-token model tiktoken's gpt2; with none of those the
+workdir has no tokenizer.
 `--config.checkpoint.init_from=hf:DIR` converts on the fly instead.
 
 export: the newest (or best, or a given step's) parameters of a training or imported workdir go
@@ -58,8 +62,10 @@ def import_config(hf_config) -> ml_collections.ConfigDict:
     return config
 
 
-def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = False) -> pathlib.Path:
-    """Writes the gpt_jax workdir `workdir` for the HF GPT-2 `source`; returns its params/."""
+def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = False,
+              dtype: str = "float32") -> pathlib.Path:
+    """Writes the gpt_jax workdir `workdir` for the HF GPT-2 `source`, computing in `dtype`;
+    returns its params/. Everything is read and checked before anything is written."""
     out = pathlib.Path(workdir)
     for sub in ("checkpoints", weights.PARAMS_DIR):
         if (out / sub).exists():
@@ -68,11 +74,35 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
     hf_config, state_dict = hf_gpt2.load_hf(source)
     config = import_config(hf_config)
     config.model.scan_layers = scan_layers
+    config.model.dtype = dtype
     ours = pathlib.Path(source).expanduser() / EXPORTED_TOKENIZER
-    if ours.is_file():  # A gpt_jax export: its run's tokenizer comes back.
-        name = json.loads(ours.read_text(encoding="utf-8")).get("name")
+    # The HF tokenizer files always travel along; they make the workdir's tokenizer unless the
+    # folder came from a gpt_jax export, whose run's tokenizer comes back (HF has no char/byte).
+    hf_files, hf_tokenizer = hf_gpt2.read_tokenizer(source, build=not ours.is_file())
+    tokenizer_json, tokenizer_vocab = None, None  # OUT/tokenizer.json, and its vocab if known.
+    if ours.is_file():
+        tokenizer_json = ours.read_text(encoding="utf-8")
+        try:
+            name = json.loads(tokenizer_json).get("name")
+        except (ValueError, AttributeError):
+            raise hf_gpt2.InteropError(f"{ours} is not a gpt_jax tokenizer file; export the run "
+                                       "again, or remove the file to import without it.") from None
         if name in tokenizers.TOKENIZERS:  # Not hf:PATH, whose path was the run's.
             config.data.tokenizer = name
+    elif hf_tokenizer is not None:
+        # Held whole (HFTokenizer.to_dict), so the workdir decodes wherever it is moved.
+        tokenizer_json = json.dumps(hf_tokenizer.to_dict(), ensure_ascii=False)
+        tokenizer_vocab = hf_tokenizer.vocab_size
+        if config.data.tokenizer != "gpt2":  # gpt2: OpenAI's BPE, which tiktoken encodes faster.
+            config.data.tokenizer = (f"{tokenizers.HF_PREFIX}"
+                                     f"{out.resolve() / HF_TOKENIZER_DIR / 'tokenizer.json'}")
+    elif config.data.tokenizer == "gpt2":
+        # OpenAI's BPE is tiktoken's "gpt2": its saved form is the name (GPT2Tokenizer.to_dict);
+        # building it here would need tiktoken's file, which sampling loads when it runs.
+        tokenizer_json = json.dumps({"name": "gpt2"}) + "\n"
+    if tokenizer_vocab is not None and tokenizer_vocab > config.model.vocab_size:
+        logging.warning("the tokenizer has %d tokens but the model only %d: prompts holding the "
+                        "others cannot be sampled from", tokenizer_vocab, config.model.vocab_size)
     config_lib.validate(config)
     cfg = registry.hyperparameters(config)
     params = hf_gpt2.params_from_hf(state_dict, cfg)
@@ -80,43 +110,24 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     params_dir = weights.save_params(out, params, config_json)
     (out / "config.json").write_text(config_json + "\n")
-    copied = _copy_hf_tokenizer(source, out / HF_TOKENIZER_DIR)
-    if ours.is_file():
-        shutil.copyfile(ours, out / OUR_TOKENIZER)
-        copied.append(OUR_TOKENIZER)
-    elif config.data.tokenizer == "gpt2":
-        # OpenAI's BPE is tiktoken's "gpt2": its saved form is the name (GPT2Tokenizer.to_dict);
-        # building it here would need tiktoken's file, which sampling loads when it runs.
-        (out / OUR_TOKENIZER).write_text(json.dumps({"name": "gpt2"}) + "\n")
-        copied.append(OUR_TOKENIZER)
+    written = []
+    if hf_files:
+        (out / HF_TOKENIZER_DIR).mkdir(exist_ok=True)
+        for name, content in hf_files.items():
+            (out / HF_TOKENIZER_DIR / name).write_bytes(content)
+            written.append(f"{HF_TOKENIZER_DIR}/{name}")
+    if tokenizer_json is not None:
+        (out / OUR_TOKENIZER).write_text(tokenizer_json, encoding="utf-8")
+        written.append(OUR_TOKENIZER)
     print(f"imported {source} ({count_params(params):,} parameters, {cfg.num_layers} layers, "
-          f"d_model {cfg.d_model}) into {params_dir}"
-          + (f"; tokenizer: {', '.join(copied)}" if copied else "; no tokenizer files"))
-    print(f"start a run from it with --config.checkpoint.init_from={out} and the model.* "
-          "settings of its config.json")
+          f"d_model {cfg.d_model}, computing in {dtype}) into {params_dir}"
+          + (f"; tokenizer: {', '.join(written)}" if written else "; no tokenizer files"))
+    print(f"sample with python -m gpt_jax.sample --workdir={out}; " if tokenizer_json else
+          f"{source} has no tokenizer.json (nor vocab.json + merges.txt), so the sample CLI cannot "
+          "decode for this workdir (import again from a folder that has them); ", end="")
+    print(f"start a run from it with --config.checkpoint.init_from={out} and the model.* settings "
+          "of its config.json")
     return params_dir
-
-
-def _copy_hf_tokenizer(source: str, folder: pathlib.Path) -> list[str]:
-    """Copies the HF tokenizer files of `source` into `folder` (for a hub name, saves its
-    tokenizer where the network allows); returns their paths relative to the workdir."""
-    src = pathlib.Path(source).expanduser()
-    if src.is_dir():
-        names = [n for n in hf_gpt2.TOKENIZER_FILES if (src / n).is_file()]
-        if names:
-            folder.mkdir()
-        for name in names:
-            shutil.copyfile(src / name, folder / name)
-    else:
-        import transformers
-
-        try:
-            written = transformers.AutoTokenizer.from_pretrained(source).save_pretrained(folder)
-        except (OSError, ValueError) as e:
-            logging.warning("no tokenizer for %s (%s); the workdir has none", source, e)
-            return []
-        names = sorted(pathlib.Path(p).name for p in written)
-    return [f"{folder.name}/{n}" for n in names]
 
 
 def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path,
@@ -168,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--workdir", required=True, help="the gpt_jax workdir to write")
     imp.add_argument("--scan_layers", action="store_true",
                      help="stack the layers (model.scan_layers=True layout)")
+    imp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="the workdir's compute dtype (model.dtype): float32 (default) gives "
+                          "transformers' logits (to ~1e-6); bfloat16 is faster on accelerators, "
+                          "its logits differ at bfloat16's precision")
     exp = commands.add_parser("export", help="gpt_jax workdir → HF GPT-2 folder")
     exp.add_argument("--workdir", required=True,
                      help="a training or imported workdir, its checkpoints/ or one step's folder")
@@ -181,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda record: record.levelno >= std_logging.ERROR or "/orbax/" not in record.pathname)
     try:
         if args.command == "import":
-            import_hf(args.hf, args.workdir, args.scan_layers)
+            import_hf(args.hf, args.workdir, args.scan_layers, args.dtype)
         else:
             export_hf(args.workdir, args.out, args.checkpoint)
     except (config_lib.ConfigError, checkpoint.CheckpointError, hf_gpt2.InteropError) as e:

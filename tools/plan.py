@@ -24,7 +24,12 @@ from ml_collections import config_flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-config_flags.DEFINE_config_file("config", str(REPO / "configs" / "gpt2.py"), "Config file[:variant].")
+from gpt_jax import train  # noqa: E402 — after the path; imports no jax (devices come first).
+
+try:  # config_flags applies `--config.*` overrides here when --config is not given.
+    config_flags.DEFINE_config_file("config", str(REPO / "configs" / "gpt2.py"), "Config file[:variant].")
+except (AttributeError, KeyError) as e:  # An override naming no field: one line, as train's.
+    sys.exit(f"error: {train.config_override_error(e, sys.argv)}")
 flags.DEFINE_integer("num_devices", 0, "Devices to simulate; 0: the product of the mesh sizes (-1 as 1).")
 flags.DEFINE_float("hbm_gb", 80.0, "Memory per device, GB (1e9 bytes), to check the plan against.")
 flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
@@ -52,7 +57,7 @@ def plan(config, hbm_gb: float) -> dict:
     """Lowers and compiles the train step of `config` on the mesh over all (simulated) devices."""
     from gpt_jax.models.registry import count_params
     from gpt_jax.parallel import sharding
-    from gpt_jax.training import build
+    from gpt_jax.training import build, memory
 
     t0 = time.perf_counter()
     r = build.setup_without_data(config)
@@ -64,15 +69,12 @@ def plan(config, hbm_gb: float) -> dict:
     compiled = lowered.compile()
     t2 = time.perf_counter()
 
-    mem = compiled.memory_analysis()
+    need = memory.step_memory(compiled)  # What the training loop's pre-flight checks too.
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     params_b = sharding.per_device_bytes(abstract_state.params)
     opt_b = sharding.per_device_bytes(abstract_state.opt_state)
-    # Donated state: outputs reuse the argument buffers (alias), so the peak is arguments +
-    # non-aliased outputs + temporaries.
-    total_b = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-               + mem.temp_size_in_bytes)
+    total_b = need.total
     n_params = count_params(abstract_state.params)
     tokens = config.train.batch_size * config.data.seq_len
     model_flops = r.arch.flops_per_token(r.hparams, n_params, config.data.seq_len) * tokens
@@ -87,9 +89,9 @@ def plan(config, hbm_gb: float) -> dict:
         "per_device_gb": {
             "params": params_b / GB,
             "optimizer_state": opt_b / GB,
-            "arguments": mem.argument_size_in_bytes / GB,
-            "temporaries": mem.temp_size_in_bytes / GB,
-            "outputs_not_aliased": (mem.output_size_in_bytes - mem.alias_size_in_bytes) / GB,
+            "arguments": need.arguments / GB,
+            "temporaries": need.temporaries / GB,
+            "outputs_not_aliased": need.outputs_not_aliased / GB,
             "total": total_b / GB,
         },
         "hbm_gb": hbm_gb,
@@ -152,4 +154,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=train.parse_flags)  # Bad flags and overrides: one line, as train's.

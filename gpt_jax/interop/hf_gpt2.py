@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -372,6 +373,60 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
                            "convert.")
     hf_config = transformers.GPT2Config.from_pretrained(folder)
     return hf_config, _read_weights(folder)
+
+
+def read_tokenizer(source: str, build: bool = True
+                   ) -> tuple[dict[str, bytes], tokenizers.HFTokenizer | None]:
+    """The HF tokenizer files of `source` (name → contents): those of a local folder, or what a
+    hub name's tokenizer saves where the network allows. With `build`, also the tokenizer they
+    make: their tokenizer.json, or, from GPT-2's vocab.json + merges.txt alone, one converted
+    offline by transformers (then added to the files as tokenizer.json). No usable files: None.
+    Raises InteropError for files that do not make a tokenizer."""
+    import transformers
+
+    folder = pathlib.Path(source).expanduser()
+    if _looks_local(source):
+        files = {n: (folder / n).read_bytes() for n in TOKENIZER_FILES if (folder / n).is_file()}
+    else:
+        try:
+            hub_tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            logging.warning("no tokenizer for %s (%s); the workdir has none", source, e)
+            return {}, None
+        with tempfile.TemporaryDirectory() as tmp:
+            hub_tokenizer.save_pretrained(tmp)
+            files = {p.name: p.read_bytes() for p in sorted(pathlib.Path(tmp).iterdir())
+                     if p.name in TOKENIZER_FILES}
+    if not build or not files:
+        return files, None
+    if "tokenizer.json" not in files:
+        if not {"vocab.json", "merges.txt"} <= files.keys():
+            logging.warning("%s has %s but neither tokenizer.json nor vocab.json + merges.txt: "
+                            "the workdir gets no tokenizer", source, ", ".join(files))
+            return files, None
+        with tempfile.TemporaryDirectory() as tmp:  # Only the tokenizer files: nothing else read.
+            for name, content in files.items():
+                (pathlib.Path(tmp) / name).write_bytes(content)
+            try:
+                gpt2_tokenizer = transformers.GPT2TokenizerFast.from_pretrained(
+                    tmp, local_files_only=True)
+                converted = gpt2_tokenizer.backend_tokenizer.to_str()
+            except Exception as e:  # transformers and tokenizers raise many kinds.
+                raise InteropError(
+                    f"{source}: vocab.json + merges.txt do not make a GPT-2 tokenizer "
+                    f"({_first_line(e)}); fix them, or remove them to import without a "
+                    "tokenizer.") from e
+        files["tokenizer.json"] = converted.encode("utf-8")
+    try:
+        return files, tokenizers.HFTokenizer(files["tokenizer.json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InteropError(f"{source}: its tokenizer.json is not a Hugging Face tokenizer "
+                           f"({_first_line(e)}); fix it, or remove it to import without a "
+                           "tokenizer.") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:

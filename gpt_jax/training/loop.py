@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +23,7 @@ from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.models.registry import count_params
 from gpt_jax.parallel import distributed, sharding
 from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.training import build, checkpoint, resume
+from gpt_jax.training import build, checkpoint, lock, memory, resume
 from gpt_jax.training.metrics import MetricsWriter, TrainLogger, peak_flops_per_device
 from gpt_jax.training.preemption import PreemptionGuard
 
@@ -34,9 +35,12 @@ class NonFiniteLossError(RuntimeError):
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains to train.num_steps (resuming if the workdir has checkpoints); returns the last train
     and eval metrics."""
-    r = build.setup(config, workdir)
-    with sharding.activation_context(r.mesh, r.rules):  # Every trace sees the mesh and rules.
-        return Loop(r).train()
+    r = build.setup(config, workdir)  # Writes nothing in the workdir but the folder itself.
+    # Held before Loop writes anything a second run would clash on (tokenizer.json, config.json,
+    # metrics, checkpoints) and released however the run ends; a refused run writes nothing.
+    with (lock.hold(r.workdir, distributed.is_primary(), distributed.any_process),
+          sharding.activation_context(r.mesh, r.rules)):
+        return Loop(r).train()  # Every trace sees the mesh and rules.
 
 
 def evaluate(eval_step, params, batches: Iterable[dict]) -> dict:
@@ -74,6 +78,17 @@ class Loop:
                                           t.eval_batches, t.seed)
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from e
+        # Compiled before any state exists, so a step that cannot fit stops here, allocating
+        # nothing and writing nothing.
+        eot_id = r.data.eot_id if config.data.document_mask else None
+        self.train_step, self.eval_step = build.compile_steps(r, eot_id)
+        begin = time.perf_counter()
+        self.train_step = self.train_step.lower(r.abstract_state, build.abstract_batch(r)).compile()
+        need = memory.step_memory(self.train_step)
+        logging.info("train step compiled in %.1f s; it needs %s per device",
+                     time.perf_counter() - begin, memory.describe(need))
+        if t.memory_check:
+            memory.check_fits(need, jax.devices()[0])
         self.manager = checkpoint.make_manager(checkpoint.checkpoint_dir(r.workdir),
                                                config.checkpoint.keep)
         self.state, self.start = resume.initial_state(r, self.manager, self.train_it)
@@ -85,8 +100,6 @@ class Loop:
         num_params = count_params(self.state.params)
         logging.info("model: %s parameters; workdir %s; mesh %s", f"{num_params:,}", r.workdir,
                      mesh_lib.describe(r.mesh))
-        eot_id = r.data.eot_id if config.data.document_mask else None
-        self.train_step, self.eval_step = build.compile_steps(r, eot_id)
         self.fixed_val = [self._to_device(b) for b in fixed]
         self.writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=self.start,
                                     active=self.primary)
@@ -112,6 +125,7 @@ class Loop:
             try:
                 if self.start == 0:
                     self.last_eval = self.run_eval(0, full=False)
+                i = self.start
                 for i in range(self.start + 1, t.num_steps + 1):
                     batch = sharding.global_batch(next(self.train_it), self.batch_sh, t.batch_size)
                     self.state, metrics = self.train_step(self.state, batch)
@@ -120,8 +134,12 @@ class Loop:
                     self.after_step(i, metrics, begin, preemption)
                 self.logger.flush()
                 self.check_finite()
+            except jax.errors.JaxRuntimeError as e:
+                if memory.is_out_of_memory(e):  # Dispatch is asynchronous: step i or just before.
+                    raise memory.out_of_memory(i, e) from None
+                raise
             finally:
-                self.manager.wait_until_finished()  # Never exit with a save half-written.
+                self.wait_for_saves(sys.exc_info()[1])  # Never exit with a save half-written.
                 self.bar.close()
                 self.writer.close()
         tps = self.logger.median_tokens_per_sec()
@@ -139,9 +157,9 @@ class Loop:
         logger.flush()  # The previous log step's metrics; step i is queued on the device.
         if logger.last.get("train/nonfinite_steps"):
             self.check_finite()  # Already fetched: stopping early costs no extra sync.
-        if i == self.start + 1:  # The compile happens here: time it, keep it out of throughput.
+        if i == self.start + 1:  # Its warm-up (buffers, threads) is kept out of throughput.
             jax.block_until_ready(metrics)
-            logging.info("first step done %.1f s after the loop started (compile included)",
+            logging.info("first step done %.1f s after the loop started",
                          time.perf_counter() - begin)
             logger.restart_clock(i)
         if i == 1 or i % self.config.log.every == 0 or i == t.num_steps:  # Same after a resume.
@@ -165,8 +183,18 @@ class Loop:
             logger.flush()
             if self.manager.latest_step() != i:
                 self.save(i)
-            self.manager.wait_until_finished()
+            self.wait_for_saves(None)
             preemption.exit(i, checkpoint.checkpoint_dir(self.r.workdir))
+
+    def wait_for_saves(self, in_flight: BaseException | None) -> None:
+        """Waits for the async saves; a failed one is reported, unless `in_flight` (an error
+        already on its way out) is: that one is the cause, and is not masked."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if in_flight is None:
+                raise self.save_failed("the newest save", e) from None
+            logging.error("the newest checkpoint save also failed: %s", e)
 
     def run_eval(self, step_num: int, full: bool) -> dict:
         """val/loss on the fixed batches, or (full) on every val token; logged and returned."""
@@ -200,8 +228,21 @@ class Loop:
         self.check_finite()
         val = self.last_eval
         val_loss = val.get("val/loss") if val.get("step") == step_num else None
-        checkpoint.save(self.manager, step_num, self.state, self.train_it, self.config_json,
-                        val_loss)
+        try:
+            checkpoint.save(self.manager, step_num, self.state, self.train_it, self.config_json,
+                            val_loss)
+        except Exception as e:  # Disk full, a read-only or vanished folder, an earlier async save.
+            raise self.save_failed(f"step {step_num}", e) from None
+
+    def save_failed(self, which: str, error: BaseException) -> checkpoint.CheckpointError:
+        """The one-line report of a failed save; committed checkpoints are never touched."""
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        kept = sorted(self.manager.all_steps())
+        return checkpoint.CheckpointError(
+            f"saving the checkpoint of {which} failed ({type(error).__name__}: {first}); the run "
+            f"stopped. " + (f"The checkpoints of steps {kept} are intact: " if kept else "")
+            + f"{'f' if kept else 'F'}ree disk space or fix "
+            f"{checkpoint.checkpoint_dir(self.r.workdir)}, then run the same command to resume.")
 
 
 def print_samples(r: build.Run, params: Any) -> None:

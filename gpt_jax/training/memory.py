@@ -1,0 +1,106 @@
+"""Will the train step fit? XLA's memory analysis of the compiled step against what the devices
+have, checked before the first step; and an allocation failure at run time, reported the same way.
+
+Per device, the step needs its arguments (state + batch) + the outputs it does not write in place
+(the state is donated) + its temporaries (activations, gradients, XLA buffers). A GPU or TPU
+reports its own limit (`memory_stats()["bytes_limit"]`); CPU devices share the host's available
+RAM, so there the need of every local device adds up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from gpt_jax.config import ConfigError
+
+# What brings the step's memory down, for the message.
+REMEDIES = ("lower train.batch_size (or raise train.grad_accum_steps) or data.seq_len, set "
+            "model.remat=full, shard with mesh.fsdp, or use model.dtype=bfloat16")
+SKIP = "train.memory_check=False skips this check"
+
+
+class DoesNotFitError(ConfigError):
+    """The train step needs more memory than the devices have; the message says how much."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """Bytes one device needs for a compiled step (XLA's memory analysis)."""
+
+    arguments: int
+    outputs_not_aliased: int
+    temporaries: int
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs_not_aliased + self.temporaries
+
+
+def step_memory(compiled: Any) -> StepMemory:
+    """The memory one device needs for `compiled` (a jax AOT-compiled function whose donated
+    arguments alias its outputs)."""
+    mem = compiled.memory_analysis()
+    return StepMemory(mem.argument_size_in_bytes,
+                      mem.output_size_in_bytes - mem.alias_size_in_bytes, mem.temp_size_in_bytes)
+
+
+def describe(need: StepMemory) -> str:
+    """'1.2 GB (state and batch 0.4 GB, temporaries 0.8 GB)'."""
+    return (f"{_size(need.total)} (state and batch {_size(need.arguments)}, temporaries "
+            f"{_size(need.temporaries)})")
+
+
+def available_bytes(device: jax.Device) -> tuple[int, str] | None:
+    """(bytes, what) one device can use: its own limit on a GPU/TPU, the host's available RAM
+    shared by this process's devices on a CPU; None when it cannot be told."""
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        return None if limit is None else (int(limit), f"{device.device_kind} memory")
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        avail = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+    share = max(1, jax.local_device_count())
+    what = "available host RAM" + (f" / {share} CPU devices" if share > 1 else "")
+    return avail // share, what
+
+
+def check_fits(need: StepMemory, device: jax.Device) -> None:
+    """Raises DoesNotFitError (one line: the estimate, the limit, the remedies) when `need`
+    exceeds what `device` has."""
+    have = available_bytes(device)
+    if have is None or need.total <= have[0]:
+        return
+    raise DoesNotFitError(
+        f"the train step needs {describe(need)} per device, XLA's estimate, but there are "
+        f"{_size(have[0])} ({have[1]}); {REMEDIES}. ({SKIP}.)")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether a runtime error is an allocation failure (XLA's RESOURCE_EXHAUSTED)."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def out_of_memory(step: int, error: BaseException) -> DoesNotFitError:
+    """The one-line report of an allocation failure at `step`."""
+    first = (str(error).strip().splitlines() or ["RESOURCE_EXHAUSTED"])[0][:200]
+    return DoesNotFitError(f"out of device memory at step {step} ({first}); checkpoints are "
+                           f"untouched; {REMEDIES}.")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
