@@ -81,6 +81,9 @@ class _QuietLibraries:
     """Keeps Orbax's per-save INFO chatter out of the run's log; its warnings still show."""
 
     def filter(self, record) -> bool:
+        if "/orbax/" in record.pathname:
+            # Orbax logs a failed async save with its traceback; the run reports it in one line.
+            record.exc_info, record.exc_text = None, None
         # Python's levels (absl.logging.WARNING is absl's verbosity number, not a levelno).
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 

@@ -16,8 +16,8 @@ def test_a_step_that_fits_passes_and_one_that_does_not_names_estimate_and_limit(
     with pytest.raises(memory.DoesNotFitError) as e:
         memory.check_fits(memory.StepMemory(10**6, 0, 2 * 10**15), device)
     msg = str(e.value)
-    assert "\n" not in msg and "needs 2 PB" not in msg
-    assert msg.startswith("the train step needs 2e+03 TB (state and batch 1 MB, temporaries")
+    assert "\n" not in msg and "e+" not in msg
+    assert msg.startswith("the train step needs 2 PB (state and batch 1 MB, temporaries")
     assert "available host RAM" in msg and "train.batch_size" in msg and "memory_check" in msg
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -39,8 +38,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     # Held before Loop writes anything a second run would clash on (tokenizer.json, config.json,
     # metrics, checkpoints) and released however the run ends; a refused run writes nothing.
     with (lock.hold(r.workdir, distributed.is_primary(), distributed.any_process),
-          sharding.activation_context(r.mesh, r.rules)):
-        return Loop(r).train()  # Every trace sees the mesh and rules.
+          sharding.activation_context(r.mesh, r.rules)):  # Every trace sees mesh and rules.
+        try:
+            loop = Loop(r)  # Compiles, checks memory, then allocates the state.
+        except jax.errors.JaxRuntimeError as e:
+            if memory.is_out_of_memory(e):  # E.g. with train.memory_check=False.
+                raise memory.out_of_memory("the start (state or eval batches)", e) from None
+            raise
+        return loop.train()
 
 
 def evaluate(eval_step, params, batches: Iterable[dict]) -> dict:
@@ -87,8 +92,10 @@ class Loop:
         need = memory.step_memory(self.train_step)
         logging.info("train step compiled in %.1f s; it needs %s per device",
                      time.perf_counter() - begin, memory.describe(need))
-        if t.memory_check:
-            memory.check_fits(need, jax.devices()[0])
+        if t.memory_check:  # Every process stops if any cannot fit (else the others would hang).
+            problem = memory.fit_problem(need, jax.local_devices()[0])
+            if distributed.any_process(problem is not None):
+                raise memory.DoesNotFitError(problem or memory.ELSEWHERE)
         self.manager = checkpoint.make_manager(checkpoint.checkpoint_dir(r.workdir),
                                                config.checkpoint.keep)
         self.state, self.start = resume.initial_state(r, self.manager, self.train_it)
@@ -121,11 +128,11 @@ class Loop:
         """Steps from the start to train.num_steps; returns the last train and eval metrics."""
         t, begin = self.t, time.perf_counter()
         sync_each_step = distributed.must_sync_each_step()
+        i, in_flight = self.start, None
         with PreemptionGuard() as preemption:
             try:
                 if self.start == 0:
                     self.last_eval = self.run_eval(0, full=False)
-                i = self.start
                 for i in range(self.start + 1, t.num_steps + 1):
                     batch = sharding.global_batch(next(self.train_it), self.batch_sh, t.batch_size)
                     self.state, metrics = self.train_step(self.state, batch)
@@ -134,14 +141,17 @@ class Loop:
                     self.after_step(i, metrics, begin, preemption)
                 self.logger.flush()
                 self.check_finite()
-            except jax.errors.JaxRuntimeError as e:
+            except BaseException as e:
+                in_flight = e
                 if memory.is_out_of_memory(e):  # Dispatch is asynchronous: step i or just before.
-                    raise memory.out_of_memory(i, e) from None
+                    raise memory.out_of_memory(f"step {i}", e) from None
                 raise
             finally:
-                self.wait_for_saves(sys.exc_info()[1])  # Never exit with a save half-written.
-                self.bar.close()
-                self.writer.close()
+                try:
+                    self.wait_for_saves(in_flight)  # Never exit with a save half-written.
+                finally:
+                    self.bar.close()
+                    self.writer.close()
         tps = self.logger.median_tokens_per_sec()
         logging.info("trained to step %d in %.1f s; median training throughput %s tokens/s",
                      t.num_steps, time.perf_counter() - begin,
@@ -231,6 +241,8 @@ class Loop:
         try:
             checkpoint.save(self.manager, step_num, self.state, self.train_it, self.config_json,
                             val_loss)
+        except jax.errors.JaxRuntimeError:
+            raise  # A device error (e.g. out of memory copying the state) is not a disk problem.
         except Exception as e:  # Disk full, a read-only or vanished folder, an earlier async save.
             raise self.save_failed(f"step {step_num}", e) from None
 

@@ -21,6 +21,9 @@ from gpt_jax.config import ConfigError
 REMEDIES = ("lower train.batch_size (or raise train.grad_accum_steps) or data.seq_len, set "
             "model.remat=full, shard with mesh.fsdp, or use model.dtype=bfloat16")
 SKIP = "train.memory_check=False skips this check"
+# What the processes whose own devices fit report when another process's do not.
+ELSEWHERE = (f"the train step does not fit the devices of another process of this run (its log "
+             f"says by how much); {REMEDIES}. ({SKIP}.)")
 
 
 class DoesNotFitError(ConfigError):
@@ -58,7 +61,10 @@ def available_bytes(device: jax.Device) -> tuple[int, str] | None:
     """(bytes, what) one device can use: its own limit on a GPU/TPU, the host's available RAM
     shared by this process's devices on a CPU; None when it cannot be told."""
     if device.platform != "cpu":
-        stats = device.memory_stats() or {}
+        try:
+            stats = device.memory_stats() or {}
+        except jax.errors.JaxRuntimeError:  # A backend that keeps no allocator statistics.
+            return None
         limit = stats.get("bytes_limit")
         return None if limit is None else (int(limit), f"{device.device_kind} memory")
     try:
@@ -75,15 +81,20 @@ def available_bytes(device: jax.Device) -> tuple[int, str] | None:
     return avail // share, what
 
 
-def check_fits(need: StepMemory, device: jax.Device) -> None:
-    """Raises DoesNotFitError (one line: the estimate, the limit, the remedies) when `need`
-    exceeds what `device` has."""
+def fit_problem(need: StepMemory, device: jax.Device) -> str | None:
+    """The one-line reason `need` does not fit `device` (the estimate, the limit, the
+    remedies), or None when it fits or the limit cannot be told."""
     have = available_bytes(device)
     if have is None or need.total <= have[0]:
-        return
-    raise DoesNotFitError(
-        f"the train step needs {describe(need)} per device, XLA's estimate, but there are "
-        f"{_size(have[0])} ({have[1]}); {REMEDIES}. ({SKIP}.)")
+        return None
+    return (f"the train step needs {describe(need)} per device, XLA's estimate, but there are "
+            f"{_size(have[0])} ({have[1]}); {REMEDIES}. ({SKIP}.)")
+
+
+def check_fits(need: StepMemory, device: jax.Device) -> None:
+    """Raises DoesNotFitError with `fit_problem`'s line when `need` does not fit `device`."""
+    if (problem := fit_problem(need, device)) is not None:
+        raise DoesNotFitError(problem)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -91,16 +102,16 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
 
-def out_of_memory(step: int, error: BaseException) -> DoesNotFitError:
-    """The one-line report of an allocation failure at `step`."""
+def out_of_memory(where: str, error: BaseException) -> DoesNotFitError:
+    """The one-line report of an allocation failure at `where` (e.g. "step 12")."""
     first = (str(error).strip().splitlines() or ["RESOURCE_EXHAUSTED"])[0][:200]
-    return DoesNotFitError(f"out of device memory at step {step} ({first}); checkpoints are "
+    return DoesNotFitError(f"out of device memory at {where} ({first}); checkpoints are "
                            f"untouched; {REMEDIES}.")
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if float(f"{n:.3g}") < 1000:  # Rounded first: 999.7 MB reads "1 GB", not "1e+03 MB".
             return f"{n:.3g} {unit}"
         n /= 1000
-    return f"{n:.3g} TB"
+    return f"{n:.3g} PB"
