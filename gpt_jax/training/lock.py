@@ -108,6 +108,10 @@ class WorkdirLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (record + "\n").encode(), 0)
             os.fsync(fd)  # Readers on other hosts of a shared filesystem see it.
+        except OSError as e:  # Disk full, quota, I/O error: one line, the lock let go.
+            os.close(fd)
+            raise ConfigError(f"cannot write the lock record {self.path} ({e.strerror or e}); "
+                              "free space in the workdir's file system and run again.") from None
         except BaseException:
             os.close(fd)
             raise
@@ -176,7 +180,12 @@ def hold(workdir: str | pathlib.Path, primary: bool = True,
             lock.acquire()
         except ValueError as e:  # WorkdirLockedError, ConfigError.
             failed = e
-    if any_process(failed is not None):
+    try:
+        refused = any_process(failed is not None)
+    except BaseException:
+        lock.release()  # The collective failed: do not keep a lock no run will use.
+        raise
+    if refused:
         raise failed or WorkdirLockedError(
             f"process 0 could not lock {workdir}; its message names the reason.")
     try:
