@@ -152,3 +152,67 @@ def read_metrics(workdir: pathlib.Path, timing: bool = True) -> list[dict]:
 def metrics_rows():
     """read_metrics, as a fixture (tests do not import from conftest)."""
     return read_metrics
+
+
+def _tree_digest(root: pathlib.Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root` (a file: itself); {} if absent."""
+    import hashlib
+
+    if root.is_file():
+        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
+    if not root.is_dir():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def bad_invocation():
+    """check(argv, *words, protect=(), absent=(), cwd=None, env=None) runs the command `argv` (a
+    subprocess) that must be refused the way every gpt_jax command refuses bad input: exit ≠ 0, no
+    traceback, exactly one stderr line starting with `error:`, and it is the last one and contains
+    each of `words` (case-insensitive). Every file under each path of `protect` keeps its bytes
+    (none removed, changed or added) and no path of `absent` exists afterwards (no half-made
+    output). Returns the CompletedProcess."""
+    import subprocess
+
+    def check(argv, *words, protect=(), absent=(), cwd=None, env=None, timeout=120):
+        before = {str(p): _tree_digest(pathlib.Path(p)) for p in protect}
+        r = subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=cwd,
+                           env=env, timeout=timeout)
+        shown = f"{argv}\nrc={r.returncode}\nstdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-4000:]}"
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        assert r.returncode != 0, shown
+        assert "Traceback" not in r.stderr + r.stdout, shown
+        assert len(errors) == 1 and lines[-1] == errors[0], shown
+        for word in words:
+            assert word.lower() in errors[0].lower(), f"{word!r} not in the error line\n{shown}"
+        for p in protect:
+            assert _tree_digest(pathlib.Path(p)) == before[str(p)], f"{p} changed\n{shown}"
+        for p in absent:
+            assert not pathlib.Path(p).exists(), f"{p} was left behind\n{shown}"
+        return r
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> pathlib.Path:
+    """A finished 4-step char run (1 layer, T 16) with checkpoints at steps 2 and 4, trained once
+    per session: tests that may damage it copy it first (shutil.copytree)."""
+    from configs import base
+    from gpt_jax.training import loop
+
+    root = tmp_path_factory.mktemp("trained_run")
+    (root / "corpus.txt").write_text(TEXT)
+    c = base.get_config()
+    c.data.path, c.data.cache_dir, c.data.tokenizer = str(root / "corpus.txt"), str(root / "cache"), "char"
+    c.data.seq_len = 16
+    c.model.num_layers, c.model.num_heads, c.model.d_model = 1, 2, 32
+    c.train.batch_size, c.train.num_steps, c.train.eval_every, c.train.eval_batches = 4, 4, 2, 1
+    c.checkpoint.every = 2
+    c.optim.warmup_steps, c.optim.decay_steps = 1, 10
+    c.log.progress, c.log.tensorboard, c.sample.num_samples = False, False, 0
+    loop.run(c, root / "run")
+    return root / "run"
