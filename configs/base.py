@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     # The folder's tokenizer, vocabulary and train/val split are the run's: data.tokenizer,
     # data.vocab_size and data.val_fraction are not used. None → prepare corpus/path in process.
     d.prepared = config_dict.placeholder(str)
+    # Check every shard of the prepared data against its sha256 in meta.json when the run opens
+    # it, naming a changed shard. Hashing costs a full read of the data at every start (and
+    # resume); sizes are always checked, which catches missing and truncated shards.
+    d.verify_shards = False
     # With several data.prepared folders: their weights, comma-separated floats (e.g. "0.7,0.3"),
     # normalised; "" → proportional to each folder's train tokens (as if concatenated).
     d.mixture_weights = ""
@@ -143,9 +147,11 @@ def get_config() -> ml_collections.ConfigDict:
     ck.init_from = "auto"
 
     c.log = lg = ml_collections.ConfigDict()
-    lg.every = 10  # Steps between train lines in metrics.jsonl / TensorBoard.
-    lg.progress = True  # Console progress bar.
-    lg.tensorboard = True  # Write TensorBoard events to WORKDIR/tb.
+    lg.every = 10  # Steps between train rows in metrics.jsonl / TensorBoard (and plain lines).
+    # auto: a progress bar when stderr is a terminal, else a plain line per log.every steps (step,
+    # loss, lr, tokens/s, MFU, elapsed, ETA: what a cluster log wants) | bar | lines.
+    lg.progress = "auto"
+    lg.tensorboard = True  # Write TensorBoard events to WORKDIR/tb (flushed at every row).
     lg.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0 → look up the device (None on CPU).
 
     c.sample = s = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ import ml_collections
 
 FINAL_EVALS = ("full", "batches", "none")
 ON_NONFINITE = ("stop", "skip")
+PROGRESS = ("auto", "bar", "lines")
 
 
 class ConfigError(ValueError):
@@ -160,6 +161,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(ck.every >= 1, f"checkpoint.every={ck.every} must be ≥ 1.")
     check(ck.keep >= 1, f"checkpoint.keep={ck.keep} must be ≥ 1.")
     check(config.log.every >= 1, f"log.every={config.log.every} must be ≥ 1.")
+    one_of(config.log.progress, "log.progress", PROGRESS)
 
     check(o.lr > 0, f"optim.lr={o.lr} must be > 0.")
     check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr].")
@@ -199,9 +201,15 @@ def saved_run_config(text: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+# Fields whose type changed, with what their old values mean now, so that workdirs and
+# checkpoints written before still load: log.progress was a bool (bar or nothing).
+_OLD_VALUES = {"log.progress": {True: "auto", False: "lines"}}
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict, prefix: str = "") -> None:
     for key, value in saved.items():
         if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
-            _merge(config[key], value)
+            _merge(config[key], value, f"{prefix}{key}.")
         else:
-            config[key] = value
+            old = _OLD_VALUES.get(f"{prefix}{key}")
+            config[key] = old.get(value, value) if old and isinstance(value, bool) else value

@@ -3,25 +3,32 @@
 
 Loads the run's tokenizer and the parameters of one checkpoint (the newest by default,
 `--checkpoint=best` for the lowest val loss, or a step number), then samples with the KV cache.
+A prompt longer than the model's context is fine: the sampler slides its window over it.
+
+A bad invocation (a flag, a folder that is no run, a damaged checkpoint or tokenizer.json) ends
+with one `error:` line that names the problem and the fix, and exit status 1; nothing is written.
 """
 
 from __future__ import annotations
 
-import logging as std_logging
+import json
+import os
 import pathlib
 import sys
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import app, flags, logging
 
+from gpt_jax import cli
 from gpt_jax.data import tokenizers
 from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.models import registry
-from gpt_jax.training import weights
+from gpt_jax.training import memory, weights
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+flags.DEFINE_string("workdir", None, "A training run's workdir (required).")
 flags.DEFINE_string("checkpoint", "newest", "newest | best (lowest val loss) | a step number.")
 flags.DEFINE_string("prompt", "\n", "Prompt text, or FILE:path to read it from a file.")
 flags.DEFINE_integer("num_samples", 1, "Continuations to draw (one batch).")
@@ -33,9 +40,53 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("stop", None, "Stop a sample when it emits the first token of this text "
                     "(e.g. a newline); a token that merges it with more text does not stop it.")
 
+# Each numeric flag: whether a value is allowed, and the allowed values in words.
+_RANGES = {
+    "num_samples": (lambda v: v >= 1, "an integer ≥ 1"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer ≥ 1"),
+    "temperature": (lambda v: v >= 0, "a number ≥ 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer ≥ 0 (0 = off)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+}
+_HELP = "python -m gpt_jax.sample --helpshort"
+
 
 class RunError(ValueError):
     """A workdir or flag that cannot be sampled from; the message says why and what to do."""
+
+
+def check_flags() -> None:
+    """Raises RunError for a missing --workdir or a number out of its range: before anything is
+    loaded, so such a mistake costs no checkpoint read."""
+    if not FLAGS.workdir:
+        raise RunError("--workdir is missing: give the workdir of a training run, e.g. "
+                       "--workdir=runs/quickstart.")
+    for name, (ok, allowed) in _RANGES.items():
+        if not ok(FLAGS[name].value):
+            raise RunError(f"--{name}={FLAGS[name].value} is out of range: give {allowed}.")
+    if FLAGS.stop == "":
+        raise RunError("--stop is empty: give the text to stop at (e.g. a newline), or leave "
+                       "the flag out.")
+
+
+def load_tokenizer(workdir: pathlib.Path) -> tokenizers.Tokenizer:
+    """The tokenizer a run saved in WORKDIR/tokenizer.json; RunError if it is damaged."""
+    path = workdir / "tokenizer.json"
+    fix = "it is damaged: put back the tokenizer.json that this run's training wrote."
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # Not JSON, or not UTF-8.
+        raise RunError(f"{path} is not JSON ({cli.one_line(e)[:200]}); {fix}") from e
+    if isinstance(spec, dict) and spec.get("name") == "gpt2":
+        # Its only failure (tiktoken's files offline) has a message of its own, with the fix.
+        return tokenizers.tokenizer_from_dict(spec)
+    try:
+        if not isinstance(spec, dict):
+            raise TypeError(f"a JSON {type(spec).__name__}, not an object")
+        return tokenizers.tokenizer_from_dict(spec)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} does not describe a tokenizer ({type(e).__name__}: "
+                       f"{cli.one_line(e)[:200]}); {fix}") from e
 
 
 def load_run(workdir: str | pathlib.Path, which: str = "newest"
@@ -43,6 +94,14 @@ def load_run(workdir: str | pathlib.Path, which: str = "newest"
     """(tokenizer, model, params, step) of a run's checkpoint `which` (newest | best | a step).
     Only the parameters are read; they land on the default device."""
     workdir = pathlib.Path(workdir).expanduser()
+    if not workdir.exists():
+        raise RunError(f"--workdir={workdir}: no such folder; give the workdir of a training run.")
+    if not workdir.is_dir():
+        raise RunError(f"--workdir={workdir} is a file, not a folder; give the workdir of a "
+                       "training run.")
+    os.listdir(workdir)  # An unreadable folder: an OSError naming it, not "no tokenizer.json".
+    if which not in ("newest", "best") and not which.isdigit():
+        raise RunError(f"--checkpoint={which!r}: use newest, best or a step number.")
     if not (workdir / "tokenizer.json").is_file():
         if (workdir / weights.PARAMS_DIR).is_dir() and not (workdir / "checkpoints").is_dir():
             raise RunError(f"{workdir} holds an imported model but no tokenizer.json (its "
@@ -50,50 +109,102 @@ def load_run(workdir: str | pathlib.Path, which: str = "newest"
                            "tokenizer.json (or vocab.json + merges.txt) to that folder and import "
                            "it again into a new --workdir with tools/convert_hf.py.")
         raise RunError(f"{workdir} has no tokenizer.json; give the --workdir of a training run.")
-    if which not in ("newest", "best") and not which.isdigit():
-        raise RunError(f"--checkpoint={which!r}: use newest, best or a step number.")
+    if not any((workdir / sub).is_dir() for sub in ("checkpoints", weights.PARAMS_DIR)):
+        raise RunError(f"{workdir} has no checkpoints/ folder: its run saved no checkpoint; train "
+                       "until it saves one (every checkpoint.every steps), or give another "
+                       "--workdir.")
+    tokenizer = load_tokenizer(workdir)
     _, hparams, params, step = weights.load_trained(workdir, which if not which.isdigit()
                                                     else int(which))
-    return (tokenizers.load_tokenizer(workdir / "tokenizer.json"), registry.build(hparams),
-            params, step)
+    return tokenizer, registry.build(hparams), params, step
 
 
 def read_prompt(arg: str) -> str:
-    """`--prompt` text, or the contents of the file named after `FILE:`."""
-    if arg.startswith("FILE:"):
-        path = pathlib.Path(arg[5:]).expanduser()
-        if not path.is_file():
-            raise RunError(f"--prompt={arg!r}: no such file.")
-        return path.read_text(encoding="utf-8")
-    return arg
+    """`--prompt` text, or the contents of the file named after `FILE:`; RunError if it is empty
+    (the model needs a token to continue) or the file cannot be read."""
+    if not arg.startswith("FILE:"):
+        if not arg:
+            raise RunError("--prompt is empty: give at least one character (the default is a "
+                           "newline).")
+        return arg
+    path = pathlib.Path(arg[5:]).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RunError(f"--prompt=FILE:{cli.os_error(e)}") from e
+    except UnicodeDecodeError as e:
+        raise RunError(f"--prompt={arg} is not UTF-8 text ({e.reason} at byte {e.start}); give "
+                       "a text file.") from e
+    if not text:
+        raise RunError(f"--prompt={arg}: the file is empty; give a file holding at least one "
+                       "character.")
+    return text
+
+
+def encode_prompt(tokenizer: tokenizers.Tokenizer, text: str, model_vocab: int) -> np.ndarray:
+    """The prompt's token ids; RunError for text the tokenizer cannot encode, or a token the
+    model has no embedding for (a tokenizer larger than the model: tools/convert_hf.py allows it)."""
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:
+        raise RunError(f"--prompt: {e}") from e
+    if ids.size and int(ids.max()) >= model_vocab:
+        bad = int(ids[ids >= model_vocab][0])
+        raise RunError(f"--prompt holds token {bad} ({tokenizer.decode([bad])!r}), which the "
+                       f"model lacks: its vocab has {model_vocab} tokens, tokenizer.json "
+                       f"{tokenizer.vocab_size}; leave that text out of the prompt.")
+    return ids
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing with its errors (an unknown flag, a value of the wrong type) as one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        cli.fail(f"{e}; see {_HELP}.")
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}: every setting is a flag (--name=value); see "
+                 f"{_HELP}.")
     logging.set_verbosity(logging.WARNING)  # Orbax's restore chatter would bury the samples.
-    # Orbax also warns that a read-only checkpoint manager will not save: true, and no news here.
-    std_logging.getLogger("absl").addFilter(
-        lambda record: record.levelno >= std_logging.ERROR or "/orbax/" not in record.pathname)
-    try:
+    cli.quiet_orbax_reads()
+    with cli.errors_as_one_line():
+        check_flags()
+        text = read_prompt(FLAGS.prompt)
         tokenizer, model, params, step = load_run(FLAGS.workdir, FLAGS.checkpoint)
-        prompt = tokenizer.encode(read_prompt(FLAGS.prompt))
-        stop = [] if FLAGS.stop is None else tokenizer.encode(FLAGS.stop)[:1].tolist()
-        sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-        for name, value, ok in (("num_samples", FLAGS.num_samples, FLAGS.num_samples >= 1),
-                                ("max_new_tokens", FLAGS.max_new_tokens, FLAGS.max_new_tokens >= 1),
-                                ("temperature", FLAGS.temperature, FLAGS.temperature >= 0),
-                                ("top_k", FLAGS.top_k, FLAGS.top_k >= 0),
-                                ("top_p", FLAGS.top_p, 0 < FLAGS.top_p <= 1)):
-            if not ok:
-                raise RunError(f"--{name}={value} is out of range; see --help.")
-    except ValueError as e:  # RunError, CheckpointError, ConfigError: one line each.
-        sys.exit(f"error: {e}")
-    outs = generate(model, params, [prompt] * FLAGS.num_samples, FLAGS.max_new_tokens,
-                    jax.random.key(FLAGS.seed), sampling, stop_tokens=stop)
+        vocab = model.cfg.vocab_size
+        prompt = encode_prompt(tokenizer, text, vocab)
+        try:
+            stop = [] if FLAGS.stop is None else tokenizer.encode(FLAGS.stop)[:1].tolist()
+        except ValueError as e:
+            raise RunError(f"--stop: {e}") from e
+    sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    try:
+        outs = generate(model, params, [prompt] * FLAGS.num_samples, FLAGS.max_new_tokens,
+                        jax.random.key(FLAGS.seed), sampling, stop_tokens=stop)
+    except jax.errors.JaxRuntimeError as e:
+        if not memory.is_out_of_memory(e):
+            raise
+        cli.fail(f"out of device memory drawing {FLAGS.num_samples} × {FLAGS.max_new_tokens} "
+                 f"tokens ({cli.one_line(e)[:200]}); lower --num_samples or --max_new_tokens.")
     print(f"# {FLAGS.workdir}, checkpoint step {step}", file=sys.stderr)
+    unknown = 0
     for out in outs:
-        print("-" * 40 + "\n" + tokenizer.decode(out.tolist()), flush=True)
+        text, n = tokenizers.decode_known(tokenizer, out.tolist())
+        unknown += n
+        print("-" * 40 + "\n" + text, flush=True)
+    if unknown:
+        print(f"warning: the model drew {unknown} token id(s) that tokenizer.json lacks (it has "
+              f"{tokenizer.vocab_size} tokens, the model {vocab}); they show as \ufffd.",
+              file=sys.stderr)
+
+
+def run_main() -> None:
+    """The command (`python -m gpt_jax.sample`, or the installed `gpt-jax-sample`)."""
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main()

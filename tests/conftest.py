@@ -24,7 +24,7 @@ if not _forced or int(_forced.group(1)) < 8:
 # steps, and ~30 distinct characters (a small char vocabulary).
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))
 # Timing fields of metrics.jsonl rows: they differ between otherwise identical runs.
-TIMING = ("tokens_per_sec", "mfu", "gflops_per_sec")
+TIMING = ("tokens_per_sec", "mfu", "gflops_per_sec", "time")
 
 
 def pytest_addoption(parser):
@@ -80,7 +80,7 @@ def tiny_config(corpus, tmp_path):
         c.optim.warmup_steps = 5
         c.optim.lr = 3e-3
         c.log.every = 5
-        c.log.progress = False
+        c.log.progress = "lines"
         c.sample.num_samples = 1
         c.sample.max_new_tokens = 20
         for key, value in overrides.items():
@@ -213,6 +213,6 @@ def trained_run(tmp_path_factory) -> pathlib.Path:
     c.train.batch_size, c.train.num_steps, c.train.eval_every, c.train.eval_batches = 4, 4, 2, 1
     c.checkpoint.every = 2
     c.optim.warmup_steps, c.optim.decay_steps = 1, 10
-    c.log.progress, c.log.tensorboard, c.sample.num_samples = False, False, 0
+    c.log.progress, c.log.tensorboard, c.sample.num_samples = "lines", False, 0
     loop.run(c, root / "run")
     return root / "run"

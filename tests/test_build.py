@@ -40,3 +40,22 @@ def test_batches_with_segment_ids_and_positions_go_through_the_steps(tiny_config
         state, metrics = train_step(r.init_state(), sharding.global_batch(packed, batch_sh, 8))
         assert int(state.step) == 1 and np.isfinite(float(metrics["train/loss"]))
         assert jax.tree.structure(state.params) == jax.tree.structure(params)
+
+
+def test_data_verify_shards_names_a_changed_shard(tiny_config, corpus, tmp_path):
+    import pytest
+
+    from gpt_jax.config import ConfigError
+    from gpt_jax.data import prepare_stream, shards
+
+    folder = tmp_path / "prepared"
+    prepare_stream.prepare_folder(str(corpus), "char", folder, num_workers=1, show_progress=False)
+    shard = folder / shards.read_meta(folder)["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    c = tiny_config(**{"data.prepared": str(folder)})
+    assert build.load_data(c).tokenizer.vocab_size > 0  # Sizes right: opened unverified.
+    c.data.verify_shards = True
+    with pytest.raises(ConfigError, match=f"{shard.name} does not match its sha256"):
+        build.load_data(c)

@@ -2,6 +2,7 @@
 that prints its log format, and a real run of ours)."""
 
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import textwrap
 import pytest
 
 from tools import compare_nanogpt
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 FAKE_TRAIN = textwrap.dedent("""
     import sys
@@ -60,7 +63,60 @@ def test_back_to_back_rounds_report_the_ratio(corpus, tmp_path):
     assert "| 1 |" in (out / "compare_nanogpt.md").read_text()
 
 
-def test_refuses_a_folder_that_is_not_a_prepared_checkout(tmp_path):
-    r = subprocess.run([sys.executable, "tools/compare_nanogpt.py", f"--nanogpt={tmp_path}"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "prepare.py" in r.stderr.strip().splitlines()[-1]
+def _checkout(tmp, train_py=FAKE_TRAIN, prepared=True):
+    """A stand-in nanoGPT checkout under tmp/nanoGPT whose train.py is `train_py`."""
+    root = tmp / "nanoGPT"
+    (root / "data/shakespeare_char").mkdir(parents=True)
+    (root / "train.py").write_text(train_py)
+    if prepared:
+        (root / "data/shakespeare_char/input.txt").write_text("To be, or not to be\n" * 50)
+        (root / "data/shakespeare_char/train.bin").write_bytes(b"\0\0")
+    return root
+
+
+def _compare(*args):
+    return lambda tmp: [sys.executable, "tools/compare_nanogpt.py", "--out={tmp}/out",
+                        *(a.format(tmp=tmp) for a in args)]
+
+
+def _with(checkout, *args):
+    """argv(tmp) with --nanogpt= the checkout that `checkout(tmp)` makes."""
+    return lambda tmp: _compare(f"--nanogpt={checkout(tmp)}", *args)(tmp)
+
+
+# id, argv(tmp), words the error line must hold. Each row is a subprocess (~0.3 s; the last two
+# run a stand-in nanoGPT); none may make its --out folder.
+COMPARE_ROWS = [
+    pytest.param(_compare(), ("--nanogpt is missing", "nanoGPT checkout"), id="no-nanogpt"),
+    pytest.param(_compare("--nanogpt={tmp}/nope"), ("nope: no such folder", "give the folder"),
+                 id="nanogpt-missing"),
+    pytest.param(_compare("--nanogpt={tmp}/afile"), ("afile is a file", "give the folder"),
+                 id="nanogpt-is-a-file"),
+    pytest.param(_compare("--nanogpt={tmp}"), ("is not a nanoGPT checkout (no train.py)", "git clone"),
+                 id="not-a-checkout"),
+    pytest.param(_with(lambda tmp: _checkout(tmp, prepared=False)),
+                 ("data/shakespeare_char is not prepared", "input.txt and train.bin", "prepare.py"),
+                 id="not-prepared"),
+    pytest.param(_with(_checkout, "--steps=5"), ("--steps=5", ">= 200", "--helpshort"),
+                 id="steps-out-of-range"),
+    pytest.param(_with(_checkout, "--rounds=0"), ("--rounds=0", "--helpshort"), id="rounds-0"),
+    pytest.param(_with(_checkout, "--steps=ten"), ("--steps=ten", "--helpshort"), id="steps-not-a-number"),
+    pytest.param(_with(_checkout, "extra"), ("unexpected arguments 'extra'", "--helpshort"),
+                 id="stray-argument"),
+    pytest.param(_with(_checkout, "--out={tmp}/afile"), ("afile is a file", "give a folder path"),
+                 id="out-is-a-file"),
+    pytest.param(_with(lambda tmp: _checkout(tmp, "import sys\nsys.exit('boom: no torch')\n"),
+                       "--steps=200"),
+                 ("train.py", "failed (status 1)", "boom: no torch", "run it there by hand"),
+                 id="nanogpt-run-fails"),
+    pytest.param(_with(lambda tmp: _checkout(tmp, "print('hello')\n"), "--steps=200"),
+                 ("no 'iter N", "karpathy/nanoGPT"), id="nanogpt-log-unknown"),
+]
+
+
+@pytest.mark.parametrize("argv, words", COMPARE_ROWS)
+def test_bad_invocations_are_refused_in_one_line(argv, words, tmp_path, bad_invocation):
+    """Every bad invocation: exit ≠ 0, one `error:` line naming the problem and the fix, no
+    traceback (a failing run is its last line, not a RuntimeError's), and no results written."""
+    (tmp_path / "afile").write_text("not a folder\n")
+    bad_invocation(argv(tmp_path), *words, absent=[tmp_path / "out"], cwd=REPO)

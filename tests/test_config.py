@@ -230,3 +230,16 @@ def test_data_settings_that_validate():
     config.model.dtype = "bfloat16"
     with pytest.raises(config_lib.ConfigError, match="document_mask.*attention_impl=cudnn"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("old, new", [(True, "auto"), (False, "lines")])
+def test_a_config_saved_when_log_progress_was_a_bool_still_loads(old, new):
+    import json
+
+    from gpt_jax.config import saved_run_config
+
+    saved = base.get_config().to_dict()
+    saved["log"]["progress"] = old
+    del saved["data"]["verify_shards"]  # Added since: reads its default.
+    config = saved_run_config(json.dumps(saved))
+    assert config.log.progress == new and config.data.verify_shards is False

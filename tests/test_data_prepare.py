@@ -1,9 +1,12 @@
 """Tests for gpt_jax.data.prepare: the in-process cache, and the streaming CLI
 (prepare_stream, sources, shards)."""
 
+import errno
+import functools
 import hashlib
 import importlib.machinery
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -334,24 +337,32 @@ def test_interrupted_prepare_resumes_to_the_same_output(doc_file, tmp_path, monk
     assert _files(resumed.dir) == _files(whole.dir)
 
 
-def test_up_to_date_output_is_reused_and_changed_settings_redo_it(doc_file, tmp_path, caplog):
+def test_up_to_date_output_is_reused_damaged_rebuilt_and_other_settings_refused(
+        doc_file, tmp_path, caplog):
     out = tmp_path / "out"
     first = _prep(doc_file, out, tokenizer="byte")
+    before, tokens = _files(out), _stream(first)  # Read now: first's memmaps see the damage.
     mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     with caplog.at_level("INFO", logger="absl"):
         again = _prep(doc_file, out, tokenizer="byte", num_workers=2)  # Workers do not matter.
     assert "Reusing the up-to-date prepared folder" in caplog.text
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
     assert again.meta == first.meta
-    other = _prep(doc_file, out, tokenizer="byte", val_fraction=0.2)
-    assert other.meta["options"]["val_fraction"] == 0.2
-    assert "Replacing the prepared data" in caplog.text
-    (out / other.meta["shards"][0]["file"]).write_bytes(b"\0")  # Damaged: prepared again.
-    np.testing.assert_array_equal(_stream(_prep(doc_file, out, tokenizer="byte",
-                                                val_fraction=0.2)), _stream(first))
-    doc_file.write_text(_DOC + "more")  # A changed source is noticed (size, mtime).
-    assert _prep(doc_file, out, tokenizer="byte").meta["total_tokens"] == len(
-        (_DOC + "more").encode()) + 1
+    # Other settings, or a changed source, would replace the data: refused, nothing touched.
+    with pytest.raises(ValueError, match=r"already holds data prepared from file .*doc\.txt with "
+                       r"the byte tokenizer.*choose another --out, or delete"):
+        _prep(doc_file, out, tokenizer="byte", val_fraction=0.2)
+    assert _files(out) == before
+    (out / first.meta["shards"][0]["file"]).write_bytes(b"\0")  # Damaged: prepared again.
+    with caplog.at_level("WARNING", logger="absl"):
+        np.testing.assert_array_equal(_stream(_prep(doc_file, out, tokenizer="byte")), tokens)
+    assert "Preparing" in caplog.text and _files(out) == before
+    doc_file.write_text(_DOC + "more")  # A changed source is noticed (size, mtime)...
+    with pytest.raises(ValueError, match="already holds data prepared"):
+        _prep(doc_file, out, tokenizer="byte")
+    assert _files(out) == before  # ...and refused too.
+    changed = _prep(doc_file, tmp_path / "new", tokenizer="byte")
+    assert changed.meta["total_tokens"] == len((_DOC + "more").encode()) + 1
 
 
 def test_out_folder_of_other_files_is_refused(doc_file, tmp_path):
@@ -369,6 +380,34 @@ def test_option_errors(doc_file, tmp_path):
         _prep(doc_file, tmp_path / "o", tokenizer="byte", val_fraction=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _prep(tmp_path / "missing.txt", tmp_path / "o", tokenizer="byte")
+    with pytest.raises(ValueError, match="--source is empty"):  # Not the current folder.
+        _prep("", tmp_path / "o", tokenizer="byte")
+    with pytest.raises(ValueError, match="--out is empty"):
+        _prep(doc_file, "", tokenizer="byte")
+    with pytest.raises(ValueError, match="--num_workers=0 must be ≥ 1"):
+        _prep(doc_file, tmp_path / "o", tokenizer="byte", num_workers=0)
+    with pytest.raises(ValueError, match="--bpe_sample_mb must be ≥ 1"):
+        _prep(doc_file, tmp_path / "o", bpe_sample_bytes=0)
+    with pytest.raises(ValueError, match="vocab_size of 256 is out of range"):
+        _prep(doc_file, tmp_path / "o", vocab_size=256)  # Before any folder or training pass.
+    with pytest.raises(ValueError, match="is inside --source"):
+        _prep(doc_file.parent, doc_file.parent / "o", tokenizer="byte")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unwritable_out_is_an_os_error_naming_it(doc_file, tmp_path, monkeypatch):
+    """What a read-only parent folder gives where tests run as root (which may write there)."""
+    from gpt_jax import cli
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    with pytest.raises(PermissionError) as e:
+        _prep(doc_file, tmp_path / "ro" / "out", tokenizer="byte")
+    assert cli.os_error(e.value) == (f"{tmp_path / 'ro' / 'out'}: Permission denied; check its "
+                                     "permissions or choose another path.")
+    assert not (tmp_path / "ro").exists()
 
 
 def test_hf_dataset_source(tmp_path, monkeypatch):
@@ -456,3 +495,339 @@ def test_long_documents_are_cut_where_pieces_encode_like_the_whole():
     pieces.append(rest)
     ids = np.concatenate([tok.encode(p.decode()) for p in pieces])
     np.testing.assert_array_equal(ids, tok.encode(text.decode()))
+
+
+# --- Bad invocations of the prepare CLI: one `error:` line, and nothing that was there before is
+# changed, nor anything half-made left behind ---
+
+
+class _Scene:
+    """The paths the bad invocations name, each made in `root` on first use (a row pays only for
+    its own); `scene[name]` is the path, so rows write "{name}" in their flags."""
+
+    def __init__(self, root: pathlib.Path, corpus: pathlib.Path, request: pytest.FixtureRequest):
+        self.root, self.corpus, self._request = root, corpus, request
+
+    def __getitem__(self, name: str) -> pathlib.Path:
+        return getattr(self, name)
+
+    def _file(self, name: str, data: bytes) -> pathlib.Path:
+        (self.root / name).write_bytes(data)
+        return self.root / name
+
+    def _folder(self, name: str, **files: bytes) -> pathlib.Path:
+        (self.root / name).mkdir()
+        for file, data in files.items():
+            (self.root / name / file).write_bytes(data)
+        return self.root / name
+
+    @property
+    def out(self) -> pathlib.Path:
+        return self.root / "out"  # Not made: the rows check it is not left behind.
+
+    @property
+    def nested_out(self) -> pathlib.Path:
+        return self.root / "new" / "deep" / "out"
+
+    @property
+    def new(self) -> pathlib.Path:
+        return self.root / "new"
+
+    @functools.cached_property
+    def empty_file(self) -> pathlib.Path:
+        return self._file("empty.txt", b"")
+
+    @functools.cached_property
+    def empty_dir(self) -> pathlib.Path:
+        return self._folder("empty_dir")
+
+    @functools.cached_property
+    def garbage(self) -> pathlib.Path:
+        return self._file("garbage.bin", bytes(range(256)) * 16)
+
+    @functools.cached_property
+    def bad_jsonl(self) -> pathlib.Path:
+        return self._file("bad.jsonl", b'{"text": "fine"}\n{not json\n')
+
+    @functools.cached_property
+    def late_bad_jsonl(self) -> pathlib.Path:
+        """1.2 MB of good records, then a bad one: shards are written before it is read."""
+        good = json.dumps({"text": "x" * 1000}).encode() + b"\n"
+        return self._file("late.jsonl", good * 1200 + b'{"text": 3}\n')
+
+    @functools.cached_property
+    def body_jsonl(self) -> pathlib.Path:
+        return self._file("body.jsonl", b'{"body": "the text is here"}\n')
+
+    @functools.cached_property
+    def a_file(self) -> pathlib.Path:
+        return self._file("a_file", b"not a folder")
+
+    @functools.cached_property
+    def notes(self) -> pathlib.Path:
+        return self._folder("notes", **{"notes.txt": b"mine"})
+
+    @functools.cached_property
+    def empty_out(self) -> pathlib.Path:
+        return self._folder("empty_out")
+
+    @functools.cached_property
+    def source_dir(self) -> pathlib.Path:
+        return self._folder("source_dir", **{"a.txt": self.corpus.read_bytes()})
+
+    @functools.cached_property
+    def other_text(self) -> pathlib.Path:
+        return self._file("other.txt", b"another corpus\n")
+
+    @functools.cached_property
+    def prepared(self) -> pathlib.Path:
+        """A prepared folder of the corpus (byte), as the CLI makes it."""
+        return _prep(self.corpus, self.root / "prepared", tokenizer="byte").dir
+
+    @functools.cached_property
+    def corrupted(self) -> pathlib.Path:
+        folder = _prep(self.corpus, self.root / "corrupted", tokenizer="byte").dir
+        shard = folder / shards.shard_name(0)
+        data = bytearray(shard.read_bytes())
+        data[5] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        return folder
+
+    @functools.cached_property
+    def unreadable_meta(self) -> pathlib.Path:
+        return self._folder("unreadable_meta", **{"meta.json": b"{trunc",
+                                                  "tokens_00000.bin": b"\0\1"})
+
+    @functools.cached_property
+    def interrupted(self) -> pathlib.Path:
+        """An interrupted prepare of other settings: its progress.json and tokenizer.json."""
+        folder = self._folder("interrupted")
+        tokenizers.save_tokenizer(tokenizers.ByteTokenizer(), folder / shards.TOKENIZER)
+        shards.write_json_atomic(folder / shards.PROGRESS, {
+            "fingerprint": "other", "shards": [],
+            "tokenizer_sha256": shards.sha256_file(folder / shards.TOKENIZER)})
+        return folder
+
+    @functools.cached_property
+    def workdir(self) -> pathlib.Path:
+        """A copy of a finished training run: config.json, metrics.jsonl, tokenizer.json, …"""
+        trained = self._request.getfixturevalue("trained_run")  # Trains once a session: slow.
+        return pathlib.Path(shutil.copytree(trained, self.root / "workdir"))
+
+    @functools.cached_property
+    def workdir_files(self) -> pathlib.Path:
+        """A training workdir's files (what `workdir` has, without training one)."""
+        folder = self._folder("workdir_files", **{
+            "config.json": b"{}", "metrics.jsonl": b'{"step": 1}\n',
+            "tokenizer.json": json.dumps(tokenizers.ByteTokenizer().to_dict()).encode()})
+        (folder / "checkpoints" / "2").mkdir(parents=True)
+        return folder
+
+    @functools.cached_property
+    def read_only(self) -> pathlib.Path:
+        folder = self._folder("read_only")
+        folder.chmod(0o555)
+        return folder
+
+
+@pytest.fixture
+def scene(tmp_path, corpus, request):
+    s = _Scene(tmp_path, corpus, request)
+    yield s
+    if (tmp_path / "read_only").exists():
+        (tmp_path / "read_only").chmod(0o755)  # So that pytest can remove tmp_path.
+
+
+_SRC, _BYTE, _OUT = "--source={corpus}", "--tokenizer=byte", "--out={out}"
+_AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+
+
+def _bad(id_: str, args: list[str], *words: str, protect: tuple[str, ...] = (),
+         absent: tuple[str, ...] = ("out",), marks=()):
+    """A row: the prepare flags (with {scene paths}), the words the error line must hold, the
+    scene paths that must keep their bytes, and those that must not exist afterwards."""
+    return pytest.param(args, words, protect, absent, id=id_, marks=marks)
+
+
+_BAD_INVOCATIONS = [
+    # Flags: absl's own errors are one line too.
+    _bad("no-source", [_BYTE, _OUT], "missing --source", "--source=FILE"),
+    _bad("no-tokenizer", [_SRC, _OUT], "missing --tokenizer", "--tokenizer=byte|char|bpe"),
+    _bad("no-out", [_SRC, _BYTE], "missing --out", "--out=DIR"),
+    _bad("empty-out", [_SRC, _BYTE, "--out="], "missing --out"),
+    _bad("extra-argument", [_SRC, _BYTE, _OUT, "extra"], "unexpected arguments 'extra'",
+         "only --flags"),
+    _bad("unknown-flag", [_SRC, _BYTE, _OUT, "--vocab=300"], "unknown command line flag 'vocab'",
+         "--helpshort"),
+    _bad("not-an-int", [_SRC, _BYTE, _OUT, "--shard_tokens=many"], "--shard_tokens=many",
+         "--helpshort"),
+    # Sources.
+    _bad("missing-source", ["--source={root}/nope.txt", _BYTE, _OUT], "nope.txt' does not exist",
+         "give a text file, a folder"),
+    _bad("empty-source", ["--source=", _BYTE, _OUT], "missing --source", "--source=FILE"),
+    _bad("empty-file", ["--source={empty_file}", _BYTE, _OUT], "empty.txt' holds no text",
+         "give a non-empty source"),
+    _bad("empty-folder", ["--source={empty_dir}", _BYTE, _OUT], "matches no files",
+         "check the path"),
+    _bad("binary-file", ["--source={garbage}", _BYTE, _OUT], "garbage.bin' is not valid UTF-8",
+         "convert it to UTF-8"),
+    _bad("malformed-jsonl", ["--source={bad_jsonl}", _BYTE, _OUT], "line 2 of",
+         "is not valid JSON", "fix or remove it"),
+    _bad("jsonl-without-the-field", ["--source={body_jsonl}", _BYTE, _OUT],
+         "no string field 'text'", "--text_field"),
+    # A bad record after shards were written: what was made is removed, created parents too.
+    _bad("malformed-jsonl-after-shards", ["--source={late_bad_jsonl}", _BYTE,
+                                          "--out={nested_out}", "--shard_tokens=1000"],
+         "line 1201 of", "no string field 'text'", absent=("new",)),
+    _bad("char-tokenizer-of-binary-file", ["--source={garbage}", "--tokenizer=char", _OUT],
+         "not valid UTF-8"),
+    # Tokenizers and options.
+    _bad("unknown-tokenizer", [_SRC, "--tokenizer=gpt3", _OUT], "unknown tokenizer 'gpt3'",
+         "valid names: byte, char, bpe, gpt2"),
+    _bad("hf-file-missing", [_SRC, "--tokenizer=hf:missing.json", _OUT],
+         "'missing.json' does not exist", "--tokenizer=hf:PATH"),
+    _bad("bpe-vocab-too-small", [_SRC, "--tokenizer=bpe", "--vocab_size=10", _OUT],
+         "vocab_size of 10 is out of range", "≥ 257"),
+    _bad("bpe-vocab-too-large", [_SRC, "--tokenizer=bpe", f"--vocab_size={1 << 32}", _OUT],
+         f"vocab_size of {1 << 32} is out of range", "< 2**32"),
+    _bad("vocab-size-of-byte", [_SRC, _BYTE, "--vocab_size=300", _OUT],
+         "--vocab_size applies only to --tokenizer=bpe", "drop it"),
+    _bad("val-fraction-0", [_SRC, _BYTE, "--val_fraction=0", _OUT], "--val_fraction=0.0",
+         "must be in (0, 1)"),
+    _bad("val-fraction-1", [_SRC, _BYTE, "--val_fraction=1", _OUT], "--val_fraction=1.0",
+         "must be in (0, 1)"),
+    _bad("val-fraction-negative", [_SRC, _BYTE, "--val_fraction=-0.1", _OUT],
+         "--val_fraction=-0.1", "must be in (0, 1)"),
+    _bad("shard-tokens-0", [_SRC, _BYTE, "--shard_tokens=0", _OUT], "--shard_tokens=0",
+         "must be ≥ 1"),
+    _bad("num-workers-0", [_SRC, _BYTE, "--num_workers=0", _OUT], "--num_workers=0",
+         "must be ≥ 1"),
+    # --out: what is there already is never replaced, removed or added to.
+    _bad("out-is-a-file", [_SRC, _BYTE, "--out={a_file}"], "is a file", "give a folder",
+         protect=("a_file",)),
+    _bad("out-holds-other-files", [_SRC, _BYTE, "--out={notes}"], "holds other files (notes.txt)",
+         "give a new or empty folder", protect=("notes",)),
+    # Issue 13: this exited 0, writing its shards and tokenizer.json into the run's workdir.
+    _bad("out-is-a-training-workdir", [_SRC, _BYTE, "--out={workdir_files}"],
+         "is a training workdir", "config.json", "new or empty folder",
+         protect=("workdir_files",)),
+    _bad("out-is-a-trained-run", [_SRC, _BYTE, "--out={workdir}"], "is a training workdir",
+         "new or empty folder", protect=("workdir",), marks=pytest.mark.slow),
+    _bad("out-prepared-from-another-source", ["--source={other_text}", _BYTE, "--out={prepared}"],
+         "already holds data prepared from file", "corpus.txt", "choose another --out, or delete",
+         protect=("prepared",)),
+    _bad("out-prepared-with-another-tokenizer", [_SRC, "--tokenizer=char", "--out={prepared}"],
+         "already holds data prepared", "byte tokenizer", "choose another --out",
+         protect=("prepared",)),
+    # Issue 13: this deleted the folder's meta.json and first shard before reading the source.
+    _bad("out-prepared-and-malformed-jsonl", ["--source={bad_jsonl}", _BYTE, "--out={prepared}"],
+         "already holds data prepared", "choose another --out", protect=("prepared",)),
+    _bad("out-prepared-files-without-meta", [_SRC, _BYTE, "--out={unreadable_meta}"],
+         "holds prepared-data files", "no readable meta.json", "delete",
+         protect=("unreadable_meta",)),
+    _bad("out-interrupted-with-other-settings", [_SRC, _BYTE, "--out={interrupted}"],
+         "interrupted prepare of another source", "run that command again to resume",
+         protect=("interrupted",)),
+    _bad("out-empty-folder-and-bad-source", ["--source={bad_jsonl}", _BYTE, "--out={empty_out}"],
+         "not valid JSON", protect=("empty_out",)),
+    _bad("out-inside-the-source-folder", ["--source={source_dir}", _BYTE,
+                                          "--out={source_dir}/prepared"],
+         "is inside --source", "choose an --out outside", protect=("source_dir",)),
+    _bad("out-under-a-read-only-folder", [_SRC, _BYTE, "--out={read_only}/out"],
+         "permission denied", "check its permissions", protect=("read_only",), marks=_AS_ROOT),
+    # --verify.
+    _bad("verify-without-a-folder", ["--verify", "--out={root}/nothing"],
+         "not a prepared data folder", "prepare the data first"),
+    _bad("verify-a-changed-shard", ["--verify", "--out={corrupted}"],
+         "tokens_00000.bin does not match its sha256", "prepare it into a new --out",
+         protect=("corrupted",)),
+]
+
+
+@pytest.mark.parametrize(("args", "words", "protect", "absent"), _BAD_INVOCATIONS)
+def test_bad_invocations_are_one_line_and_change_nothing(scene, bad_invocation, args, words,
+                                                         protect, absent):
+    argv = [sys.executable, "-m", "gpt_jax.data.prepare", "--noprogress", "--num_workers=1",
+            *(a.format_map(scene) for a in args)]
+    bad_invocation(argv, *words, protect=[scene[p] for p in protect],
+                   absent=[scene[p] for p in absent], cwd=REPO)
+
+
+def test_verify_flag_checks_an_existing_folder_and_a_prepared_one(scene):
+    done = _cli("--verify", f"--out={scene.prepared}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (f"{scene.prepared}: OK: 1 shard(s) ({scene.corpus.stat().st_size + 1:,} "
+                           "tokens) and tokenizer.json match their sha256 in meta.json.\n")
+    # With a prepare's flags: prepares (here reuses) the folder, then verifies it.
+    both = _cli(f"--source={scene.corpus}", _BYTE, f"--out={scene.prepared}", "--verify",
+                "--num_workers=1")
+    assert both.returncode == 0, both.stderr
+    assert "Reusing" in both.stderr and both.stdout.splitlines()[1].endswith("sha256 in meta.json.")
+
+
+_WRITE = shards.ShardWriter.write
+
+
+def _fail_writes(monkeypatch, error: BaseException, after_shards: int) -> None:
+    """Makes the shard writer raise `error` once `after_shards` shards are complete."""
+
+    def failing(writer, *args, **kwargs):
+        if len(writer.shards) >= after_shards:
+            raise error
+        _WRITE(writer, *args, **kwargs)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", failing)
+
+
+_SMALL = dict(chunk_bytes=1024, shard_tokens=2000)
+
+
+@pytest.mark.parametrize(("error", "after_shards", "kept"), [
+    (KeyboardInterrupt(), 2, True),  # Resumable: the shards so far stay.
+    (OSError(28, "No space left on device"), 2, True),  # Free space, run again: it resumes.
+    (ValueError("a bad record"), 2, False),  # The source must change: nothing to resume.
+    (KeyboardInterrupt(), 0, True),  # progress.json and the trained tokenizer are saved.
+])
+def test_a_failed_prepare_keeps_only_what_resumes(doc_file, tmp_path, monkeypatch, caplog,
+                                                  error, after_shards, kept):
+    _fail_writes(monkeypatch, error, after_shards)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(type(error)), caplog.at_level("WARNING", logger="absl"):
+        _prep(doc_file, out, **_SMALL)
+    if not kept:
+        assert not (tmp_path / "new").exists()  # The folders it made are gone too.
+        return
+    progress = json.loads((out / shards.PROGRESS).read_text())
+    assert len(progress["shards"]) == after_shards and not (out / shards.META).exists()
+    assert ("Kept the 2 complete shard(s)" in caplog.text) == isinstance(error, OSError)
+    monkeypatch.undo()
+    resumed = _prep(doc_file, out, **_SMALL)
+    assert _files(resumed.dir) == _files(_prep(doc_file, tmp_path / "whole", **_SMALL).dir)
+
+
+def test_a_failure_before_any_progress_leaves_nothing(doc_file, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # While bpe trains: no progress.json yet.
+
+    monkeypatch.setattr(prepare_stream, "_learn_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prep(doc_file, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        _prep(doc_file, tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []  # It was there before: kept, empty.
+
+
+def test_a_failed_resume_removes_nothing_that_was_there(doc_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _fail_writes(monkeypatch, KeyboardInterrupt(), 1)
+    with pytest.raises(KeyboardInterrupt):
+        _prep(doc_file, out, **_SMALL)
+    before = {name: data for name, data in _files(out).items() if name != shards.PROGRESS}
+    _fail_writes(monkeypatch, ValueError("a bad record"), 2)
+    with pytest.raises(ValueError, match="a bad record"):
+        _prep(doc_file, out, **_SMALL)
+    after = _files(out)
+    assert {name: after.get(name) for name in before} == before
+    assert shards.shard_name(1) in after  # This run's shard is there too: the source's fault.

@@ -211,3 +211,10 @@ def test_unknown_tokenizer_lists_valid_names():
     with pytest.raises(ValueError, match="unknown tokenizer 'hf:'"):
         tokenizers.check_name("hf:")
     assert tokenizers.learns_vocab("bpe") and not tokenizers.learns_vocab("gpt2")
+
+
+def test_ids_the_tokenizer_lacks_decode_as_replacement_characters():
+    """A model's vocab may exceed its tokenizer's: such ids show as U+FFFD and are counted."""
+    tok = tokenizers.CharTokenizer("\nab")
+    assert tokenizers.decode_known(tok, [1, 2, 7, 0, 1, 3]) == ("ab\ufffd\na\ufffd", 2)
+    assert tokenizers.decode_known(tok, [1, 2]) == ("ab", 0)

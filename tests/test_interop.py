@@ -2,9 +2,12 @@
 trip, checkpoint.init_from=hf:DIR, and one-line refusals."""
 
 import dataclasses
+import errno
 import importlib.util
 import json
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -205,9 +208,12 @@ def test_cli_export_then_import_round_trip(run_config, tmp_path, capsys):
     assert config["model"]["d_model"] == 32 and config["model"]["max_seq_len"] == 16
     # Written where init_from reads it, not where a training run resumes from.
     assert not (imported / "checkpoints").exists()
-    assert convert_hf.main(["import", f"--hf={out}", f"--workdir={imported}"]) == 2  # No clobbering.
-    assert "already holds a model" in capsys.readouterr().err
-    again = tmp_path / "again"  # Exporting the imported workdir gives the files back.
+    with pytest.raises(SystemExit, match="1"):  # No clobbering.
+        convert_hf.main(["import", f"--hf={out}", f"--workdir={imported}"])
+    assert "already holds an imported model" in capsys.readouterr().err
+    again = tmp_path / "again"  # Exporting the imported workdir gives the files back …
+    assert convert_hf.main(["export", f"--workdir={imported}", f"--out={again}"]) == 0
+    # … again: an earlier export is replaced whole (the run's extra vocab.json stays the same).
     assert convert_hf.main(["export", f"--workdir={imported}", f"--out={again}"]) == 0
     assert (again / "vocab.json").read_text() == "{}"
     assert (again / "gpt_jax_tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
@@ -247,7 +253,8 @@ def test_refusals_are_one_line_and_name_the_fix(gpt, tmp_path, capsys):
     cfg, _ = gpt(bias=True, activation="gelu_tanh")
     with pytest.raises(checkpoint.CheckpointError, match=r"hf:.*nope: no such folder"):
         weights.load_params(f"hf:{tmp_path / 'nope'}", None, cfg)
-    assert convert_hf.main(["import", f"--hf={tmp_path / 'nope'}", f"--workdir={tmp_path / 'w'}"]) == 2
+    with pytest.raises(SystemExit, match="1"):
+        convert_hf.main(["import", f"--hf={tmp_path / 'nope'}", f"--workdir={tmp_path / 'w'}"])
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no such folder" in err and len(err.splitlines()) == 1
 
@@ -357,3 +364,267 @@ def test_cli_import_then_sample(hf_folder, tmp_path):
     assert r.returncode == 0, r.stderr
     (text,) = r.stdout.split("-" * 40 + "\n")[1:]
     assert text.startswith("hello") and len(text.rstrip("\n")) > len("hello")
+
+
+# ------------------------------------------------------------------------------ bad invocations
+# Every refusal of tools/convert_hf.py, as a subprocess (conftest's bad_invocation): one `error:`
+# line naming the problem and the fix, no traceback, nothing that existed changed, no output left.
+# A row costs one interpreter start (~2 s; ~5 s once torch reads weights): the default suite runs
+# the issue's cases, --runslow all.
+
+TOOL = pathlib.Path(__file__).resolve().parent.parent / "tools" / "convert_hf.py"
+ROOT_CAN_WRITE = pytest.mark.skipif(getattr(os, "geteuid", lambda: 1)() == 0,
+                                    reason="root writes into read-only folders")
+
+
+def _hf_variant(hf: pathlib.Path, folder: pathlib.Path, drop=(), write=None) -> pathlib.Path:
+    """A copy of the HF folder `hf` at `folder`, without the files `drop`, with `write` (name →
+    bytes) written over it."""
+    shutil.copytree(hf, folder)
+    for name in drop:
+        (folder / name).unlink()
+    for name, content in (write or {}).items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def _truncated(path: pathlib.Path) -> bytes:
+    """The bytes of `path` but its last 100: an interrupted download or copy."""
+    return path.read_bytes()[:-100]
+
+
+def _config_with(hf: pathlib.Path, **fields) -> bytes:
+    return json.dumps({**json.loads((hf / "config.json").read_text()), **fields}).encode()
+
+
+def _fake_workdir(folder: pathlib.Path, *names: str) -> pathlib.Path:
+    """A folder holding `names` (a trailing / makes a folder, with a file in it); a config.json
+    is an HF one in a folder without checkpoints/, else a gpt_jax one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name.endswith("/"):
+            (folder / name).mkdir()
+            (folder / name / "0").write_text("x")
+        elif name == "config.json":
+            hf = "checkpoints/" not in names and "params/" not in names
+            (folder / name).write_text(json.dumps({"model_type": "gpt2"} if hf else {"model": {}}))
+        else:
+            (folder / name).write_text("x")
+    return folder
+
+
+def _removed(folder: pathlib.Path) -> pathlib.Path:
+    shutil.rmtree(folder)
+    return folder
+
+
+def _emptied(folder: pathlib.Path) -> pathlib.Path:
+    _removed(folder).mkdir()
+    return folder
+
+
+# (id, setup(hf, tmp) → (--hf, --workdir, extra flags), words of the error line). The workdirs
+# are made under tmp/dest, which is protected (no temporary folders left in it either).
+IMPORT_ROWS = [
+    ("hf-missing", lambda hf, t: (t / "nope", t / "dest/w", []), ["nope", "no such folder",
+                                                                  "config.json"]),
+    ("hf-a-file", lambda hf, t: (hf / "model.safetensors", t / "dest/w", []),
+     ["is a file", "give the folder"]),
+    ("no-config", lambda hf, t: (_hf_variant(hf, t / "bad", drop=["config.json"]), t / "dest/w",
+                                 []), ["no config.json", "save_pretrained"]),
+    ("garbage-config", lambda hf, t: (_hf_variant(hf, t / "bad", write={"config.json": b"{not"}),
+                                      t / "dest/w", []),
+     ["config.json is not valid json", "give the config.json"]),
+    ("not-gpt2", lambda hf, t: (_hf_variant(hf, t / "bad", write={
+        "config.json": _config_with(hf, model_type="bert")}), t / "dest/w", []),
+     ["model_type='bert'", "give a gpt-2 folder"]),
+    ("config-value", lambda hf, t: (_hf_variant(hf, t / "bad", write={
+        "config.json": _config_with(hf, n_embd="abc")}), t / "dest/w", []),
+     ["n_embd", "give the config.json"]),
+    ("no-weights", lambda hf, t: (_hf_variant(hf, t / "bad", drop=["model.safetensors"]),
+                                  t / "dest/w", []), ["no model.safetensors", "save_pretrained"]),
+    ("truncated-safetensors", lambda hf, t: (_hf_variant(hf, t / "bad", write={
+        "model.safetensors": _truncated(hf / "model.safetensors")}), t / "dest/w", []),
+     ["model.safetensors is not a complete safetensors file", "incomplete metadata",
+      "download or export it again"]),
+    ("garbage-pytorch-bin", lambda hf, t: (_hf_variant(
+        hf, t / "bad", drop=["model.safetensors"], write={"pytorch_model.bin": b"garbage"}),
+        t / "dest/w", []), ["pytorch_model.bin", "truncated", "download or save it again"]),
+    ("missing-shard", lambda hf, t: (_hf_variant(
+        hf, t / "bad", drop=["model.safetensors"], write={"model.safetensors.index.json": json.dumps(
+            {"weight_map": {"wte": "model-00001-of-00002.safetensors"}}).encode()}),
+        t / "dest/w", []), ["lacks model-00001-of-00002.safetensors", "download the missing"]),
+    ("workdir-a-training-run", lambda hf, t: (hf, t / "dest/run", []),
+     ["already holds a training run", "new or empty folder"]),
+    ("workdir-an-import", lambda hf, t: (hf, _fake_workdir(t / "dest/imp", "config.json",
+                                                           "params/"), []),
+     ["already holds an imported model", "new or empty folder"]),
+    ("workdir-other-files", lambda hf, t: (hf, _fake_workdir(t / "dest/notes", "notes.txt"), []),
+     ["already holds files (notes.txt)", "new or empty folder"]),
+    ("workdir-a-file", lambda hf, t: (hf, _fake_workdir(t / "dest", "file") / "file", []),
+     ["is a file", "new folder"]),
+    ("workdir-under-a-file", lambda hf, t: (hf, _fake_workdir(t / "dest", "file") / "file/w", []),
+     ["is a file, not a folder", "choose another path"]),
+    pytest.param("workdir-read-only", lambda hf, t: (hf, t / "dest/ro/w", []),
+                 ["not writable", "permissions"], marks=ROOT_CAN_WRITE),
+    ("bad-dtype", lambda hf, t: (hf, t / "dest/w", ["--dtype=float16"]),
+     ["float16", "--help"]),
+    ("empty-hf", lambda hf, t: ("", t / "dest/w", []), ["--hf is empty", "give a path"]),
+]
+IMPORT_DEFAULT = {"truncated-safetensors", "workdir-a-training-run", "workdir-a-file"}
+
+
+def _rows(rows, default):
+    """pytest params of `rows`, slow unless named in `default`."""
+    out = []
+    for row in rows:
+        marks = list(row.marks) if hasattr(row, "marks") else []
+        values = row.values if hasattr(row, "values") else row
+        if values[0] not in default:
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(*values[1:], id=values[0], marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("setup,words", _rows(IMPORT_ROWS, IMPORT_DEFAULT))
+def test_import_refuses_bad_invocations_in_one_line(setup, words, hf_folder, trained_run,
+                                                    tmp_path, bad_invocation):
+    folder, _, _ = hf_folder
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    shutil.copytree(trained_run, dest / "run")
+    (dest / "ro").mkdir()
+    (dest / "ro").chmod(0o555)
+    hf, workdir, extra = setup(folder, tmp_path)
+    protect = [folder, dest] + ([hf] if str(hf) and pathlib.Path(hf).exists() else [])
+    absent = [] if pathlib.Path(workdir).exists() else [workdir]
+    try:
+        bad_invocation([sys.executable, TOOL, "import", f"--hf={hf}", f"--workdir={workdir}",
+                        *extra], *words, protect=protect, absent=absent)
+    finally:
+        (dest / "ro").chmod(0o755)  # So that pytest can remove it.
+
+
+# (id, setup(run, tmp) → argv after the tool, words of the error line). `run` is a copy of a
+# finished run (checkpoints 2 and 4); outputs go under tmp/dest, which is protected.
+EXPORT_ROWS = [
+    ("workdir-missing", lambda run, t: ["export", f"--workdir={t / 'nope'}",
+                                        f"--out={t / 'dest/o'}"], ["nope", "no such folder"]),
+    ("workdir-not-a-run", lambda run, t: [
+        "export", f"--workdir={_fake_workdir(t / 'notes', 'notes.txt')}", f"--out={t / 'dest/o'}"],
+     ["not a gpt_jax workdir", "give a training run's"]),
+    ("workdir-an-hf-folder", lambda run, t: [
+        "export", f"--workdir={_fake_workdir(t / 'hf', 'config.json')}", f"--out={t / 'dest/o'}"],
+     ["is a hugging face folder", "import reads hf folders"]),
+    ("run-without-checkpoints", lambda run, t: [
+        "export", f"--workdir={_removed(run / 'checkpoints').parent}", f"--out={t / 'dest/o'}"],
+     ["no checkpoints/ folder", "export once it has"]),
+    ("run-with-empty-checkpoints", lambda run, t: [
+        "export", f"--workdir={_emptied(run / 'checkpoints').parent}", f"--out={t / 'dest/o'}"],
+     ["holds no checkpoint yet", "export once it has"]),
+    ("step-missing", lambda run, t: ["export", f"--workdir={run}", f"--out={t / 'dest/o'}",
+                                     "--checkpoint=99"], ["step 99", "[2, 4]"]),
+    ("step-not-a-number", lambda run, t: ["export", f"--workdir={run}", f"--out={t / 'dest/o'}",
+                                          "--checkpoint=abc"], ["'abc'", "newest, best", "--help"]),
+    ("out-is-the-workdir", lambda run, t: ["export", f"--workdir={run}", f"--out={run}"],
+     ["run's own workdir", "folder outside it"]),
+    ("out-in-its-checkpoints", lambda run, t: ["export", f"--workdir={run}",
+                                               f"--out={run / 'checkpoints'}"],
+     ["inside the run's checkpoints/", "folder outside it"]),
+    ("out-holds-the-workdir", lambda run, t: ["export", f"--workdir={run}", f"--out={t}"],
+     ["holds the run's workdir", "folder outside it"]),
+    ("out-another-workdir", lambda run, t: [
+        "export", f"--workdir={run}",
+        f"--out={_fake_workdir(t / 'dest/other', 'config.json', 'checkpoints/', 'metrics.jsonl')}"],
+     ["a gpt_jax workdir (checkpoints, metrics.jsonl)", "new or empty folder"]),
+    ("out-other-files", lambda run, t: [
+        "export", f"--workdir={run}", f"--out={_fake_workdir(t / 'dest/notes', 'notes.txt')}"],
+     ["not a hugging face export", "notes.txt", "new or empty folder"]),
+    ("out-a-file", lambda run, t: ["export", f"--workdir={run}",
+                                   f"--out={_fake_workdir(t / 'dest/f', 'file') / 'file'}"],
+     ["is a file", "new folder"]),
+    pytest.param("out-read-only", lambda run, t: ["export", f"--workdir={run}",
+                                                  f"--out={t / 'dest/ro/o'}"],
+                 ["not writable", "permissions"], marks=ROOT_CAN_WRITE),
+    ("no-subcommand", lambda run, t: [], ["required", "{import,export}", "--help"]),
+    ("unknown-flag", lambda run, t: ["export", f"--workdir={run}", f"--out={t / 'dest/o'}",
+                                     "--bogus"], ["unrecognized arguments: --bogus", "--help"]),
+    ("missing-flag", lambda run, t: ["export", f"--workdir={run}"],
+     ["required: --out", "--help"]),
+]
+EXPORT_DEFAULT = {"out-is-the-workdir", "out-other-files", "step-not-a-number", "no-subcommand",
+                  "workdir-not-a-run"}
+
+
+@pytest.mark.parametrize("setup,words", _rows(EXPORT_ROWS, EXPORT_DEFAULT))
+def test_export_refuses_bad_invocations_in_one_line(setup, words, trained_run, tmp_path,
+                                                    bad_invocation):
+    run, dest = tmp_path / "run", tmp_path / "dest"
+    shutil.copytree(trained_run, run)
+    dest.mkdir()
+    (dest / "ro").mkdir()
+    (dest / "ro").chmod(0o555)
+    argv = setup(run, tmp_path)
+    try:
+        bad_invocation([sys.executable, TOOL, *argv], *words, protect=[run, dest],
+                       absent=[dest / "o"])
+    finally:
+        (dest / "ro").chmod(0o755)
+
+
+def test_a_failed_conversion_leaves_nothing_half_written(hf_folder, trained_run, tmp_path,
+                                                         monkeypatch, capsys):
+    """A conversion that fails while writing (here: the disk fills up after the weights) leaves
+    no workdir, no temporary folder, and an earlier export as it was; run again, it succeeds."""
+    folder, _, _ = hf_folder
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    full = OSError(errno.ENOSPC, "No space left on device", str(dest / "x"))
+    save_params = weights.save_params
+
+    def save_then_fill_up(*args):
+        save_params(*args)
+        raise full
+
+    monkeypatch.setattr(weights, "save_params", save_then_fill_up)
+    with pytest.raises(SystemExit, match="1"):
+        convert_hf.main(["import", f"--hf={folder}", f"--workdir={dest / 'w' / 'deep'}"])
+    assert "disk is full" in capsys.readouterr().err
+    assert list(dest.iterdir()) == []  # Neither w/deep, nor w (made for it), nor a temporary.
+    monkeypatch.undo()
+
+    out = dest / "hf"
+    assert convert_hf.main(["export", f"--workdir={trained_run}", f"--out={out}",
+                            "--checkpoint=2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(convert_hf, "_copy_tokenizers", lambda *args: (_ for _ in ()).throw(full))
+    with pytest.raises(SystemExit, match="1"):
+        convert_hf.main(["export", f"--workdir={trained_run}", f"--out={out}"])
+    assert "disk is full" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in dest.iterdir()] == ["hf"]
+    monkeypatch.undo()
+    assert convert_hf.main(["export", f"--workdir={trained_run}", f"--out={out}"]) == 0  # Step 4.
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+@pytest.mark.slow  # A training start (~12 s: it compiles before it reads the weights).
+def test_init_from_a_truncated_hf_folder_is_one_line(hf_folder, tiny_config, train_command,
+                                                     tmp_path, bad_invocation):
+    """checkpoint.init_from=hf:DIR reads through the same function as import: a truncated
+    model.safetensors ends the run with one line, not the reader's traceback."""
+    folder, _, _ = hf_folder
+    bad = _hf_variant(folder, tmp_path / "bad", write={
+        "model.safetensors": _truncated(folder / "model.safetensors")})
+    config = tiny_config(**{
+        "model.num_layers": 2,
+        "model.vocab_size": json.loads((folder / "config.json").read_text())["vocab_size"],
+        "model.vocab_multiple": 1, "model.bias": True, "model.activation": "gelu_tanh",
+        "data.seq_len": 16, "train.num_steps": 2, "train.batch_size": 4, "optim.warmup_steps": 1,
+        "optim.decay_steps": 10, "log.tensorboard": False, "sample.num_samples": 0,
+        "checkpoint.init_from": f"hf:{bad}"})
+    bad_invocation(train_command(tmp_path / "run", config), "checkpoint.init_from=hf:",
+                   "model.safetensors is not a complete safetensors file",
+                   "download or export it again", protect=[bad],
+                   cwd=pathlib.Path(__file__).resolve().parent.parent)

@@ -1,8 +1,11 @@
-"""MFU's FLOP count against a hand count, peak lookup, and the JSONL/TensorBoard writer."""
+"""MFU's FLOP count against a hand count, peak lookup, the JSONL/TensorBoard writer (read back
+with TensorBoard's own EventAccumulator), and the train lines."""
 
+import io
 import json
 import math
 import platform
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ import pytest
 from configs import base
 from gpt_jax.models import gpt, registry
 from gpt_jax.training import allocator
-from gpt_jax.training.metrics import MetricsWriter, peak_flops_per_device
+from gpt_jax.training.metrics import MetricsWriter, TrainLogger, peak_flops_per_device, show_bar
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -46,17 +49,126 @@ def test_peak_flops_lookup():
     assert peak_flops_per_device(Device("cpu"), 1e12) == 1e12
 
 
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} as TensorBoard shows them (restart markers applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_writer_jsonl_and_tensorboard(tmp_path):
-    w = MetricsWriter(tmp_path, tensorboard=True)
+    started = time.time() - 5.0
+    w = MetricsWriter(tmp_path, tensorboard=True, tokens_per_step=64, started=started)
     w.write(1, {"train/loss": jnp.float32(2.5), "mfu": None, "lr": 1e-3})
     w.write(2, {"train/loss": float("nan")})
     w.close()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0] == {"step": 1, "train/loss": 2.5, "mfu": None, "lr": 1e-3}
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert {k: v for k, v in rows[0].items() if k != "time"} == {
+        "step": 1, "train/loss": 2.5, "mfu": None, "lr": 1e-3, "tokens": 64}
+    assert 5.0 <= rows[0]["time"] <= rows[1]["time"] < 60 and rows[1]["tokens"] == 128
     assert rows[1]["train/loss"] == "nan" and not math.isnan(rows[0]["train/loss"])
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    tb = tensorboard_scalars(tmp_path / "tb")
+    assert tb["train/loss"] == [(1, 2.5)] and tb["tokens"] == [(1, 64.0), (2, 128.0)]
+
+
+def test_tensorboard_has_every_row_before_close(tmp_path):
+    """A row is in the event file when write() returns (tensorboardX's SummaryWriter held rows
+    for up to 120 s in a queue, lost on a hard kill)."""
+    w = MetricsWriter(tmp_path, tensorboard=True, tokens_per_step=1)
+    for step in range(1, 6):
+        w.write(step, {"train/loss": 1.0 / step})
+    tb = tensorboard_scalars(tmp_path / "tb")  # Not closed: what a kill -9 leaves.
+    assert [s for s, _ in tb["train/loss"]] == [1, 2, 3, 4, 5]
+    w.close()
+
+
+def test_a_resume_rolls_back_both_files_and_continues_the_clock(tmp_path):
+    first = MetricsWriter(tmp_path, tensorboard=True, tokens_per_step=10, started=time.time() - 100)
+    for step in range(1, 11):
+        first.write(step, {"train/loss": float(step)})
+    first.close()  # Killed after step 10; the newest checkpoint is step 6.
+    kept_time = read_rows(tmp_path / "metrics.jsonl")[5]["time"]
+    resumed = MetricsWriter(tmp_path, tensorboard=True, resume_after=6, tokens_per_step=10)
+    for step in (7, 8):
+        resumed.write(step, {"train/loss": -float(step)})
+    resumed.close()
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["step"] for r in read_rows(tmp_path / "metrics.rolledback.jsonl")] == [7, 8, 9, 10]
+    assert kept_time >= 100 and kept_time <= rows[6]["time"] < kept_time + 60
+    assert rows[7]["tokens"] == 80
+    tb = tensorboard_scalars(tmp_path / "tb")["train/loss"]
+    assert tb == [(s, float(s)) for s in range(1, 7)] + [(7, -7.0), (8, -8.0)]
+
+
+def test_the_bar_only_on_a_terminal_of_process_0(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # Not a terminal.
+    assert not show_bar("auto", True) and show_bar("bar", True) and not show_bar("lines", True)
+    assert not show_bar("bar", False)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    assert show_bar("auto", True) and not show_bar("auto", False)
+
+
+def test_train_lines_without_a_bar(tmp_path, capsys):
+    import tqdm
+
+    writer = MetricsWriter(tmp_path, tensorboard=False, tokens_per_step=100)
+    bar = tqdm.tqdm(total=100, disable=True)
+    logger = TrainLogger(writer, bar, 100, 1e6, 1e9, num_steps=100, lines=True)
+    logger.queue(1, {"train/loss": jnp.float32(3.25), "lr": jnp.float32(1e-3)})
+    logger.restart_clock(1)
+    logger.queue(11, {"train/loss": jnp.float32(2.5), "lr": jnp.float32(2e-3)})
+    logger.flush()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 1/100: loss 3.2500, lr 1.000e-03, n/a tokens/s, mfu n/a")
+    assert out[1].startswith("step 11/100: loss 2.5000, lr 2.000e-03,") and "tokens/s, mfu " in out[1]
+    assert "elapsed 0:00:0" in out[1] and "eta " in out[1] and "eta n/a" not in out[1]
+    writer.close()
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_malloc_tuning_applies_on_glibc():
     assert allocator.tune_glibc_malloc() is True
+
+
+@pytest.mark.slow
+def test_a_killed_run_keeps_every_logged_row_in_tensorboard(tiny_config, train_command, tmp_path):
+    """kill -9 right after a logged step: TensorBoard has every row metrics.jsonl has; the run
+    redirected to a file logs plain lines (no carriage returns of a bar)."""
+    import os
+    import signal
+    import subprocess
+
+    c = tiny_config(**{"train.num_steps": 5000, "log.every": 5, "log.progress": "auto",
+                       "log.tensorboard": True, "checkpoint.every": 5000})
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(train_command(tmp_path / "run", c), stdout=out, stderr=out)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum('"train/loss"' in x for x in metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rows = [r for r in read_rows(metrics) if "train/loss" in r or "val/loss" in r]
+    assert len(rows) >= 4
+    tb = tensorboard_scalars(tmp_path / "run" / "tb")
+    for r in rows:
+        key = "train/loss" if "train/loss" in r else "val/loss"
+        assert (r["step"], pytest.approx(r[key])) in tb[key]
+    text = log.read_text()
+    assert "\r" not in text
+    assert "step 5/5000: loss " in text and "tokens/s" in text and "eta" in text

@@ -88,7 +88,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(corpus, tmp
              "--config.data.tokenizer=char", "--config.data.seq_len=16", "--config.model.num_layers=2",
              "--config.model.num_heads=2", "--config.model.d_model=32", "--config.train.batch_size=8",
              "--config.train.eval_every=3", "--config.train.eval_batches=2", "--config.log.every=1",
-             "--config.log.progress=false", "--config.checkpoint.every=3", "--config.optim.warmup_steps=1",
+             "--config.log.progress=lines", "--config.checkpoint.every=3", "--config.optim.warmup_steps=1",
              "--config.optim.decay_steps=9", "--config.mesh.fsdp=-1", "--config.sample.num_samples=1",
              "--config.sample.max_new_tokens=8"]
     launch = [sys.executable, str(REPO / "tools" / "launch_local.py"), "--num_processes=2",

@@ -191,3 +191,18 @@ def test_per_device_bytes_and_replicated_host_arrays():
     b = sharding.put_replicated_host(np.zeros((7,), np.int32), replicated)
     assert a.sharding == replicated and np.asarray(a).sum() == 15
     assert sharding.per_device_bytes({"a": a, "b": b}) == 3 * 5 * 4 + 7 * 4
+
+
+def test_a_cpu_fallback_on_an_accelerator_machine_is_a_warning(tmp_path, monkeypatch):
+    from gpt_jax.parallel import mesh as mesh_lib
+
+    driver = tmp_path / "nvidia0"
+    drivers = [("an NVIDIA GPU", (str(tmp_path / "nvidia[0-9]*"),), "cuda13")]
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert mesh_lib.unused_accelerator(drivers) is None  # No driver: nothing to say.
+    driver.touch()
+    warning = mesh_lib.unused_accelerator(drivers)
+    assert "NVIDIA GPU" in warning and str(driver) in warning
+    assert f"jax[cuda13]=={jax.__version__}" in warning and "JAX_PLATFORMS=cpu" in warning
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # On purpose.
+    assert mesh_lib.unused_accelerator(drivers) is None

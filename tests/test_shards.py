@@ -83,25 +83,57 @@ def test_split_ranges(num_train, train, val):
     assert (as_tuples("train"), as_tuples("val")) == (train, val)
 
 
-def test_verify_names_the_corrupted_shard(tmp_path):
-    _write_folder(tmp_path / "p")
-    shard = tmp_path / "p" / shards.shard_name(1)
-    data = bytearray(shard.read_bytes())
+def _flip_a_byte(path: pathlib.Path) -> None:
+    data = bytearray(path.read_bytes())
     data[3] ^= 0xFF  # Same size: only the checksum can tell.
-    shard.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
+
+
+def test_verify_names_the_corrupted_shard(tmp_path):
+    meta = _write_folder(tmp_path / "p")
+    assert shards.verify(tmp_path / "p") == meta
+    _flip_a_byte(tmp_path / "p" / shards.shard_name(1))
     shards.open_shards(tmp_path / "p")  # The cheap size check passes...
-    with pytest.raises(ValueError, match=r"tokens_00001\.bin .*does not match its sha256") as e:
+    with pytest.raises(ValueError, match=r"tokens_00001\.bin does not match its sha256 in "
+                       r"meta\.json.*; delete .*p and prepare the data again, or prepare it "
+                       "into a new --out") as e:
         shards.verify(tmp_path / "p")  # ...the checksums do not.
     assert "\n" not in str(e.value)
 
 
-def test_verify_and_open_refuse_a_missing_shard(tmp_path):
+def test_verify_names_a_changed_tokenizer(tmp_path):
     _write_folder(tmp_path / "p")
-    (tmp_path / "p" / shards.shard_name(2)).unlink()
-    with pytest.raises(ValueError, match=r"tokens_00002\.bin is missing"):
+    tokenizers.save_tokenizer(tokenizers.CharTokenizer("ab"), tmp_path / "p" / shards.TOKENIZER)
+    with pytest.raises(ValueError, match=r"tokenizer\.json does not match its sha256"):
         shards.verify(tmp_path / "p")
-    with pytest.raises(ValueError, match="missing or truncated shards"):
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    (lambda path: path.unlink(), r"tokens_00002\.bin is missing"),
+    (lambda path: path.write_bytes(b"\0"), r"tokens_00002\.bin is truncated: 1 bytes where "
+                                           r"meta\.json lists 1 uint16 tokens \(2 bytes\)"),
+    (lambda path: path.write_bytes(b"\0" * 6), r"tokens_00002\.bin is longer than meta\.json "
+                                               "says: 6 bytes"),
+])
+def test_verify_and_open_name_a_missing_or_truncated_shard(tmp_path, damage, words):
+    _write_folder(tmp_path / "p")
+    damage(tmp_path / "p" / shards.shard_name(2))
+    with pytest.raises(ValueError, match=words) as e:
+        shards.verify(tmp_path / "p")
+    assert "\n" not in str(e.value)
+    # Opening checks sizes (a memmap of a short file would fault on reading): the same shard.
+    with pytest.raises(ValueError, match=f"is damaged: .*{words}.*run the prepare command that "
+                       "made it again") as e:
         shards.open_shards(tmp_path / "p")
+    assert "\n" not in str(e.value)
+
+
+def test_verify_of_what_is_not_a_complete_prepared_folder(tmp_path):
+    with pytest.raises(ValueError, match="not a prepared data folder.*prepare the data first"):
+        shards.verify(tmp_path / "missing")
+    (tmp_path / shards.PROGRESS).write_text("{}")
+    with pytest.raises(ValueError, match="interrupted prepare.*run its prepare command again"):
+        shards.verify(tmp_path)
 
 
 def test_read_meta_of_what_is_not_a_prepared_folder(tmp_path):

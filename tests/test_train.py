@@ -3,8 +3,11 @@ determinism, prepared folders."""
 
 import json
 import math
+import os
+import pathlib
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from gpt_jax.data import prepare_stream, tokenizers
 from gpt_jax.models import registry
 from gpt_jax.parallel import sharding
 from gpt_jax.training import build, checkpoint, loop, resume
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +174,7 @@ def test_prepared_folder_run_shape(prepared, tmp_path, metrics_rows):
     c = shakespeare_char.get_config("cpu")
     c.data.prepared = str(prepared)
     c.model.num_layers = 2
-    c.train.num_steps, c.log.progress, c.sample.num_samples = 3, False, 0
+    c.train.num_steps, c.log.progress, c.sample.num_samples = 3, "lines", 0
     meta = json.loads((prepared / "meta.json").read_text())
     assert len(meta["shards"]) > 2
     out = loop.run(c, tmp_path / "w")
@@ -203,7 +208,7 @@ def test_openwebtext_pipeline_on_a_local_sample(prepared, tmp_path, metrics_rows
         c.train.num_steps, c.train.eval_every, c.train.eval_batches = num_steps, 2, 1
         c.train.final_eval = "batches"
         c.optim.warmup_steps, c.optim.decay_steps = 2, 10
-        c.checkpoint.every, c.log.every, c.log.progress = 2, 1, False
+        c.checkpoint.every, c.log.every, c.log.progress = 2, 1, "lines"
         c.sample.num_samples = 0
         return c
 
@@ -244,3 +249,192 @@ def test_in_process_bpe_takes_data_vocab_size(tiny_config):
     data = build.load_data(tiny_config(**{"data.tokenizer": "bpe", "data.vocab_size": 300}))
     assert data.tokenizer.name == "bpe" and data.tokenizer.vocab_size == 300
     assert data.weights is None and len(data.val_tokens()) > 0
+
+
+# --- Bad invocations of `python -m gpt_jax.train`: one `error:` line, nothing written. ---
+
+ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+
+
+@pytest.fixture
+def scratch(tmp_path, corpus):
+    """tmp_path with what the bad invocations below point at: broken config files, a file where a
+    folder goes, workdirs holding a file of the wrong kind, and `corpus.txt`."""
+    files = {"syntax.py": "def get_config(:\n", "raises.py": "def get_config():\n    return 1 / 0\n",
+             "noget.py": "x = 1\n", "none.py": "def get_config():\n    return None\n",
+             "afile": "not a folder\n", "dirs/config.json/keep": "", "ckfile/checkpoints": "",
+             "readonly/keep": "", "unreadable/config.json": "{}\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    yield tmp_path
+    (tmp_path / "readonly").chmod(0o755)  # So that pytest can remove them.
+    (tmp_path / "unreadable" / "config.json").chmod(0o644)
+
+
+def _train(*args):
+    return lambda tmp: [sys.executable, "-m", "gpt_jax.train",
+                        *(str(a).format(tmp=tmp) for a in args)]
+
+
+def _chmod(name, mode):
+    def make(tmp):
+        (tmp / name).chmod(mode)
+        return _train(f"--workdir={tmp}/{name.split('/')[0]}")(tmp)
+    return make
+
+
+_W = "--workdir={tmp}/w"  # A workdir that must not be made.
+_DATA = ("--config.data.path={tmp}/corpus.txt", "--config.data.cache_dir={tmp}/cache",
+         "--config.data.tokenizer=char")
+# id, argv(tmp), words the error line must hold, paths (under tmp) that must keep their bytes,
+# paths that must not exist afterwards. Each row is a subprocess that stops before jax is
+# imported (~0.3 s) unless it says otherwise.
+TRAIN_ROWS = [
+    pytest.param(_train("--config={tmp}/syntax.py", _W),
+                 ("syntax.py", "SyntaxError", "line 1", "fix the config file"), (), ("w",),
+                 id="config-syntax-error"),
+    pytest.param(_train("--config={tmp}/raises.py", _W),
+                 ("raises.py", "ZeroDivisionError", "line 2", "fix the config file"), (), ("w",),
+                 id="config-raises"),
+    pytest.param(_train("--config=configs/nope.py", _W),
+                 ("--config=configs/nope.py", "no such file", "configs/quickstart.py"), (), ("w",),
+                 id="config-missing"),
+    pytest.param(_train("--config=configs/nope.py", "--config.model.num_layers=2", _W),
+                 ("--config=configs/nope.py", "no such file"), (), ("w",),
+                 id="config-missing-with-override"),
+    pytest.param(_train("--config={tmp}", _W), ("is a folder, not a .py file",), (), ("w",),
+                 id="config-is-a-folder"),
+    pytest.param(_train("--config={tmp}/noget.py", _W), ("defines no get_config()",), (), ("w",),
+                 id="config-without-get_config"),
+    pytest.param(_train("--config={tmp}/none.py", _W),
+                 ("returned NoneType", "return configs/base.py's get_config()"), (), ("w",),
+                 id="config-returns-none"),
+    pytest.param(_train("--config=configs/shakespeare_char.py:nope", _W),
+                 ("unknown variant 'nope'", "use one of"), (), ("w",), id="config-unknown-variant"),
+    pytest.param(_train("--config=configs/base.py:x", _W), ("has no variants", "drop ':x'"), (),
+                 ("w",), id="config-variant-of-a-file-without"),
+    pytest.param(_train("--config.model=3", _W),
+                 ("config group 'model' is not a field", "--config.model.", "num_layers"), (), ("w",),
+                 id="override-names-a-group"),
+    pytest.param(_train("--config.train.num_steps=ten", _W),
+                 ("--config.train.num_steps=ten", "--helpshort"), (), ("w",), id="override-wrong-type"),
+    pytest.param(_train("--bogus=1", _W), ("unknown command line flag 'bogus'", "--helpshort"), (),
+                 ("w",), id="unknown-flag"),
+    pytest.param(_train("--workdir"), ("--workdir", "--helpshort"), (), (), id="flag-without-value"),
+    pytest.param(_train(_W, "extra"), ("unexpected arguments 'extra'", "--config.GROUP.FIELD=VALUE"),
+                 (), ("w",), id="stray-argument"),
+    pytest.param(_train("--workdir="), ("--workdir is empty", "runs/quickstart"), (), (),
+                 id="workdir-empty"),
+    pytest.param(_train("--workdir={tmp}/afile"), ("afile is a file", "choose another --workdir"),
+                 ("afile",), (), id="workdir-is-a-file"),
+    pytest.param(_train("--workdir={tmp}/afile/run"), ("afile is a file", "choose another --workdir"),
+                 ("afile",), (), id="workdir-under-a-file"),
+    pytest.param(_train("--workdir={tmp}/dirs"), ("config.json, a folder", "move it away"),
+                 ("dirs",), (), id="workdir-config-json-is-a-folder"),
+    pytest.param(_train("--workdir={tmp}/ckfile"), ("checkpoints, a file", "move it away"),
+                 ("ckfile",), (), id="workdir-checkpoints-is-a-file"),
+    pytest.param(_chmod("readonly", 0o555), ("readonly is not writable", "choose a --workdir"),
+                 ("readonly",), (), id="workdir-read-only",
+                 marks=pytest.mark.skipif(ROOT, reason="root writes a chmod 555 folder")),
+    pytest.param(_chmod("unreadable/config.json", 0), ("cannot read and write", "config.json"),
+                 ("unreadable",), (), id="workdir-config-json-unreadable",
+                 marks=pytest.mark.skipif(ROOT, reason="root reads a chmod 000 file")),
+    pytest.param(_train(_W, "--config.model.num_heads=5"), ("num_heads=5", "does not divide"), (),
+                 ("w",), id="bad-value"),
+    # Loads the data (jax imported, ~3 s): refused after the workdir was made, which is removed.
+    pytest.param(_train("--workdir={tmp}/new/run", *_DATA, "--config.model.vocab_size=3"),
+                 ("model.vocab_size=3 is smaller", "raise it"), (), ("new",),
+                 id="late-refusal-leaves-no-workdir"),
+]
+
+
+@pytest.mark.parametrize("argv, words, protect, absent", TRAIN_ROWS)
+def test_bad_invocations_are_refused_in_one_line(argv, words, protect, absent, scratch,
+                                                 bad_invocation):
+    """Every bad invocation: exit ≠ 0, one `error:` line naming the problem and the fix, no
+    traceback, nothing it found changed and no workdir made."""
+    bad_invocation(argv(scratch), *words, protect=[scratch / p for p in protect],
+                   absent=[scratch / p for p in absent], cwd=REPO)
+
+
+@pytest.mark.slow
+def test_a_resume_rewrites_a_garbage_config_json_and_sets_garbage_metrics_aside(
+        trained_run, tmp_path, cli_flags, metrics_rows):
+    """Only the run writes config.json (never reads it) and a metrics line that does not parse is
+    one a kill cut: neither stops a resume."""
+    from gpt_jax.config import from_json
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run, workdir)
+    config = from_json((trained_run / "config.json").read_text())
+    (workdir / "config.json").write_text("{garbage")
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('garbage\n{"step": 3')
+    r = subprocess.run([sys.executable, "-m", "gpt_jax.train", f"--workdir={workdir}",
+                        *cli_flags(config), "--config.train.num_steps=6"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert from_json((workdir / "config.json").read_text()).train.num_steps == 6
+    assert [m["step"] for m in metrics_rows(workdir) if "train/loss" in m][-1] == 6
+    assert "garbage" in (workdir / "metrics.rolledback.jsonl").read_text()
+
+
+def test_a_failed_process_of_a_joined_run_exits_without_the_shutdown_barrier(monkeypatch):
+    """jax.distributed's exit barrier waits for peers that wait for this process in a collective:
+    a failing process of a multi-process run leaves with os._exit; a preempted one (every process
+    stops together) and a single-process run leave normally."""
+    import jax
+
+    from gpt_jax import train
+    from gpt_jax.training.preemption import Preempted
+
+    class ExitCalledError(Exception):
+        pass
+
+    def exit_now(status):
+        raise ExitCalledError(status)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    for raised, status in ((SystemExit(1), 1), (RuntimeError("a bug"), 1)):
+        with pytest.raises(ExitCalledError) as e, train._exit_at_once_if_joined():
+            raise raised
+        assert e.value.args == (status,)
+    with pytest.raises(Preempted), train._exit_at_once_if_joined():
+        raise Preempted(15, 3, REPO)
+    with pytest.raises(SystemExit), train._exit_at_once_if_joined():
+        raise SystemExit(0)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    with pytest.raises(SystemExit), train._exit_at_once_if_joined():
+        raise SystemExit(1)
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """What a read-only file system or another user's folder looks like to the checks (os.access
+    says no, even to root): one line naming the folder or file, for --workdir and the tools'
+    outputs. Writable ones pass."""
+    from gpt_jax import cli, train
+
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open" / "plan.json").write_text("{}")
+    denied = {tmp_path / "locked", tmp_path / "open" / "plan.json"}
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: pathlib.Path(p) not in denied and real(p, mode))
+    cases = [
+        (lambda: train.check_workdir(tmp_path / "locked" / "run"), "locked is not writable"),
+        (lambda: cli.check_output(tmp_path / "locked", "--out", folder=True),
+         "--out=" + str(tmp_path / "locked")),
+        (lambda: cli.check_output(tmp_path / "open" / "plan.json", "--json", folder=False),
+         "plan.json is not writable"),
+    ]
+    for check, words in cases:
+        with pytest.raises(SystemExit):
+            check()
+        line = capsys.readouterr().err
+        assert line.startswith("error:") and words in line and "choose" in line, line
+    train.check_workdir(tmp_path / "open" / "new" / "run")
+    cli.check_output(tmp_path / "open" / "new.json", "--json", folder=False)
+    cli.check_output(tmp_path / "open" / "a" / "b", "--out", folder=True)
+    assert capsys.readouterr().err == "" and not (tmp_path / "open" / "new").exists()

@@ -93,6 +93,32 @@ def test_missing_and_old_format_folders_are_one_line_errors(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_verify_checks_every_shard_before_training_opens_it(tmp_path, caplog):
+    """data.verify_shards: open_folders(verify=True) compares each shard with its sha256."""
+    a = _cli_folder(tmp_path, "a", _TEXT, shard_tokens=200, chunk_bytes=128)
+    b = _cli_folder(tmp_path, "b", _TEXT[:300])
+    with caplog.at_level("INFO", logger="absl"):
+        training_data.open_folders([str(a), str(b)], None, verify=True)
+    assert caplog.text.count("match their sha256") == 2
+    shard = a / shards.read_meta(a)["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0xFF  # The same size: only the checksum tells.
+    shard.write_bytes(bytes(data))
+    training_data.open_folders([str(a)], None)  # Unverified: opened, sizes being right.
+    with pytest.raises(ValueError, match=f"{shard.name} does not match its sha256") as e:
+        training_data.open_folders([str(b), str(a)], None, verify=True)
+    assert "\n" not in str(e.value)
+
+
+def test_a_truncated_shard_is_one_line_naming_it(tmp_path):
+    folder = _cli_folder(tmp_path, "a", _TEXT, shard_tokens=200, chunk_bytes=128)
+    shard = folder / shards.read_meta(folder)["shards"][-1]["file"]
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=f"{shard.name} is truncated") as e:
+        training_data.open_folders([str(folder)], None)
+    assert "\n" not in str(e.value)
+
+
 def test_prepared_vocab_size(tmp_path):
     char = _cli_folder(tmp_path, "char", _TEXT, tokenizer="char")
     assert training_data.prepared_vocab_size(str(char)) == len(set(_TEXT))

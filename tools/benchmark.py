@@ -37,6 +37,8 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from gpt_jax import cli, train  # noqa: E402 — after the path.
+
 # name: (config file, variant, overrides). Overrides fix the vocabulary (no data is prepared)
 # and make GPT-2 runs fit one accelerator.
 PRESETS = {
@@ -48,35 +50,39 @@ PRESETS = {
                                   "model.scan_layers": True, "model.remat": "full"}),
 }
 
+COMMAND = "python tools/benchmark.py"
 flags.DEFINE_enum("preset", "quickstart", list(PRESETS), "What to benchmark.")
 flags.DEFINE_integer("steps", 30, "Timed steps after warm-up.", lower_bound=20)
 flags.DEFINE_integer("warmup", 3, "Untimed steps after the compile.", lower_bound=1)
 flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step.")
-flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU; 0: the table's.")
-flags.DEFINE_integer("decode_tokens", 500, "Tokens to sample for the decode figures (0: skip).")
+flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU; 0: the table's.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("decode_tokens", 500, "Tokens to sample for the decode figures (0: skip).",
+                     lower_bound=0)
 flags.DEFINE_string("out", "runs/benchmarks", "Folder for the JSON and markdown results.")
 flags.DEFINE_multi_string("set", [], "Extra override GROUP.FIELD=VALUE (Python literal or text).")
 FLAGS = flags.FLAGS
 
 
 def preset_config(name: str, extra: list[str]):
-    """The preset's config with its overrides, then `extra` ones ('model.dtype=bfloat16')."""
+    """The preset's config with its overrides, then `extra` ones ('model.dtype=bfloat16'); a
+    ConfigError for one that names no field (a group, a typo) or gives a value of another type."""
     import ast
     import contextlib
     import importlib
 
     from gpt_jax.config import ConfigError
-    from gpt_jax.train import unknown_config_key
 
     file, variant, overrides = PRESETS[name]
     module = importlib.import_module(f"configs.{file.removesuffix('.py')}")
     config = module.get_config(variant) if variant else module.get_config()
     for e in extra:  # A typo would otherwise add a field that nothing reads.
         key = e.split("=", 1)[0]
-        problem = "give GROUP.FIELD=VALUE" if "=" not in e else unknown_config_key(key)
+        problem = ("give GROUP.FIELD=VALUE, e.g. --set=model.num_layers=2" if "=" not in e
+                   else train.unknown_config_key(key, flag="--set="))
         if problem:
             raise ConfigError(f"--set={e}: {problem}")
-    for key, value in list(overrides.items()) + [e.split("=", 1) for e in extra]:
+    for key, value in [*overrides.items(), *(e.split("=", 1) for e in extra)]:
         *groups, field = key.split(".")  # GROUP.FIELD, or deeper (mesh.rules.embed).
         if isinstance(value, str):
             with contextlib.suppress(ValueError, SyntaxError):  # Else text, e.g. bfloat16.
@@ -84,7 +90,13 @@ def preset_config(name: str, extra: list[str]):
         node = config
         for group in groups:
             node = node[group]
-        node[field] = value
+        try:
+            node[field] = value
+        except (TypeError, ValueError) as err:  # ml_collections keeps each field's type.
+            was = node[field]
+            raise ConfigError(
+                f"--set={key}={value}: {key} takes a value of type {type(was).__name__}, not "
+                f"{value!r}; give one, e.g. --set={key}={was!r}") from err
     return config
 
 
@@ -220,25 +232,23 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from gpt_jax.config import ConfigError
-
-    try:
+        cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a flag "
+                 f"(--preset=…, --set=GROUP.FIELD=VALUE); see {COMMAND} --helpshort.")
+    out = pathlib.Path(FLAGS.out)
+    cli.check_output(out, "--out", folder=True)  # Refused now, not after the benchmark.
+    with cli.errors_as_one_line():
         config = preset_config(FLAGS.preset, FLAGS.set)
         r = benchmark(FLAGS.preset, config, FLAGS.steps, FLAGS.warmup, FLAGS.compile_only,
                       FLAGS.peak_flops, FLAGS.decode_tokens)
-    except (ConfigError, KeyError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    out = pathlib.Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{FLAGS.preset.replace(':', '_')}{'_compile' if FLAGS.compile_only else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     table = markdown(r)
-    (out / f"{stem}.md").write_text(table)
+    with cli.errors_as_one_line():
+        cli.write_atomically({out / f"{stem}.json": json.dumps(r, indent=2) + "\n",
+                                out / f"{stem}.md": table})
     print(json.dumps(r, indent=2))
     print(table, end="")
     print(f"written: {out / stem}.json, .md")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=train.flags_parser(COMMAND))

@@ -28,14 +28,18 @@ import tempfile
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("nanogpt", None, "A nanoGPT checkout with data/shakespeare_char prepared.",
-                    required=True)
+flags.DEFINE_string("nanogpt", None, "A nanoGPT checkout with data/shakespeare_char prepared.")
 flags.DEFINE_integer("rounds", 2, "Back-to-back rounds (nanoGPT, then ours).", lower_bound=1)
 flags.DEFINE_integer("steps", 2000, "Training steps of each run (the README's 2000; at least "
                      "200, past the recipe's 100 warmup steps).", lower_bound=200)
 flags.DEFINE_string("out", "runs/benchmarks", "Folder for the JSON and markdown results.")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gpt_jax import cli, train  # noqa: E402 — after the path.
+
+COMMAND = "python tools/compare_nanogpt.py"
 TOKENS_PER_STEP = 12 * 64  # Batch 12 × block 64 in both recipes.
 
 
@@ -52,7 +56,7 @@ def ours_command(steps: int, text: pathlib.Path, workdir: str) -> list[str]:
     return [sys.executable, "-m", "gpt_jax.train", "--config=configs/shakespeare_char.py:cpu",
             f"--workdir={workdir}", f"--config.data.path={text}",
             f"--config.train.num_steps={steps}", f"--config.optim.decay_steps={steps}",
-            "--config.log.progress=False", "--config.sample.num_samples=0"]
+            "--config.log.progress=lines", "--config.sample.num_samples=0"]
 
 
 def nanogpt_tokens_per_sec(log: str) -> float:
@@ -60,7 +64,8 @@ def nanogpt_tokens_per_sec(log: str) -> float:
     times_ms = [float(m.group(2)) for m in re.finditer(r"^iter (\d+): .*time ([\d.]+)ms", log, re.M)
                 if int(m.group(1)) >= 10]
     if not times_ms:
-        raise ValueError("no 'iter N: … time …ms' lines from iteration 10 on in nanoGPT's output")
+        raise ValueError("no 'iter N: … time …ms' lines from iteration 10 on in nanoGPT's output; "
+                         "give --nanogpt a checkout of karpathy/nanoGPT, whose train.py logs them")
     return TOKENS_PER_STEP / (statistics.median(times_ms) / 1e3)
 
 
@@ -73,23 +78,54 @@ def ours_tokens_per_sec(metrics_jsonl: pathlib.Path) -> float:
     return statistics.median(rates)
 
 
+class RunFailedError(ValueError):
+    """One of the two trainings failed; the message names it, its last line and what to do."""
+
+
 def run(cmd: list[str], cwd: pathlib.Path) -> str:
+    """Runs `cmd` in `cwd`; its output, or RunFailedError with its last line."""
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{' '.join(cmd[:3])} … failed ({p.returncode}): {tail[0]}")
+        raise RunFailedError(f"`{' '.join(cmd[:3])} …` in {cwd} failed (status {p.returncode}): "
+                        f"{cli.one_line(tail[0])}; run it there by hand to see its whole output.")
     return p.stdout + p.stderr
 
 
+def checkout_problem(nanogpt: pathlib.Path) -> str | None:
+    """What keeps `nanogpt` from being a nanoGPT checkout with data/shakespeare_char prepared, as
+    an error line's problem and fix; None if nothing does."""
+    data = nanogpt / "data" / "shakespeare_char"
+    if not nanogpt.exists():
+        return f"--nanogpt={nanogpt}: no such folder; give the folder of a nanoGPT checkout."
+    if not nanogpt.is_dir():
+        return f"--nanogpt={nanogpt} is a file; give the folder of a nanoGPT checkout."
+    if not (nanogpt / "train.py").is_file():
+        return (f"--nanogpt={nanogpt} is not a nanoGPT checkout (no train.py); give the folder "
+                "of `git clone https://github.com/karpathy/nanoGPT`.")
+    missing = [name for name in ("input.txt", "train.bin") if not (data / name).is_file()]
+    if missing:
+        return (f"--nanogpt={nanogpt}: data/shakespeare_char is not prepared (no "
+                f"{' and '.join(missing)}); run `python prepare.py` in {data} first (put "
+                "tinyshakespeare.txt there as input.txt where it cannot download).")
+    return None
+
+
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a flag "
+                 f"(--nanogpt=PATH, --steps=N, …); see {COMMAND} --helpshort.")
+    if not FLAGS.nanogpt:
+        cli.fail("--nanogpt is missing: give the folder of a nanoGPT checkout with "
+                 "data/shakespeare_char prepared, e.g. --nanogpt=~/nanoGPT.")
     nanogpt = pathlib.Path(FLAGS.nanogpt).expanduser().resolve()
+    if problem := checkout_problem(nanogpt):
+        cli.fail(problem)
+    out = pathlib.Path(FLAGS.out)
+    cli.check_output(out, "--out", folder=True)  # Refused now, not after the runs.
     text = nanogpt / "data/shakespeare_char/input.txt"
-    if not (nanogpt / "train.py").is_file() or not (nanogpt / "data/shakespeare_char/train.bin").is_file():
-        sys.exit(f"error: {nanogpt} is not a nanoGPT checkout with data/shakespeare_char prepared; "
-                 "run its data/shakespeare_char/prepare.py first.")
     rounds = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, cli.errors_as_one_line():
         for i in range(FLAGS.rounds):
             theirs = nanogpt_tokens_per_sec(
                 run(nanogpt_command(FLAGS.steps, f"{tmp}/nanogpt_{i}"), nanogpt))
@@ -103,15 +139,14 @@ def main(argv: list[str]) -> None:
     result = {"date": datetime.date.today().isoformat(), "host": platform.processor() or
               platform.machine(), "steps": FLAGS.steps, "rounds": rounds,
               "ratio_median": statistics.median(r["ratio"] for r in rounds)}
-    out = pathlib.Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_nanogpt.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| round | nanoGPT tokens/s | gpt_jax tokens/s | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['round']} | {r['nanogpt_tokens_per_sec']:,.0f} | "
               f"{r['gpt_jax_tokens_per_sec']:,.0f} | {r['ratio']:.2f}× |" for r in rounds]
-    (out / "compare_nanogpt.md").write_text("\n".join(lines) + "\n")
+    with cli.errors_as_one_line():
+        cli.write_atomically({out / "compare_nanogpt.json": json.dumps(result, indent=2) + "\n",
+                                out / "compare_nanogpt.md": "\n".join(lines) + "\n"})
     print(f"median ratio {result['ratio_median']:.2f}×; written to {out}/compare_nanogpt.*")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=train.flags_parser(COMMAND))

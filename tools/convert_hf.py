@@ -19,16 +19,25 @@ export: the newest (or best, or a given step's) parameters of a training or impo
 to OUT/config.json and OUT/model.safetensors, which `transformers.GPT2LMHeadModel.from_pretrained
 (OUT)` loads. The run's tokenizer goes along as gpt_jax_tokenizer.json (HF has no char or byte
 tokenizer), and an imported model's HF tokenizer files as they came.
+
+Neither overwrites: import wants a new (or empty) --workdir; export a new or empty --out, or an
+earlier export, which it replaces whole. Both write into a temporary folder beside the target and
+rename it into place, so a refused or failed conversion leaves nothing half-written. A bad
+invocation ends with one `error:` line naming the problem and the fix (gpt_jax/cli.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging as std_logging
+import os
 import pathlib
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from typing import NoReturn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # Run from anywhere.
 
@@ -37,6 +46,7 @@ import ml_collections
 from absl import logging
 
 from configs import gpt2 as gpt2_recipe
+from gpt_jax import cli
 from gpt_jax import config as config_lib
 from gpt_jax.data import tokenizers
 from gpt_jax.interop import hf_gpt2
@@ -47,6 +57,12 @@ from gpt_jax.training import checkpoint, weights
 OUR_TOKENIZER = "tokenizer.json"  # A workdir's tokenizer (gpt_jax.data.tokenizers format).
 EXPORTED_TOKENIZER = "gpt_jax_tokenizer.json"  # Its name in an HF folder, beside HF's own files.
 HF_TOKENIZER_DIR = "hf_tokenizer"  # An imported model's HF tokenizer files, in a workdir.
+# What an export writes: a folder holding only these (and an HF GPT-2 config.json) is an earlier
+# export, which a new one may replace; anything else in --out is someone's files.
+EXPORT_FILES = frozenset({"config.json", hf_gpt2.WEIGHTS_NAME, EXPORTED_TOKENIZER,
+                          *hf_gpt2.TOKENIZER_FILES})
+# Names that mark a gpt_jax workdir (a training run's or an import's).
+WORKDIR_MARKS = ("checkpoints", weights.PARAMS_DIR, "metrics.jsonl")
 
 
 def import_config(hf_config) -> ml_collections.ConfigDict:
@@ -65,12 +81,10 @@ def import_config(hf_config) -> ml_collections.ConfigDict:
 def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = False,
               dtype: str = "float32") -> pathlib.Path:
     """Writes the gpt_jax workdir `workdir` for the HF GPT-2 `source`, computing in `dtype`;
-    returns its params/. Everything is read and checked before anything is written."""
+    returns its params/. Everything is read and checked before anything is written, and the
+    workdir appears whole or not at all (written beside it, then renamed)."""
     out = pathlib.Path(workdir)
-    for sub in ("checkpoints", weights.PARAMS_DIR):
-        if (out / sub).exists():
-            raise checkpoint.CheckpointError(f"{out} already holds a model ({sub}/); choose a new "
-                                             "--workdir.")
+    _check_new_workdir(out)
     hf_config, state_dict = hf_gpt2.load_hf(source)
     config = import_config(hf_config)
     config.model.scan_layers = scan_layers
@@ -81,10 +95,10 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
     hf_files, hf_tokenizer = hf_gpt2.read_tokenizer(source, build=not ours.is_file())
     tokenizer_json, tokenizer_vocab = None, None  # OUT/tokenizer.json, and its vocab if known.
     if ours.is_file():
-        tokenizer_json = ours.read_text(encoding="utf-8")
         try:
+            tokenizer_json = ours.read_text(encoding="utf-8")
             name = json.loads(tokenizer_json).get("name")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError):  # Not UTF-8, not JSON, not an object.
             raise hf_gpt2.InteropError(f"{ours} is not a gpt_jax tokenizer file; export the run "
                                        "again, or remove the file to import without it.") from None
         if name in tokenizers.TOKENIZERS:  # Not hf:PATH, whose path was the run's.
@@ -107,18 +121,19 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
     cfg = registry.hyperparameters(config)
     params = hf_gpt2.params_from_hf(state_dict, cfg)
     config_json = config_lib.to_json(config)
-    out.mkdir(parents=True, exist_ok=True)
-    params_dir = weights.save_params(out, params, config_json)
-    (out / "config.json").write_text(config_json + "\n")
     written = []
-    if hf_files:
-        (out / HF_TOKENIZER_DIR).mkdir(exist_ok=True)
-        for name, content in hf_files.items():
-            (out / HF_TOKENIZER_DIR / name).write_bytes(content)
-            written.append(f"{HF_TOKENIZER_DIR}/{name}")
-    if tokenizer_json is not None:
-        (out / OUR_TOKENIZER).write_text(tokenizer_json, encoding="utf-8")
-        written.append(OUR_TOKENIZER)
+    with _staged(out) as tmp:
+        weights.save_params(tmp, params, config_json)
+        (tmp / "config.json").write_text(config_json + "\n")
+        if hf_files:
+            (tmp / HF_TOKENIZER_DIR).mkdir()
+            for name, content in hf_files.items():
+                (tmp / HF_TOKENIZER_DIR / name).write_bytes(content)
+                written.append(f"{HF_TOKENIZER_DIR}/{name}")
+        if tokenizer_json is not None:
+            (tmp / OUR_TOKENIZER).write_text(tokenizer_json, encoding="utf-8")
+            written.append(OUR_TOKENIZER)
+    params_dir = out.resolve() / weights.PARAMS_DIR
     print(f"imported {source} ({count_params(params):,} parameters, {cfg.num_layers} layers, "
           f"d_model {cfg.d_model}, computing in {dtype}) into {params_dir}"
           + (f"; tokenizer: {', '.join(written)}" if written else "; no tokenizer files"))
@@ -133,16 +148,19 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
 def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path,
               which: int | str | None = None) -> pathlib.Path:
     """Writes the parameters of `workdir`'s checkpoint `which` (newest, best or a step) as an HF
-    GPT-2 folder `out`; returns `out`."""
+    GPT-2 folder `out`; returns `out`. `out` must be new, empty or an earlier export (replaced
+    whole); it appears whole or is left as it was (written beside it, then renamed)."""
+    out = pathlib.Path(out)
+    checkpoints, run_dir = _run_folders(workdir)
+    _check_export_dir(out, run_dir, checkpoints)
     _, cfg, params, step = weights.load_trained(workdir, which)
     if registry.arch_of(cfg).name != "gpt":
         raise hf_gpt2.InteropError(f"{workdir} holds a model.arch={registry.arch_of(cfg).name!r} "
                                    "model; only GPT-2 (model.arch=gpt) models export.")
     params = jax.device_get(params)
-    run_dir = weights.params_source(str(workdir))[0].parent
-    out = pathlib.Path(out)
-    hf_gpt2.save_hf(params, cfg, out)
-    written = ["config.json", hf_gpt2.WEIGHTS_NAME, *_copy_tokenizers(run_dir, out)]
+    with _staged(out) as tmp:
+        hf_gpt2.save_hf(params, cfg, tmp)
+        written = ["config.json", hf_gpt2.WEIGHTS_NAME, *_copy_tokenizers(run_dir, tmp)]
     print(f"exported step {step} of {run_dir} ({count_params(params):,} parameters) to {out}: "
           f"{', '.join(written)}")
     return out
@@ -162,6 +180,150 @@ def _copy_tokenizers(run_dir: pathlib.Path, out: pathlib.Path) -> list[str]:
     return names
 
 
+def _run_folders(workdir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(checkpoint folder, run folder) of an export's --workdir, refusing a folder that is no
+    gpt_jax workdir before anything is loaded."""
+    checkpoints, step = weights.params_source(str(workdir))
+    # params_source falls back to the folder itself: a checkpoints/ or params/ folder given
+    # directly holds step folders; anything else is not a run.
+    if step is None and not any(p.name.isdigit() and p.is_dir() for p in checkpoints.iterdir()):
+        if checkpoints.name in ("checkpoints", weights.PARAMS_DIR):
+            raise checkpoint.CheckpointError(
+                f"--workdir={workdir}: {checkpoints} holds no checkpoint yet (a run saves one "
+                "every checkpoint.every steps); export once it has, or give another workdir.")
+        config = _json_object(checkpoints / "config.json") or {}
+        if "model_type" in config:
+            raise hf_gpt2.InteropError(
+                f"--workdir={workdir} is a Hugging Face folder, not a gpt_jax workdir; export "
+                "takes a training run's or an imported model's workdir (import reads HF folders).")
+        if "model" not in config:
+            raise hf_gpt2.InteropError(
+                f"--workdir={workdir} is not a gpt_jax workdir (no checkpoints/ nor params/); "
+                "give a training run's or an imported model's workdir.")
+        raise checkpoint.CheckpointError(
+            f"--workdir={workdir} has no checkpoints/ folder: its run saved no checkpoint (a run "
+            "saves one every checkpoint.every steps); export once it has, or give another workdir.")
+    return checkpoints, checkpoints.parent
+
+
+def _json_object(path: pathlib.Path) -> dict | None:
+    """The JSON object in `path`; None if it is absent, unreadable or holds something else."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _check_new_workdir(out: pathlib.Path) -> None:
+    """Refuses an import --workdir that is a file or holds anything (a training run, an earlier
+    import, other files): an import never overwrites. Also refuses an unwritable place up front,
+    before the (slow) read."""
+    if out.exists() and not out.is_dir():
+        raise hf_gpt2.InteropError(f"--workdir={out} is a file; give the path of a new folder.")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if names:
+        what = ("a training run" if {"checkpoints", "metrics.jsonl"} & set(names) else
+                "an imported model" if weights.PARAMS_DIR in names else "files")
+        raise hf_gpt2.InteropError(f"--workdir={out} already holds {what} ({_names(names)}); "
+                                   "import into a new or empty folder.")
+    _check_writable(out, "--workdir")
+
+
+def _check_export_dir(out: pathlib.Path, run_dir: pathlib.Path,
+                      checkpoints: pathlib.Path) -> None:
+    """Refuses an export --out that is a file, the run's workdir or inside its checkpoints, or a
+    folder holding anything but an earlier export (which the export replaces whole): the run's
+    config.json, another workdir or someone's files are never written over."""
+    if out.exists() and not out.is_dir():
+        raise hf_gpt2.InteropError(f"--out={out} is a file; give the path of a new folder.")
+    where = out.resolve()
+    clash = ("is the run's own workdir" if where == run_dir else
+             f"holds the run's workdir {run_dir}" if run_dir.is_relative_to(where) else
+             f"is inside the run's {checkpoints.name}/" if where.is_relative_to(checkpoints)
+             else None)
+    if clash:
+        raise hf_gpt2.InteropError(f"--out={out} {clash}: the export would write over the run's "
+                                   "files; give a folder outside it.")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if names and not _is_export(out, names):
+        marked = [n for n in names if n in WORKDIR_MARKS]
+        what = (f"a gpt_jax workdir ({_names(marked)})" if marked else
+                f"files that are not a Hugging Face export of ours ({_names(names)})")
+        raise hf_gpt2.InteropError(f"--out={out} already holds {what}; export into a new or "
+                                   "empty folder (an earlier export is replaced whole).")
+    _check_writable(out, "--out")
+
+
+def _is_export(folder: pathlib.Path, names: list[str]) -> bool:
+    """Whether `folder` (holding `names`) is an earlier export: only files an export writes, and
+    a config.json that is an HF GPT-2 one (a workdir's has no model_type)."""
+    if not set(names) <= EXPORT_FILES or not all((folder / n).is_file() for n in names):
+        return False
+    return (_json_object(folder / "config.json") or {}).get("model_type") == "gpt2"
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f", … ({len(names)} entries)" if len(names) > most else "")
+
+
+def _check_writable(out: pathlib.Path, flag: str) -> None:
+    """Refuses `out` if the nearest folder that exists above it is a file or not writable: found
+    before the conversion's work, not after it."""
+    above = out.resolve().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise hf_gpt2.InteropError(f"{flag}={out}: {above} is a file, not a folder; choose "
+                                   "another path.")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise hf_gpt2.InteropError(f"{flag}={out}: {above} is not writable; check its "
+                                   "permissions or choose another path.")
+
+
+@contextlib.contextmanager
+def _staged(out: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A new folder beside `out` to write into. When the block ends, it is renamed to `out` (an
+    existing `out`, empty or an earlier export, is moved aside first and removed after); if the
+    block or the rename fails, it and the parent folders made for it are removed and `out` is as
+    it was. So `out` is never half-written."""
+    out = out.resolve()  # A symbolic link's target is what the user means (and gets).
+    made = []  # Parent folders created here, outermost first: removed again on failure.
+    missing = [p for p in out.parents if not p.exists()]
+    tmp = None
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
+        try:
+            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
+                                                dir=out.parent))
+        except OSError as e:  # Name the folder, not the temporary one inside it.
+            raise OSError(e.errno, e.strerror, str(out.parent)) from e
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # A plain folder's mode, not mkdtemp's private 0o700.
+        yield tmp
+        if out.exists():
+            aside = tmp.with_name(tmp.name + ".old")
+            os.rename(out, aside)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(aside, out)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 def _checkpoint_arg(value: str) -> int | str:
     if value in ("newest", "best"):
         return value
@@ -171,12 +333,21 @@ def _checkpoint_arg(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{value!r} is not newest, best or a step number") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse refusing as every gpt_jax command does: one `error:` line, naming the fix (its
+    own prints the usage and `PROG: error: …`)."""
+
+    def error(self, message: str) -> NoReturn:
+        cli.fail(f"{message}; `{self.prog} --help` lists the arguments.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(description=__doc__.splitlines()[0])
+    # Subparsers are _Parsers too; the metavar names the choices in "arguments are required".
+    commands = parser.add_subparsers(dest="command", metavar="{import,export}", required=True)
     imp = commands.add_parser("import", help="HF GPT-2 → gpt_jax workdir")
     imp.add_argument("--hf", required=True, help="HF folder (config.json + weights) or hub name")
-    imp.add_argument("--workdir", required=True, help="the gpt_jax workdir to write")
+    imp.add_argument("--workdir", required=True, help="the gpt_jax workdir to write (new or empty)")
     imp.add_argument("--scan_layers", action="store_true",
                      help="stack the layers (model.scan_layers=True layout)")
     imp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -186,26 +357,31 @@ def main(argv: list[str] | None = None) -> int:
     exp = commands.add_parser("export", help="gpt_jax workdir → HF GPT-2 folder")
     exp.add_argument("--workdir", required=True,
                      help="a training or imported workdir, its checkpoints/ or one step's folder")
-    exp.add_argument("--out", required=True, help="the HF folder to write")
+    exp.add_argument("--out", required=True,
+                     help="the HF folder to write: new, empty or an earlier export (replaced)")
     exp.add_argument("--checkpoint", type=_checkpoint_arg, default="newest",
                      help="newest (default), best (lowest val loss) or a step number")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line `argv`; returns 0, or exits with one `error:` line (status 1)."""
+    args = _parser().parse_args(argv)
+    for flag in ("hf", "workdir", "out"):
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():  # "" would mean the current folder.
+            cli.fail(f"--{flag} is empty; give a path.")
     logging.set_verbosity(logging.WARNING)
-    # Orbax warns that a read-only manager will not save: true, and no news here.
-    std_logging.getLogger("absl").addFilter(
-        lambda record: record.levelno >= std_logging.ERROR or "/orbax/" not in record.pathname)
+    cli.quiet_orbax_reads()
     try:
-        if args.command == "import":
-            import_hf(args.hf, args.workdir, args.scan_layers, args.dtype)
-        else:
-            export_hf(args.workdir, args.out, args.checkpoint)
-    except (config_lib.ConfigError, checkpoint.CheckpointError, hf_gpt2.InteropError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        with cli.errors_as_one_line():
+            if args.command == "import":
+                import_hf(args.hf, args.workdir, args.scan_layers, args.dtype)
+            else:
+                export_hf(args.workdir, args.out, args.checkpoint)
     except ImportError as e:
-        print(f"error: {e}; the conversion needs torch and transformers: pip install -r "
-              "requirements-dev.txt", file=sys.stderr)
-        return 2
+        cli.fail(f"{e}; the conversion needs torch and transformers: pip install -r "
+                 "requirements-dev.txt")
     return 0
 
 

@@ -1,6 +1,9 @@
 """Lists a run's checkpoints and the parameter tree of one of them, without loading any array.
 
     python tools/inspect_checkpoint.py WORKDIR [--step=N]
+
+WORKDIR may also be its checkpoints/ folder, an imported model's workdir (params/) or one step's
+folder. A bad invocation ends with one `error:` line that names the problem and the fix.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # Run f
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
-from gpt_jax.training import checkpoint
+from gpt_jax import cli
+from gpt_jax.training import checkpoint, weights
 
 
 def human_bytes(n: float) -> str:
@@ -51,11 +54,28 @@ def checkpoint_table(manager: ocp.CheckpointManager, directory: pathlib.Path) ->
     return lines
 
 
-def parameter_table(step_dir: pathlib.Path) -> list[str]:
-    """Every parameter with its shape and dtype, then the total count and bytes."""
-    metadata = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata
-    params = metadata["params"]
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+def parameter_table(step_dir: pathlib.Path, others: list[int] | None = None) -> list[str]:
+    """Every parameter with its shape and dtype, then the total count and bytes. A
+    CheckpointError naming `others` (the steps to inspect instead) if the tree cannot be read."""
+    def unreadable(cause: str) -> checkpoint.CheckpointError:
+        instead = (f"inspect another step with --step ({', '.join(map(str, others))})" if others
+                   else "it is the folder's only checkpoint: restore it from a copy")
+        return checkpoint.CheckpointError(
+            f"the parameter tree of checkpoint step {step_dir.name} in {step_dir.parent} cannot be "
+            f"read ({cause}): {instead}.")
+
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata
+    except PermissionError:
+        raise  # Reported with its path and the fix.
+    except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
+        raise unreadable(f"damaged or incomplete; {type(e).__name__}: {cli.one_line(e)[:200]}") from e
+    # Orbax returns no metadata (and logs a warning) when state/_METADATA or the array index is
+    # missing or garbage.
+    params = metadata.get("params") if metadata is not None else None
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0] if params is not None else []
+    if not leaves:
+        raise unreadable("its state/_METADATA or array index is missing or damaged")
     lines, total, nbytes = [], 0, 0
     width = max(len(jax.tree_util.keystr(p, simple=True, separator="/")) for p, _ in leaves)
     for path, leaf in leaves:
@@ -68,31 +88,56 @@ def parameter_table(step_dir: pathlib.Path) -> list[str]:
     return lines
 
 
+def report(path: str, step: int | None) -> list[str]:
+    """The lines the tool prints for `path` (a workdir, its checkpoints/ or params/ folder, or one
+    step's folder) and `step` (None: the step folder's, else the newest). Everything is read
+    before anything is printed, so a damaged checkpoint gives its error line and no half table."""
+    directory, folder_step = weights.params_source(path)  # CheckpointError: no such folder.
+    manager = checkpoint.open_to_read(directory)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        if directory.name in ("checkpoints", weights.PARAMS_DIR):
+            raise checkpoint.CheckpointError(
+                f"{directory} holds no checkpoint yet: its run saves one every checkpoint.every "
+                "steps; inspect it after the first save.")
+        raise checkpoint.CheckpointError(
+            f"{path} is not a training run: it has no checkpoints/ folder; give a run's workdir, "
+            "its checkpoints/ folder or one step's folder.")
+    step = step if step is not None else folder_step if folder_step is not None else steps[-1]
+    if step not in steps:
+        raise checkpoint.CheckpointError(
+            f"{directory} has no checkpoint of step {step}; choose one of {', '.join(map(str, steps))} "
+            "with --step.")
+    params = parameter_table(directory / str(step), [s for s in steps if s != step])
+    return [f"checkpoints in {directory}", *checkpoint_table(manager, directory), "",
+            f"parameters at step {step}", *params]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `error:` line (its own are two lines)."""
+
+    def error(self, message: str) -> None:
+        usage = self.format_usage().strip().removeprefix("usage: ")
+        cli.fail(f"{message}; usage: {usage}", status=2)
+
+
+def _step(text: str) -> int:
+    """--step's type: a step number."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step number; give one such as "
+                                         "--step=1000")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", help="a training workdir (or its checkpoints/ folder)")
-    parser.add_argument("--step", type=int, default=None, help="step for the tree; default newest")
+    parser.add_argument("--step", type=_step, default=None, help="step for the tree; default newest")
     args = parser.parse_args(argv)
-    logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager will not save.
-    directory = pathlib.Path(args.workdir).resolve()
-    if (directory / "checkpoints").is_dir():
-        directory = directory / "checkpoints"
-    if not directory.is_dir():
-        print(f"error: {args.workdir} has no checkpoints/ folder.", file=sys.stderr)
-        return 2
-    manager = checkpoint.make_manager(directory, keep=1, read_only=True)
-    if not manager.all_steps():
-        print(f"error: no checkpoint in {directory}.", file=sys.stderr)
-        return 2
-    step = manager.latest_step() if args.step is None else args.step
-    if step not in manager.all_steps():
-        print(f"error: no checkpoint of step {step}; there are {manager.all_steps()}.",
-              file=sys.stderr)
-        return 2
-    print(f"checkpoints in {directory}")
-    print("\n".join(checkpoint_table(manager, directory)))
-    print(f"\nparameters at step {step}")
-    print("\n".join(parameter_table(directory / str(step))))
+    cli.quiet_orbax_reads()
+    with cli.errors_as_one_line():
+        lines = report(args.workdir, args.step)
+    print("\n".join(lines))
     return 0
 
 

@@ -19,19 +19,19 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gpt_jax import train  # noqa: E402 — after the path; imports no jax (devices come first).
+from gpt_jax import cli, train  # noqa: E402 — after the path; imports no jax (devices come first).
 
-try:  # config_flags applies `--config.*` overrides here when --config is not given.
-    config_flags.DEFINE_config_file("config", str(REPO / "configs" / "gpt2.py"), "Config file[:variant].")
-except (AttributeError, KeyError) as e:  # An override naming no field: one line, as train's.
-    sys.exit(f"error: {train.config_override_error(e, sys.argv)}")
-flags.DEFINE_integer("num_devices", 0, "Devices to simulate; 0: the product of the mesh sizes (-1 as 1).")
+COMMAND = "python tools/plan.py"
+sys.argv = cli.resolve_config_args(sys.argv)  # configs/NAME.py from any folder once installed.
+train.define_config_flag(cli.recipes_dir() / "gpt2.py", COMMAND)
+flags.DEFINE_integer("num_devices", 0, "Devices to simulate; 0: the product of the mesh sizes "
+                     "(-1 as 1).", lower_bound=0)
 flags.DEFINE_float("hbm_gb", 80.0, "Memory per device, GB (1e9 bytes), to check the plan against.")
+flags.register_validator("hbm_gb", lambda gb: gb > 0, "--hbm_gb must be > 0")
 flags.DEFINE_string("json", None, "Also write the plan as JSON to this file.")
 FLAGS = flags.FLAGS
 AXES = ("data", "fsdp", "tensor")
@@ -138,20 +138,25 @@ def report(p: dict) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = FLAGS.config
-    simulate_devices(FLAGS.num_devices or mesh_device_count(config.mesh))
-    from gpt_jax.config import ConfigError
-
+        cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a flag "
+                 f"(--config.GROUP.FIELD=VALUE, --hbm_gb=…); see {COMMAND} --helpshort.")
+    config = train.loaded_config()
+    out = None if FLAGS.json is None else pathlib.Path(FLAGS.json)
+    if out is not None:  # Refused now, not after the compile.
+        cli.check_output(out, "--json", folder=False)
     try:
+        devices = FLAGS.num_devices or mesh_device_count(config.mesh)
+    except (TypeError, KeyError):  # A mistyped mesh in a config file: plan() validates, names it.
+        devices = 1
+    simulate_devices(devices)
+    with cli.errors_as_one_line():
         p = plan(config, FLAGS.hbm_gb)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
     print(report(p))
-    if FLAGS.json:
-        pathlib.Path(FLAGS.json).write_text(json.dumps(p, indent=2) + "\n")
+    if out is not None:
+        with cli.errors_as_one_line():
+            cli.write_atomically({out: json.dumps(p, indent=2) + "\n"})
     sys.exit(0 if p["fits"] else 2)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.parse_flags)  # Bad flags and overrides: one line, as train's.
+    app.run(main, flags_parser=train.flags_parser(COMMAND))

@@ -10,9 +10,14 @@ Command line, for corpora of any size (streamed, parallel, resumable; prepare_st
 
     python -m gpt_jax.data.prepare --source=FILE|FOLDER|GLOB|FILE.jsonl|hf:NAME[:CONFIG]
         --tokenizer=byte|char|bpe|gpt2|hf:tokenizer.json [--vocab_size=N] --out=DIR
-        [--val_fraction=0.1 --num_workers=N --text_field=text --split=train]
+        [--val_fraction=0.1 --num_workers=N --text_field=text --split=train] [--verify]
+    python -m gpt_jax.data.prepare --verify --out=DIR    # check a prepared folder's sha256s
+
+A bad invocation ends with one `error:` line naming the problem and its fix (gpt_jax/cli.py),
+and changes nothing that was there before (prepare_stream's module doc).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,11 +25,13 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
 
+from gpt_jax import cli
 from gpt_jax.data import prepare_stream, shards, tokenizers
 from gpt_jax.data.corpora import Corpus
 
@@ -165,7 +172,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("vocab_size", None, "bpe's vocabulary size, end-of-text token included "
                          f"(default {tokenizers.DEFAULT_BPE_VOCAB}).")
     flags.DEFINE_string("out", None, "The prepared folder to write (created; resumed if "
-                        "interrupted; reused if up to date).")
+                        "interrupted; reused if up to date). A folder of anything else is refused.")
     flags.DEFINE_float("val_fraction", 0.1, "The last fraction of the token stream that "
                        "validates (as data.val_fraction).")
     flags.DEFINE_integer("num_workers", os.cpu_count(), "Tokenizing processes; 1 tokenizes in "
@@ -178,35 +185,94 @@ def _define_flags() -> None:
     flags.DEFINE_integer("bpe_sample_mb", tokenizers.BPE_SAMPLE_BYTES >> 20, "bpe trains on the "
                          "first this many MiB of the source.")
     flags.DEFINE_bool("progress", True, "Show a progress bar (MB/s, tokens/s) on stderr.")
-    flags.mark_flags_as_required(["source", "tokenizer", "out"])
+    flags.DEFINE_bool("verify", False, "Check every shard and tokenizer.json of --out against "
+                      "its sha256 in meta.json (a full read): after preparing (or reusing) it, "
+                      "or, with --out alone, of an existing prepared folder.")
 
 
-def main(argv: list[str]) -> None:
-    """Prepares --source into --out and prints a one-line summary."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with its errors (an unknown flag, a bad value) as one `error:` line."""
     try:
-        prepared = prepare_stream.prepare_folder(
-            f.source, f.tokenizer, f.out, vocab_size=f.vocab_size, val_fraction=f.val_fraction,
-            num_workers=f.num_workers, text_field=f.text_field, split=f.split,
-            shard_tokens=f.shard_tokens, bpe_sample_bytes=f.bpe_sample_mb << 20,
-            show_progress=f.progress)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print(f"interrupted: run the same command again to resume {f.out}.", file=sys.stderr)
-        sys.exit(130)
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        cli.fail(f"{e}; see python -m gpt_jax.data.prepare --helpshort for the flags.")
+
+
+def _summary(prepared: shards.PreparedShards) -> str:
     m = prepared.meta
     eot = ("no end-of-text token: documents end with a newline" if m["eot_id"] is None
            else f"end-of-text id {m['eot_id']}")
-    print(f"{prepared.dir}: {m['total_tokens']:,} tokens ({m['train_tokens']:,} train, "
-          f"{m['val_tokens']:,} val) in {len(m['shards'])} shard(s) of {m['dtype']}, from "
-          f"{m['total_docs']:,} document(s), {m['source']['bytes'] / 1e6:.1f} MB of "
-          f"{m['source']['description']}; tokenizer {m['tokenizer']['name']} (vocab "
-          f"{m['vocab_size']:,}, {eot}).")
+    return (f"{prepared.dir}: {m['total_tokens']:,} tokens ({m['train_tokens']:,} train, "
+            f"{m['val_tokens']:,} val) in {len(m['shards'])} shard(s) of {m['dtype']}, from "
+            f"{m['total_docs']:,} document(s), {m['source']['bytes'] / 1e6:.1f} MB of "
+            f"{m['source']['description']}; tokenizer {m['tokenizer']['name']} (vocab "
+            f"{m['vocab_size']:,}, {eot}).")
+
+
+def _verified(folder: pathlib.Path, meta: dict[str, Any]) -> str:
+    return (f"{folder}: OK: {len(meta['shards'])} shard(s) ({meta['total_tokens']:,} tokens) and "
+            f"{shards.TOKENIZER} match their sha256 in meta.json.")
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """cli.errors_as_one_line, except that an OSError without an errno is one of ours (e.g.
+    sources' "--source=… does not exist; give …"): its message is already whole, so it is shown
+    as it is rather than as a system error."""
+    with cli.errors_as_one_line():
+        try:
+            yield
+        except OSError as e:
+            if e.errno is None:
+                raise ValueError(str(e)) from None
+            raise
+
+
+def main(argv: list[str]) -> None:
+    """Prepares --source into --out and prints a one-line summary (--verify alone: checks --out)."""
+    f = flags.FLAGS
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: the prepare command takes only "
+                 "--flags (e.g. --source=FILE --tokenizer=bpe --out=DIR); see --helpshort.")
+    # An empty value counts as missing: --out= would be the current folder.
+    missing = [f"--{name}" for name in ("source", "tokenizer", "out") if not f[name].value]
+    if f.verify and missing == ["--source", "--tokenizer"]:  # Check an existing folder only.
+        with _one_line_errors():
+            meta = shards.verify(pathlib.Path(f.out).expanduser())
+        print(_verified(pathlib.Path(f.out).expanduser(), meta))
+        return
+    if missing:
+        cli.fail(f"missing {', '.join(missing)}: prepare needs --source=FILE|FOLDER|GLOB|"
+                 "hf:NAME, --tokenizer=byte|char|bpe|gpt2|hf:PATH and --out=DIR (or --verify "
+                 "--out=DIR alone to check a prepared folder).")
+    out = pathlib.Path(f.out).expanduser()
+    try:
+        with _one_line_errors():
+            prepared = prepare_stream.prepare_folder(
+                f.source, f.tokenizer, out, vocab_size=f.vocab_size,
+                val_fraction=f.val_fraction, num_workers=f.num_workers,
+                text_field=f.text_field, split=f.split, shard_tokens=f.shard_tokens,
+                bpe_sample_bytes=f.bpe_sample_mb << 20, show_progress=f.progress)
+            verified = shards.verify(prepared.dir) if f.verify else None
+    except KeyboardInterrupt:
+        if (out / shards.PROGRESS).is_file():
+            said = f"run the same command again to resume {out}"
+        elif shards.read_meta(out) is not None:  # Interrupted while --verify read it.
+            said = f"{out} holds the whole prepared data; only its check was cut short"
+        else:
+            said = f"nothing was saved in {out} yet: run the same command again to start over"
+        print(f"interrupted: {said}.", file=sys.stderr)
+        sys.exit(130)
+    print(_summary(prepared))
+    if verified is not None:
+        print(_verified(prepared.dir, verified))
+
+
+def run_main() -> None:
+    """The command (`python -m gpt_jax.data.prepare`, or the installed `gpt-jax-prepare`)."""
+    _define_flags()
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    run_main()

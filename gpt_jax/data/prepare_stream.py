@@ -11,15 +11,25 @@ number of chunks it covers, under a fingerprint of (source, tokenizer, options).
 finds progress.json with its fingerprint keeps those shards and the saved tokenizer, reads past
 the chunks they cover, and tokenizes the rest; one that finds meta.json with its fingerprint
 and every shard in place reuses the folder as it is.
+
+What `--out` may be, checked before anything is written: a new or empty folder; the same
+prepare's folder (reused, resumed, or rebuilt if a shard is missing or truncated). Anything else
+is refused and left as it is: a file, a folder of other files (a training workdir), data
+prepared from another source, tokenizer or options, or a folder inside the source folder. A
+prepare that fails leaves nothing it made behind, except an interrupted or I/O-failed one that
+had saved its progress (progress.json): that is kept, to resume.
 """
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import pathlib
+import re
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -103,37 +113,106 @@ def _fingerprint(ident: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def _our_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    names = {shards.META, shards.PROGRESS, shards.TOKENIZER}
-    return [p for p in folder.iterdir() if p.name in names or p.name.endswith(".tmp")
-            or (p.name.startswith("tokens_") and p.suffix == ".bin")]
+# The files a prepare writes into --out: shards.py's, and the temporary files they are written
+# through (ShardWriter's, write_json_atomic's, _save_tokenizer's and save_tokenizer's).
+_OURS = re.compile(r"(meta|progress|tokenizer)\.json|tokens_\d+\.bin"
+                   r"|\.+(meta\.json|progress\.json|tokenizer\.json|tokens_\d+\.bin)\.tmp.*")
+# A training workdir's files: its tokenizer.json is the run's, never to be replaced.
+_WORKDIR_FILES = ("config.json", "metrics.jsonl", "checkpoints")
 
 
-def _claim(out: pathlib.Path, fingerprint: str) -> dict[str, Any] | None:
-    """Returns the progress of an interrupted prepare of `fingerprint` in `out`, else None after
-    clearing `out` of prepared files of other settings. Refuses a folder of other files."""
-    if not out.exists():
-        out.mkdir(parents=True)
-        return None
-    if not out.is_dir():
-        raise ValueError(f"--out={str(out)!r} is a file; give a folder.")
+@dataclasses.dataclass
+class _Claim:
+    """--out, taken by this prepare: where to start, and what to remove if it fails."""
+
+    out: pathlib.Path
+    progress: dict[str, Any] | None  # An interrupted prepare's state to resume, else None.
+    made: pathlib.Path | None = None  # The top folder this prepare created (None: none).
+    was_empty: bool = False  # --out existed and was empty: everything in it is this prepare's.
+
+    def roll_back(self) -> None:
+        """Removes what this prepare made, leaving --out as it was before."""
+        if self.made is not None:
+            shutil.rmtree(self.made, ignore_errors=True)
+        elif self.was_empty:
+            for path in self.out.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
     try:
-        progress = json.loads((out / shards.PROGRESS).read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        progress = None
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_out(out: pathlib.Path, src: sources.Source) -> None:
+    """Refuses an --out inside a folder --source reads: its files would join the source (and
+    change its fingerprint, so the next run would not find its own folder up to date)."""
+    if not isinstance(src, sources.FileSource):
+        return
+    root = pathlib.Path(src.spec).expanduser()
+    if root.is_dir() and out.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"--out={str(out)!r} is inside --source={src.spec!r}, whose every file "
+                         "is read as text; choose an --out outside the source folder.")
+
+
+def _claim(out: pathlib.Path, fingerprint: str) -> _Claim:
+    """Takes `out` for the prepare of `fingerprint` (whose up-to-date folder, if any, was already
+    reused): creates it, or finds it empty, or finds this prepare interrupted (resume) or damaged
+    (rebuilt). Raises ValueError, having changed nothing, for any other `out`."""
+    if not out.exists():
+        top = out
+        while not top.parent.exists():  # The first missing folder of the path: removed on failure.
+            top = top.parent
+        out.mkdir(parents=True)
+        return _Claim(out, None, made=top)
+    if not out.is_dir():
+        raise ValueError(f"--out={str(out)!r} is a file; give a folder (a new one, or a prepared "
+                         "folder to reuse or resume).")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return _Claim(out, None, was_empty=True)
+    if workdir := [n for n in _WORKDIR_FILES if n in names]:
+        raise ValueError(f"--out={str(out)!r} is a training workdir ({', '.join(workdir)}); "
+                         "prepare into a new or empty folder (that workdir's tokenizer.json is "
+                         "its run's).")
+    if other := [n for n in names if not _OURS.fullmatch(n)]:
+        raise ValueError(f"--out={str(out)!r} holds other files ({_listing(other)}) and is no "
+                         "prepared folder; give a new or empty folder.")
+    progress = _read_json(out / shards.PROGRESS)
     if progress is not None and progress.get("fingerprint") == fingerprint:
-        return progress
-    ours = _our_files(out)
-    if not ours and any(out.iterdir()):
-        raise ValueError(f"--out={str(out)!r} holds other files and no prepared data; give a new "
-                         "or empty folder.")
-    if ours:
-        logging.warning("Replacing the prepared data in %s: it is incomplete or damaged, or its "
-                        "source, tokenizer or options differ.", out)
-        (out / shards.META).unlink(missing_ok=True)  # First: no moment looks complete.
-        for path in ours:
-            path.unlink(missing_ok=True)
-    return None
+        return _Claim(out, progress)
+    meta = shards.read_meta(out)
+    fix = f"choose another --out, or delete {out} to prepare it again"
+    if meta is not None and meta.get("fingerprint") != fingerprint:
+        source = (meta.get("source") or {}).get("description", "?")
+        tok = (meta.get("tokenizer") or {}).get("name", "?")
+        raise ValueError(f"--out={str(out)!r} already holds data prepared from {source} with the "
+                         f"{tok} tokenizer, and this command's source, tokenizer or options "
+                         f"differ (preparing would replace it); {fix}.")
+    if meta is None and progress is not None:
+        raise ValueError(f"--out={str(out)!r} holds an interrupted prepare of another source, "
+                         "tokenizer or options; run that command again to resume it, or "
+                         f"{fix}.")
+    if meta is None:
+        raise ValueError(f"--out={str(out)!r} holds prepared-data files ({_listing(names)}) but "
+                         f"no readable meta.json or progress.json; {fix}.")
+    # This prepare's own folder with a shard missing or truncated: the same data, rebuilt.
+    logging.warning("Preparing %s again: a shard is missing or truncated (same source, "
+                    "tokenizer and options).", out)
+    (out / shards.META).unlink(missing_ok=True)  # First: no moment looks complete.
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    return _Claim(out, None, was_empty=True)  # Emptied: what a failure leaves is removed.
 
 
 def _resume_point(out: pathlib.Path, progress: dict[str, Any], dtype: str) -> None:
@@ -231,19 +310,36 @@ def prepare_folder(
     """Tokenizes `source` (see sources.py) with `tokenizer` (see tokenizers.py) into the prepared
     folder `out`, resuming an interrupted run and reusing an up-to-date folder; returns it opened.
 
-    `num_workers` tokenizing processes (default: one per CPU; ≤ 1 tokenizes in this process).
+    `num_workers` tokenizing processes (default: one per CPU; 1 tokenizes in this process).
+    Raises ValueError or OSError with a one-line message; what `out` may be, and what a failure
+    leaves there: the module doc.
     """
     tokenizers.check_name(tokenizer)
-    if vocab_size is not None and tokenizer != "bpe":
-        raise ValueError(f"--vocab_size applies only to --tokenizer=bpe; the {tokenizer} "
-                         "tokenizer's vocabulary is fixed or follows the data: drop it.")
+    if vocab_size is not None:
+        if tokenizer != "bpe":
+            raise ValueError(f"--vocab_size applies only to --tokenizer=bpe; the {tokenizer} "
+                             "tokenizer's vocabulary is fixed or follows the data: drop it.")
+        tokenizers.check_bpe_vocab_size(vocab_size)
     if not 0 < val_fraction < 1:
-        raise ValueError(f"--val_fraction={val_fraction} must be in (0, 1).")
-    if shard_tokens < 1 or chunk_bytes < 1:
-        raise ValueError("--shard_tokens and the chunk size must be positive.")
+        raise ValueError(f"--val_fraction={val_fraction} must be in (0, 1): the last fraction of "
+                         "the tokens that validates, e.g. 0.1.")
+    if shard_tokens < 1:
+        raise ValueError(f"--shard_tokens={shard_tokens} must be ≥ 1, e.g. {SHARD_TOKENS} (the "
+                         "default).")
+    if bpe_sample_bytes < 1:
+        raise ValueError(f"--bpe_sample_mb must be ≥ 1 (the MiB of the source that bpe trains "
+                         f"on), e.g. {tokenizers.BPE_SAMPLE_BYTES >> 20} (the default).")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes={chunk_bytes} must be ≥ 1, e.g. {CHUNK_BYTES}.")
     num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    if num_workers < 1:
+        raise ValueError(f"--num_workers={num_workers} must be ≥ 1 (1 tokenizes in this "
+                         "process).")
+    if not str(out).strip():  # "" would be the current folder.
+        raise ValueError("--out is empty; give the prepared folder to write.")
     out = pathlib.Path(out).expanduser()
     src = sources.open_source(source, text_field, split)
+    _check_out(out, src)
 
     # A fixed vocabulary is built now: the fingerprint holds it (a changed hf: file is noticed).
     fixed = None if tokenizers.learns_vocab(tokenizer) else tokenizers.build_tokenizer(tokenizer, "")
@@ -262,7 +358,32 @@ def prepare_folder(
                      "tokenizer and options).", out, meta["total_tokens"])
         return shards.open_shards(out)
 
-    progress = _claim(out, fingerprint)
+    claim = _claim(out, fingerprint)
+    try:
+        _prepare_into(claim, src, tokenizer, fixed, fingerprint, options, source,
+                      vocab_size=vocab_size, num_workers=num_workers, chunk_bytes=chunk_bytes,
+                      shard_tokens=shard_tokens, bpe_sample_bytes=bpe_sample_bytes,
+                      show_progress=show_progress)
+    except BaseException as e:
+        # Bad input (a ValueError: a malformed record, an empty source) makes what was written
+        # useless: fixing the source changes its fingerprint. An interruption or an I/O error
+        # (a full disk) once progress.json exists leaves a resumable folder: kept.
+        if isinstance(e, ValueError) or not (out / shards.PROGRESS).is_file():
+            claim.roll_back()
+        elif not isinstance(e, KeyboardInterrupt):  # The CLI says so itself on an interruption.
+            logging.warning("Kept the %d complete shard(s) in %s: run the same command again to "
+                            "resume.", len((_read_json(out / shards.PROGRESS) or {})
+                                            .get("shards", [])), out)
+        raise
+    return shards.open_shards(out)
+
+
+def _prepare_into(claim: _Claim, src: sources.Source, tokenizer: str,
+                  fixed: tokenizers.Tokenizer | None, fingerprint: str, options: dict[str, Any],
+                  source: str, *, vocab_size: int | None, num_workers: int, chunk_bytes: int,
+                  shard_tokens: int, bpe_sample_bytes: int, show_progress: bool) -> None:
+    """Writes the prepared folder `claim.out`: the tokenizer, the shards and meta.json."""
+    out, progress = claim.out, claim.progress
     tok = _resumed_tokenizer(out, progress) if progress else None
     if tok is None:
         tok = fixed or _learn_tokenizer(src, tokenizer, vocab_size, chunk_bytes, bpe_sample_bytes)
@@ -287,7 +408,6 @@ def prepare_folder(
         "dtype": dtype,
         "options": options,
     })
-    return shards.open_shards(out)
 
 
 def _write_meta(out: pathlib.Path, progress: dict[str, Any], fields: dict[str, Any]) -> None:

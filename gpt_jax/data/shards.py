@@ -17,6 +17,10 @@ shard boundaries: a reader concatenates the shards. The train/val split is of th
 nanoGPT's and `data.val_fraction`: the first floor(total · (1 − val_fraction)) tokens train, the
 rest validate. Splits are (file, start, tokens) ranges, so the split shard is not copied.
 
+Opening a folder checks every shard's size against meta.json (a missing or truncated shard is
+refused, by name); `verify` also compares every file's sha256, a full read, which changed bytes
+need: `python -m gpt_jax.data.prepare --verify --out=DIR`, or data.verify_shards for a run.
+
 The in-process writer (prepare.prepare) tokenizes its corpus whole, as one document with
 nothing appended: its "separator" is [], its source "fingerprint" the text's sha256, and the
 document and source bytes are counted in the last shard.
@@ -80,12 +84,23 @@ def sha256_file(path: pathlib.Path) -> str:
 def shards_intact(folder: pathlib.Path, shards: list[dict[str, Any]], dtype: str) -> int:
     """How many of `shards`, from the first, exist in `folder` with the size their token count
     says (a cheap check; `verify` compares checksums)."""
-    itemsize = np.dtype(dtype).itemsize
     for i, shard in enumerate(shards):
-        path = folder / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
+        if _size_problem(folder, shard, dtype) is not None:
             return i
     return len(shards)
+
+
+def _size_problem(folder: pathlib.Path, shard: dict[str, Any], dtype: str) -> str | None:
+    """What is wrong with the file of `shard` (a record of meta.json) by its size alone, or None."""
+    path = folder / shard["file"]
+    if not path.is_file():
+        return f"{path} is missing"
+    size, want = path.stat().st_size, shard["tokens"] * np.dtype(dtype).itemsize
+    if size != want:
+        what = "truncated" if size < want else "longer than meta.json says"
+        return (f"{path} is {what}: {size:,} bytes where meta.json lists {shard['tokens']:,} "
+                f"{dtype} tokens ({want:,} bytes)")
+    return None
 
 
 class ShardWriter:
@@ -248,25 +263,48 @@ def open_shards(folder: str | pathlib.Path) -> PreparedShards:
         raise ValueError(f"prepared folder {str(folder)!r} has {FORMAT} version {meta['version']}, "
                          f"this code reads version {VERSION}; prepare the data again.")
     dtype = np.dtype(meta["dtype"])
-    if shards_intact(folder, meta["shards"], meta["dtype"]) < len(meta["shards"]):
-        raise ValueError(f"prepared folder {str(folder)!r} has missing or truncated shards; "
-                         "run the prepare command again to rebuild it.")
+    for shard in meta["shards"]:  # Sizes only: a memmap of a short file would fail or misread.
+        if problem := _size_problem(folder, shard, meta["dtype"]):
+            raise ValueError(f"prepared folder {str(folder)!r} is damaged: {problem}; run the "
+                             "prepare command that made it again (same flags): it rebuilds the "
+                             "folder.")
     tokenizer = tokenizers.load_tokenizer(folder / TOKENIZER)
     return PreparedShards(folder, meta, tokenizer, meta["eot_id"], dtype,
                           _memmaps(folder, meta["splits"]["train"], dtype),
                           _memmaps(folder, meta["splits"]["val"], dtype))
 
 
-def verify(folder: str | pathlib.Path) -> None:
-    """Raises ValueError unless every shard and tokenizer.json match their sha256 in meta.json."""
+def verify(folder: str | pathlib.Path) -> dict[str, Any]:
+    """Checks every shard and tokenizer.json of the prepared folder `folder` against its sha256
+    in meta.json (a full read of the data); returns the meta.
+
+    Raises ValueError, in one line naming the first file that differs and the fix. The sizes
+    that `open_shards` checks catch a truncated file; only the checksums catch changed bytes.
+    """
     folder = pathlib.Path(folder)
     meta = read_meta(folder)
     if meta is None:
-        raise ValueError(f"{str(folder)!r} has no {FORMAT} meta.json; prepare the data first.")
+        interrupted = (folder / PROGRESS).is_file()
+        raise ValueError(
+            f"{str(folder)!r} holds an interrupted prepare (progress.json, no meta.json); run its "
+            "prepare command again to finish it." if interrupted else
+            f"{str(folder)!r} is not a prepared data folder (no {FORMAT} meta.json); prepare the "
+            "data first with python -m gpt_jax.data.prepare --out=DIR.")
+    # A changed file is not rebuilt by running prepare again (its size still matches, so the
+    # folder looks up to date): the fix is a fresh folder.
+    fix = f"delete {folder} and prepare the data again, or prepare it into a new --out."
+    for shard in meta["shards"]:
+        if problem := _size_problem(folder, shard, meta["dtype"]):
+            raise ValueError(f"{problem}; {fix}")
     files = [(s["file"], s["sha256"]) for s in meta["shards"]]
     files.append((TOKENIZER, meta["tokenizer"]["sha256"]))
     for name, want in files:
-        if not (folder / name).is_file() or sha256_file(folder / name) != want:
-            raise ValueError(f"{folder / name} is missing or does not match its sha256 in "
-                             "meta.json; run the prepare command again to rebuild it.")
-    logging.info("Verified %d files of %s.", len(files), folder)
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{path} is missing; {fix}")
+        if sha256_file(path) != want:
+            raise ValueError(f"{path} does not match its sha256 in meta.json (its bytes changed "
+                             f"after prepare wrote it); {fix}")
+    logging.info("Verified %s: %d shard(s) and %s match their sha256 in meta.json.", folder,
+                 len(meta["shards"]), TOKENIZER)
+    return meta

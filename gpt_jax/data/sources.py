@@ -226,6 +226,9 @@ Source = FileSource | HFDatasetSource
 
 def open_source(spec: str, text_field: str = "text", split: str = "train") -> Source:
     """Returns the source `spec` (see the module doc)."""
+    if not spec.strip():  # "" would name the current folder: everything beneath it.
+        raise ValueError("--source is empty; give a text file, a folder, a glob, a .jsonl file "
+                         "or hf:DATASET.")
     if spec.startswith(HF_PREFIX):
         return HFDatasetSource(spec, text_field, split)
     return FileSource(spec, text_field)

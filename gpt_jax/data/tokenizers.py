@@ -224,9 +224,7 @@ class BPETokenizer(_TiktokenTokenizer):
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
         """Trains a byte-level BPE of at most `vocab_size` tokens (fewer if `texts` run out of
         pairs to merge): EOT is id 0, the 256 bytes ids 1-256, then merges in order."""
-        if not 257 <= vocab_size < 1 << 32:
-            raise ValueError(f"a bpe vocab_size of {vocab_size} is out of range: it needs 256 "
-                             "byte tokens + 1 end-of-text token, so use ≥ 257 (e.g. 4096).")
+        check_bpe_vocab_size(vocab_size)
         tok = hf.Tokenizer(hf.models.BPE())
         tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = hf.decoders.ByteLevel()
@@ -307,11 +305,36 @@ class HFTokenizer:
         return {"name": self.name, "tokenizer_json": self.tokenizer_json}
 
 
+def decode_known(tokenizer: Tokenizer, ids: list[int]) -> tuple[str, int]:
+    """(text, count) of `ids` with each id the tokenizer lacks shown as U+FFFD, and how many
+    there were. A model's vocab may exceed its tokenizer's (model.vocab_size set above it, or an
+    imported model with spare embedding rows); training gives those ids almost no probability,
+    but sampling can still draw one, and that is no reason to lose the sample."""
+    pieces, known, unknown = [], [], 0
+    for i in ids:
+        if i < tokenizer.vocab_size:
+            known.append(i)
+            continue
+        pieces.append(tokenizer.decode(known) + "\ufffd")
+        known, unknown = [], unknown + 1
+    return "".join(pieces) + tokenizer.decode(known), unknown
+
+
 def check_name(name: str) -> None:
     """Raises ValueError unless `name` is one of TOKENIZERS or "hf:PATH"."""
     if name not in TOKENIZERS and not (name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX)):
         raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZERS)}, "
                          f"or {HF_PREFIX}PATH for a Hugging Face tokenizer.json")
+
+
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """Raises ValueError unless bpe can have `vocab_size` tokens: the 256 bytes and end-of-text
+    at least, ids that fit prepared shards' widest dtype (uint32) at most. Callers check it
+    before any work, so a bad size costs no folder and no training pass."""
+    if not 257 <= vocab_size < 1 << 32:
+        raise ValueError(f"a bpe vocab_size of {vocab_size} is out of range: it needs 256 byte "
+                         "tokens + 1 end-of-text token, and ids that fit in uint32, so use "
+                         f"≥ 257 and < 2**32 (e.g. {DEFAULT_BPE_VOCAB}).")
 
 
 def learns_vocab(name: str) -> bool:

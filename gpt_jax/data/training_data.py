@@ -44,14 +44,20 @@ class TrainingData:
         return self.val
 
 
-def open_folders(folders: Sequence[str], weights: Sequence[float] | None) -> TrainingData:
+def open_folders(folders: Sequence[str], weights: Sequence[float] | None, *,
+                 verify: bool = False) -> TrainingData:
     """Opens the prepared folders `folders` (data.prepared, or the one prepare.prepare returns)
     as one dataset or, if several, a mixture weighted by `weights` (None: proportional to their
-    train tokens).
+    train tokens). Every shard's size is checked; with `verify` (data.verify_shards) also its
+    sha256 against meta.json, which reads all the data once.
 
     Raises ValueError (or FileNotFoundError) with a one-line message naming the fix.
     """
-    opened = [shards.open_shards(pathlib.Path(f).expanduser()) for f in folders]
+    paths = [pathlib.Path(f).expanduser() for f in folders]
+    if verify:
+        for path in paths:
+            shards.verify(path)
+    opened = [shards.open_shards(path) for path in paths]
     first = opened[0]
     for folder, p in zip(folders[1:], opened[1:], strict=True):
         if p.tokenizer.to_dict() != first.tokenizer.to_dict():

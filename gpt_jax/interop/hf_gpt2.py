@@ -25,6 +25,7 @@ import flax.linen as nn
 import numpy as np
 from absl import logging
 
+from gpt_jax.cli import one_line
 from gpt_jax.data import tokenizers
 from gpt_jax.models import gpt, registry
 from gpt_jax.models.gpt import GPTConfig
@@ -91,6 +92,15 @@ def model_fields_from_hf(hf_config: Any) -> dict[str, Any]:
         if bool(get(name, want)) != want:
             raise InteropError(f"{name}={get(name)!r} is not supported (our attention needs "
                                f"{name}={want}); this model does not convert.")
+    # A hand-edited or foreign config.json can hold anything: checked here, before arithmetic.
+    for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+        _require_count(name, get(name))
+    if get("n_inner") is not None:
+        _require_count("n_inner", get("n_inner"))
+    for name in ("layer_norm_epsilon", "initializer_range"):
+        if isinstance(get(name), bool) or not isinstance(get(name), (int, float)):
+            raise InteropError(f"{name}={get(name)!r} in config.json is not a number; give the "
+                               "config.json that save_pretrained wrote with the weights.")
     d_model, inner = get("n_embd"), get("n_inner") or 4 * get("n_embd")
     if inner % d_model:
         raise InteropError(f"n_inner={inner} is not a multiple of n_embd={d_model}; "
@@ -108,6 +118,13 @@ def model_fields_from_hf(hf_config: Any) -> dict[str, Any]:
         "norm_eps": float(get("layer_norm_epsilon")),
         "init_std": float(get("initializer_range")),
     }
+
+
+def _require_count(name: str, value: Any) -> None:
+    """Raises InteropError unless the HF config field `name` is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InteropError(f"{name}={value!r} in config.json is not a positive integer; give the "
+                           "config.json that save_pretrained wrote with the weights.")
 
 
 def hf_config_from_model(cfg: GPTConfig) -> Any:
@@ -344,14 +361,22 @@ def _looks_local(source: str) -> bool:
     return pathlib.Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
 
 
+def _conversion_extras() -> Any:
+    """transformers, torch imported first: reading HF weights needs both (requirements-dev.txt),
+    and a missing one fails here as an ImportError, which the commands turn into the fix. They
+    take seconds to import, so only once the folder looks right."""
+    import torch  # noqa: F401
+    import transformers
+
+    return transformers
+
+
 def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
     """(GPT2Config, state dict of float32 numpy arrays) from a local folder (config.json plus
     model.safetensors, sharded safetensors or pytorch_model.bin), or from a hub name through
     transformers' from_pretrained where the network allows."""
-    import torch  # noqa: F401 — fail here, with the fix, if the conversion extras are missing.
-    import transformers
-
     if not _looks_local(source):
+        transformers = _conversion_extras()
         try:
             model = transformers.GPT2LMHeadModel.from_pretrained(source)
         except (OSError, ValueError) as e:
@@ -361,18 +386,45 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
                                "pass its folder.") from e
         return model.config, {k: _to_numpy(v) for k, v in model.state_dict().items()}
     folder = pathlib.Path(source).expanduser()
+    if folder.is_file():
+        raise InteropError(f"{source} is a file, not a folder; give the folder that holds "
+                           "config.json and model.safetensors (as save_pretrained writes).")
     if not folder.is_dir():
         raise InteropError(f"{source}: no such folder; give a folder with config.json and "
                            "model.safetensors (as save_pretrained writes).")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InteropError(f"{source} has no config.json; give a folder that save_pretrained wrote.")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = _read_json(config_path, "the config.json that save_pretrained wrote with the "
+                                         "weights").get("model_type")
     if model_type != "gpt2":
         raise InteropError(f"{config_path} has model_type={model_type!r}; only GPT-2 models "
-                           "convert.")
-    hf_config = transformers.GPT2Config.from_pretrained(folder)
+                           "(GPT2LMHeadModel) convert: give a GPT-2 folder.")
+    transformers = _conversion_extras()  # Only now: a folder that is no GPT-2 is refused fast.
+    try:
+        hf_config = transformers.GPT2Config.from_pretrained(folder)
+    except OSError:
+        raise  # Unreadable: the caller says so with the path and the fix.
+    except Exception as e:  # Values GPT2Config refuses; transformers raises many kinds.
+        raise InteropError(f"{config_path} is not a GPT-2 config transformers reads "
+                           f"({_brief(e)}); give the config.json that save_pretrained wrote "
+                           "with the weights.") from e
+    model_fields_from_hf(hf_config)  # Its refusals before the (large) weights are read.
     return hf_config, _read_weights(folder)
+
+
+def _read_json(path: pathlib.Path, want: str) -> dict[str, Any]:
+    """The JSON object in `path`; InteropError naming `want` (what the file should be) if it
+    holds something else."""
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError.
+        raise InteropError(f"{path} is not valid JSON ({_brief(e)}); it may be truncated: "
+                           f"give {want}.") from e
+    if not isinstance(value, dict):
+        raise InteropError(f"{path} holds a JSON {type(value).__name__}, not an object; give "
+                           f"{want}.")
+    return value
 
 
 def read_tokenizer(source: str, build: bool = True
@@ -429,6 +481,12 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _brief(e: BaseException, limit: int = 300) -> str:
+    """A library's exception, all its lines on one (validation messages put the cause last)."""
+    text = one_line(e) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _to_numpy(tensor: Any) -> np.ndarray:
     import torch
 
@@ -437,7 +495,8 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 
 def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
     """The state dict of an HF folder. Safetensors are read through torch so that bfloat16 and
-    float16 files work too (numpy has no bfloat16)."""
+    float16 files work too (numpy has no bfloat16). A file that does not read (truncated by an
+    interrupted download or copy, or not weights at all) is an InteropError naming it."""
     import safetensors
     import torch
 
@@ -445,17 +504,41 @@ def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
     if (folder / WEIGHTS_NAME).is_file():
         files = [folder / WEIGHTS_NAME]
     elif index.is_file():  # Sharded: model-00001-of-0000N.safetensors …
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        weight_map = _read_json(index, "the index that save_pretrained wrote").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InteropError(f"{index} has no weight_map; give the index that save_pretrained "
+                               "wrote with the shards.")
+        files = sorted({folder / str(f) for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InteropError(f"{folder} lacks {missing[0]} ({len(missing)} of the {len(files)} "
+                               f"shards {index.name} names); download the missing shards.")
     elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        path = folder / "pytorch_model.bin"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise  # Unreadable: the caller says so with the path and the fix.
+        except Exception as e:  # torch.load raises pickle, zip and runtime errors alike.
+            raise InteropError(f"{path} is not a PyTorch state dict that loads safely "
+                               f"({type(e).__name__}); it may be truncated: download or save it "
+                               "again (save_pretrained writes model.safetensors).") from e
+        if not isinstance(state, dict):
+            raise InteropError(f"{path} holds a {type(state).__name__}, not a state dict; give a "
+                               "folder that save_pretrained wrote.")
         return {k: _to_numpy(v) for k, v in state.items()}
     else:
         raise InteropError(f"{folder} has no {WEIGHTS_NAME} nor pytorch_model.bin; give a folder "
                            "that save_pretrained wrote.")
     out = {}
     for path in files:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            out.update({k: _to_numpy(f.get_tensor(k)) for k in f.keys()})  # noqa: SIM118
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                out.update({k: _to_numpy(f.get_tensor(k)) for k in f.keys()})  # noqa: SIM118
+        except safetensors.SafetensorError as e:
+            raise InteropError(f"{path} is not a complete safetensors file ({_brief(e)}); "
+                               "it may be truncated (an interrupted download or copy): download "
+                               "or export it again.") from e
     return out
 
 

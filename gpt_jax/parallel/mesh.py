@@ -7,7 +7,9 @@ mesh is `jax.make_mesh`'s, which orders devices for the fastest ICI rings.
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -64,6 +66,28 @@ def axis_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int,
     per_node = "the device count" if num_dcn == 1 else "the devices per node"
     ici = _fill(ici, num_devices // num_dcn, f"{per_node}", "mesh.")
     return ici, dcn
+
+
+# Files that exist only where an accelerator's kernel driver is loaded.
+_DRIVERS = (("an NVIDIA GPU", ("/proc/driver/nvidia/version", "/dev/nvidia[0-9]*"), "cuda13"),
+            ("a TPU", ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*"), "tpu"))
+
+
+def unused_accelerator(driver_files: Sequence[tuple[str, Sequence[str], str]] = _DRIVERS
+                       ) -> str | None:
+    """A warning when JAX computes on the CPU of a machine whose GPU or TPU driver is loaded
+    (the CPU-only jax is installed, or its plugin failed to load: JAX says so only in an INFO
+    line); None otherwise, or when JAX_PLATFORMS asks for the CPU on purpose."""
+    if jax.default_backend() != "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        return None
+    for what, patterns, extra in driver_files:
+        found = [f for pattern in patterns for f in glob.glob(pattern)]
+        if found:
+            return (f"this machine has {what} ({found[0]}) but JAX runs on the CPU: install the "
+                    f"accelerator build with pip install 'jax[{extra}]=={jax.__version__}' (or "
+                    f"pip install '.[{extra}]'; README, \"GPUs and TPUs\"), or set JAX_PLATFORMS=cpu "
+                    "to train on the CPU on purpose.")
+    return None
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,

@@ -105,7 +105,8 @@ def load_data(config: ml_collections.ConfigDict) -> training_data.TrainingData:
     folders = config_lib.prepared_folders(config)
     try:
         if folders:  # Already tokenized: every process only opens the files.
-            data = training_data.open_folders(folders, config_lib.mixture_weights(config))
+            data = training_data.open_folders(folders, config_lib.mixture_weights(config),
+                                              verify=d.verify_shards)
             if d.tokenizer.partition(":")[0] != data.tokenizer.name:
                 logging.info("data.prepared: the folder's tokenizer (%s, vocab %d) overrides "
                              "data.tokenizer=%r.", data.tokenizer.name, data.tokenizer.vocab_size,
@@ -121,7 +122,7 @@ def load_data(config: ml_collections.ConfigDict) -> training_data.TrainingData:
                                              vocab_size)
                 distributed.barrier(f"prepared data: {turn}")
             assert folder is not None
-            data = training_data.open_folders([str(folder)], None)
+            data = training_data.open_folders([str(folder)], None, verify=d.verify_shards)
     except (OSError, ValueError) as e:  # Missing path or folder, empty corpus, failed download.
         raise config_lib.ConfigError(str(e)) from e
     if d.document_mask and data.eot_id is None:
@@ -134,6 +135,8 @@ def load_data(config: ml_collections.ConfigDict) -> training_data.TrainingData:
 
 def _mesh_and_rules(config: ml_collections.ConfigDict,
                     devices: list[jax.Device] | None) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+    if warning := mesh_lib.unused_accelerator():
+        logging.warning("%s", warning)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.mesh)
     check_batch_split(config, mesh, rules)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from gpt_jax import cli
 from gpt_jax import config as config_lib
 from gpt_jax.models import registry
 from gpt_jax.parallel import distributed
@@ -58,6 +60,29 @@ def make_manager(directory: pathlib.Path, keep: int, read_only: bool = False) ->
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "config"))
 
 
+def open_to_read(directory: pathlib.Path) -> ocp.CheckpointManager:
+    """A read-only manager of `directory` for the commands that only read (sample, export,
+    tools). Orbax reads every step's metrics file when it opens the folder, and one damaged file
+    fails the whole opening with a bare JSON error: this names the file and the fix."""
+    try:
+        return make_manager(directory, keep=1, read_only=True)
+    except PermissionError:
+        raise  # The caller reports the path and the fix.
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        for path in sorted(pathlib.Path(directory).glob("*/metrics/metrics")):
+            try:
+                if not isinstance(json.loads(path.read_text()), dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, OSError) as bad:
+                raise CheckpointError(
+                    f"{path} is damaged ({type(bad).__name__}: {cli.one_line(bad)[:200]}), so "
+                    f"{directory} cannot be opened; move that file out of the way (that step's "
+                    "val loss becomes unknown).") from e
+        raise CheckpointError(f"{directory} cannot be opened ({type(e).__name__}: "
+                              f"{cli.one_line(e)[:200]}); a checkpoint in it is damaged: move the "
+                              "damaged step's folder out of it.") from e
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
          config_json: str, val_loss: float | None) -> None:
     """Starts an async save of `step` (call `manager.wait_until_finished()` before exiting)."""
@@ -72,6 +97,22 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
         metrics=metrics,
         force=True,
     )
+
+
+def drop_closed_loop_callbacks() -> None:
+    """Keeps a failed read to its one error. When one array of a checkpoint cannot be read,
+    Orbax closes its event loop while TensorStore still reads the others; each of those, when
+    it completes, calls into the closed loop, and Python prints that RuntimeError ("Event loop is
+    closed") as a traceback, possibly after the command's error line. It says nothing new: the
+    reading commands (sample, tools) drop exactly it; every other unraisable error still shows."""
+    default = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:

@@ -136,7 +136,8 @@ class WorkdirLock:
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise ConfigError(f"cannot lock {self.path}: {e.strerror}.") from e
+                raise ConfigError(f"cannot lock {self.path}: {e.strerror}; check the workdir's "
+                                  "file system or choose another --workdir.") from e
             logging.warning("cannot lock %s (%s): this file system has no flock, so nothing "
                             "stops a second run on this workdir.", self.path, e.strerror)
             return None

@@ -16,14 +16,15 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from gpt_jax import cli
 from gpt_jax import config as config_lib
-from gpt_jax.data import pipeline
+from gpt_jax.data import pipeline, tokenizers
 from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.models.registry import count_params
 from gpt_jax.parallel import distributed, sharding
 from gpt_jax.parallel import mesh as mesh_lib
 from gpt_jax.training import build, checkpoint, lock, memory, resume
-from gpt_jax.training.metrics import MetricsWriter, TrainLogger, peak_flops_per_device
+from gpt_jax.training.metrics import MetricsWriter, TrainLogger, peak_flops_per_device, show_bar
 from gpt_jax.training.preemption import PreemptionGuard
 
 
@@ -34,13 +35,14 @@ class NonFiniteLossError(RuntimeError):
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains to train.num_steps (resuming if the workdir has checkpoints); returns the last train
     and eval metrics."""
+    started = time.time()  # metrics rows' `time` counts from here (plus earlier runs' time).
     r = build.setup(config, workdir)  # Writes nothing in the workdir but the folder itself.
     # Held before Loop writes anything a second run would clash on (tokenizer.json, config.json,
     # metrics, checkpoints) and released however the run ends; a refused run writes nothing.
     with (lock.hold(r.workdir, distributed.is_primary(), distributed.any_process),
           sharding.activation_context(r.mesh, r.rules)):  # Every trace sees mesh and rules.
         try:
-            loop = Loop(r)  # Compiles, checks memory, then allocates the state.
+            loop = Loop(r, started)  # Compiles, checks memory, then allocates the state.
         except jax.errors.JaxRuntimeError as e:
             if memory.is_out_of_memory(e):  # E.g. with train.memory_check=False.
                 raise memory.out_of_memory("the start (state or eval batches)", e) from None
@@ -65,7 +67,8 @@ def evaluate(eval_step, params, batches: Iterable[dict]) -> dict:
 class Loop:
     """One training run's loop; `train()` runs it. Holds the state as it advances."""
 
-    def __init__(self, r: build.Run):
+    def __init__(self, r: build.Run, started: float | None = None):
+        """`started`: the run's start (time.time()); now if None."""
         self.r = r
         config, t = r.config, r.config.train
         self.config, self.t = config, t
@@ -103,21 +106,25 @@ class Loop:
         if self.primary:
             if self.start == 0:
                 MetricsWriter.keep_previous(r.workdir)
-            (r.workdir / "config.json").write_text(self.config_json + "\n")
+            # Whole or not at all: a full disk must not leave the run's config half-written.
+            cli.write_atomically({r.workdir / "config.json": self.config_json + "\n"})
         num_params = count_params(self.state.params)
         logging.info("model: %s parameters; workdir %s; mesh %s", f"{num_params:,}", r.workdir,
                      mesh_lib.describe(r.mesh))
         self.fixed_val = [self._to_device(b) for b in fixed]
-        self.writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=self.start,
-                                    active=self.primary)
-        self.bar = tqdm.tqdm(initial=self.start, total=t.num_steps, unit="step", smoothing=0.1,
-                             disable=not (config.log.progress and self.primary), mininterval=0.5)
         tokens_per_step = t.batch_size * config.data.seq_len
+        self.writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=self.start,
+                                    active=self.primary, tokens_per_step=tokens_per_step,
+                                    started=started)
+        bar = show_bar(config.log.progress, self.primary)
+        self.bar = tqdm.tqdm(initial=self.start, total=t.num_steps, unit="step", smoothing=0.1,
+                             disable=not bar, mininterval=0.5)
         step_flops = r.arch.flops_per_token(r.hparams, num_params, config.data.seq_len)
         peak = peak_flops_per_device(jax.devices()[0], config.log.peak_flops)
         self.logger = TrainLogger(self.writer, self.bar, tokens_per_step,
                                   step_flops * tokens_per_step,
-                                  None if peak is None else peak * jax.device_count())
+                                  None if peak is None else peak * jax.device_count(),
+                                  t.num_steps, lines=self.primary and not bar)
         self.last_eval: dict = {}
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -264,5 +271,6 @@ def print_samples(r: build.Run, params: Any) -> None:
     out = generate(r.model, params, prompts, s.max_new_tokens, jax.random.key(s.seed),
                    SamplingParams(s.temperature, s.top_k, s.top_p))
     if distributed.is_primary():
-        for row in out:
-            print("-" * 40 + "\n" + r.data.tokenizer.decode(row.tolist()), flush=True)
+        for row in out:  # An id past the tokenizer's (model.vocab_size above it) shows as U+FFFD.
+            text, _ = tokenizers.decode_known(r.data.tokenizer, row.tolist())
+            print("-" * 40 + "\n" + text, flush=True)

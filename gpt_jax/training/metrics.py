@@ -1,11 +1,18 @@
-"""Metric sinks (metrics.jsonl, TensorBoard), the train-line logger, and peak FLOP/s for MFU (the
-model's FLOPs per token come from its architecture, gpt_jax/models/registry.py)."""
+"""Metric sinks (metrics.jsonl, TensorBoard), the train-line logger (a progress bar on a terminal,
+plain lines otherwise), and peak FLOP/s for MFU (the model's FLOPs per token come from its
+architecture, gpt_jax/models/registry.py).
+
+Every row is in both files when `MetricsWriter.write` returns, so a hard kill (`kill -9`, a node
+lost) loses nothing that was logged. Rows carry `time` (wall seconds since the run's first start,
+continued across resumes) and `tokens` (tokens trained on by that step)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -13,7 +20,9 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
-from tensorboardX import SummaryWriter
+from tensorboardX import summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
 
 # Dense bf16 peak FLOP/s per device, by the substring jax reports in `device_kind`. The first match
 # wins, so more specific names come first. Override with log.peak_flops.
@@ -42,26 +51,63 @@ def peak_flops_per_device(device: jax.Device, override: float) -> float | None:
     return None
 
 
+class EventFile:
+    """TensorBoard scalars written synchronously to one event file under `logdir`.
+
+    tensorboardX's SummaryWriter hands events to a background thread that writes them out every
+    flush_secs (120 s by default): a hard kill lost up to two minutes of rows. Here each `write`
+    is in the file when it returns. `purge_step=N` writes TensorBoard's restart marker, which
+    hides the events of steps ≥ N from earlier files (a resume's rolled-back steps).
+    """
+
+    def __init__(self, logdir: pathlib.Path, purge_step: int | None = None):
+        logdir.mkdir(parents=True, exist_ok=True)
+        # The file's name has the time in seconds; a resume within the same second would reuse
+        # (truncate) it, so a nanosecond suffix keeps files apart and in order of creation.
+        self._events = EventsWriter(str(logdir / "events"), f".{time.time_ns()}")
+        if purge_step is not None:
+            self._events.write_event(event_pb2.Event(
+                step=purge_step, wall_time=time.time(),
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        self._events.flush()
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        """One event per scalar at `step`, flushed to the file."""
+        now = time.time()
+        for name, value in scalars.items():
+            self._events.write_event(event_pb2.Event(step=step, wall_time=now,
+                                                     summary=summary.scalar(name, value)))
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
+
+
 class MetricsWriter:
     """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
     `resume_after=N` (a run resumed from the checkpoint of step N) first moves the rows of steps
     after N, written before the interruption, to metrics.rolledback.jsonl, so metrics.jsonl has
-    each step once; TensorBoard drops its events after N the same way (purge_step).
+    each step once; TensorBoard hides its events after N the same way (purge_step). Every row gets
+    `tokens` = step × `tokens_per_step` and `time`: seconds since `started` (this process's
+    start, time.time()) plus the `time` of the last row kept from earlier runs of this workdir.
     """
 
     def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_after: int = 0,
-                 active: bool = True):
+                 active: bool = True, tokens_per_step: int = 0, started: float | None = None):
         """`active=False` (every process but 0 of a multi-process run) writes nothing."""
         self._file, self._tb = None, None
+        self._tokens_per_step = tokens_per_step
+        self._started = time.time() if started is None else started
         if not active:
             return
         path = workdir / "metrics.jsonl"
         if resume_after > 0 and path.exists():
             _roll_back(path, resume_after, workdir / "metrics.rolledback.jsonl")
+        self._started -= _last_time(path) if resume_after > 0 else 0.0
         self._file = open(path, "a")  # noqa: SIM115 — closed in close().
         purge = resume_after + 1 if resume_after > 0 else None
-        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=purge) if tensorboard else None
+        self._tb = EventFile(workdir / "tb", purge_step=purge) if tensorboard else None
 
     @staticmethod
     def keep_previous(workdir: pathlib.Path) -> None:
@@ -75,18 +121,24 @@ class MetricsWriter:
             logging.warning("%s held an earlier run's metrics; kept as metrics.prev%d.jsonl",
                             workdir, n)
 
+    def elapsed(self) -> float:
+        """Wall seconds since the run's first start (what rows record as `time`)."""
+        return time.time() - self._started
+
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        """One row for `step` (metrics + time + tokens), in metrics.jsonl and TensorBoard."""
         if self._file is None:
             return
         row = {"step": int(step)}
         for k, v in metrics.items():
             row[k] = _to_python(v)
+        row["time"] = round(self.elapsed(), 3)
+        row["tokens"] = int(step) * self._tokens_per_step
+        if self._tb is not None:  # First: a kill between the two leaves JSONL ⊆ TensorBoard.
+            self._tb.write(step, {k: v for k, v in row.items() if k != "step"
+                                  and isinstance(v, int | float) and math.isfinite(v)})
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self._file is not None:
@@ -95,19 +147,45 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _last_time(path: pathlib.Path) -> float:
+    """The `time` of the last row of metrics.jsonl that has one (0 if none)."""
+    if not path.exists():
+        return 0.0
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return float(json.loads(line)["time"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0.0
+
+
+def show_bar(progress: str, primary: bool) -> bool:
+    """Whether this process draws a progress bar: log.progress=bar, or auto on a terminal (a bar
+    redirected to a file is megabytes of carriage returns); never on processes other than 0."""
+    return primary and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
 class TrainLogger:
-    """Writes train lines one step late, so logging never stalls the device.
+    """Writes train rows one step late, so logging never stalls the device.
 
     `queue(step, metrics)` holds the device arrays of a log step; `flush()` (called after the next
-    step is dispatched) fetches them, adds throughput since the previous fetch, and writes them.
+    step is dispatched) fetches them, adds throughput since the previous fetch, and writes them:
+    to the metrics files, and to the bar's postfix or, without a bar, as a plain line on stdout
+    (`lines=True`, on process 0): step, loss, lr, tokens/s, MFU, elapsed and ETA.
     """
 
     def __init__(self, writer: MetricsWriter, bar: tqdm.tqdm, tokens_per_step: int,
-                 flops_per_step: float, peak_flops: float | None):
-        self._writer, self._bar = writer, bar
+                 flops_per_step: float, peak_flops: float | None, num_steps: int = 0,
+                 lines: bool = False):
+        self._writer, self._bar, self._lines = writer, bar, lines
         self._tokens_per_step, self._flops_per_step = tokens_per_step, flops_per_step
-        self._peak_flops = peak_flops
+        self._peak_flops, self._num_steps = peak_flops, num_steps
         self._pending: tuple[int, Any] | None = None
+        self._steps_per_sec: float | None = None
         self.restart_clock(0)
         self.last: dict[str, Any] = {}
         self._throughputs: list[float] = []
@@ -134,19 +212,23 @@ class TrainLogger:
         steps = step - self._tick_step
         m["tokens_per_sec"] = m["gflops_per_sec"] = m["mfu"] = None
         if steps > 0:  # None for the step that holds the compile.
-            steps_per_sec = steps / (now - self._tick)
-            m["tokens_per_sec"] = steps_per_sec * self._tokens_per_step
+            self._steps_per_sec = steps / (now - self._tick)
+            m["tokens_per_sec"] = self._steps_per_sec * self._tokens_per_step
             self._throughputs.append(m["tokens_per_sec"])
-            m["gflops_per_sec"] = steps_per_sec * self._flops_per_step / 1e9
+            m["gflops_per_sec"] = self._steps_per_sec * self._flops_per_step / 1e9
             if self._peak_flops is not None:
-                m["mfu"] = steps_per_sec * self._flops_per_step / self._peak_flops
+                m["mfu"] = self._steps_per_sec * self._flops_per_step / self._peak_flops
         self.restart_clock(step)
         self._writer.write(step, m)
-        self._bar.set_postfix(
-            loss=f"{float(m['train/loss']):.4f}",
-            tok_s="n/a" if m["tokens_per_sec"] is None else f"{m['tokens_per_sec']:.0f}",
-            mfu="n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%",
-        )
+        tok_s = "n/a" if m["tokens_per_sec"] is None else f"{m['tokens_per_sec']:,.0f}"
+        mfu = "n/a" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%"
+        self._bar.set_postfix(loss=f"{float(m['train/loss']):.4f}", tok_s=tok_s, mfu=mfu)
+        if self._lines:
+            eta = ("n/a" if not self._steps_per_sec
+                   else _duration((self._num_steps - step) / self._steps_per_sec))
+            print(f"step {step}/{self._num_steps}: loss {float(m['train/loss']):.4f}, "
+                  f"lr {float(m['lr']):.3e}, {tok_s} tokens/s, mfu {mfu}, "
+                  f"elapsed {_duration(self._writer.elapsed())}, eta {eta}", flush=True)
         self.last = m
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -19,10 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from gpt_jax import cli
+from gpt_jax import config as config_lib
 from gpt_jax.data import tokenizers
 from gpt_jax.models import registry
 from gpt_jax.parallel import sharding
-from gpt_jax.training.checkpoint import CheckpointError, make_manager, saved_config
+from gpt_jax.training.checkpoint import CheckpointError, make_manager, open_to_read, saved_config
 
 PARAMS_DIR = "params"
 HF_PREFIX = "hf:"  # checkpoint.init_from=hf:PATH converts a Hugging Face GPT-2 on the fly.
@@ -39,8 +42,9 @@ def params_source(path: str) -> tuple[pathlib.Path, int | None]:
         if (p / sub).is_dir():
             return p / sub, None
     if not p.is_dir():
-        raise CheckpointError(f"{path}: no such folder; give a workdir, its checkpoints/ or "
-                              "params/ folder, or one step's folder.")
+        problem = " is a file, not a folder" if p.exists() else ": no such folder"
+        raise CheckpointError(f"{path}{problem}; give a workdir, its checkpoints/ or params/ "
+                              "folder, or one step's folder.")
     return p, None
 
 
@@ -48,7 +52,8 @@ def select_step(manager: ocp.CheckpointManager, which: int | str | None) -> int:
     """The step `which` names: an int, "best" (lowest val loss), or None / "newest"."""
     steps = manager.all_steps()
     if not steps:
-        raise CheckpointError(f"{manager.directory} holds no checkpoint.")
+        raise CheckpointError(f"{manager.directory} holds no checkpoint: its run has not saved "
+                              "one yet (it does every checkpoint.every steps); give another.")
     if which in (None, "newest"):
         return manager.latest_step()
     if which == "best":
@@ -59,7 +64,7 @@ def select_step(manager: ocp.CheckpointManager, which: int | str | None) -> int:
         return best
     if int(which) not in steps:
         raise CheckpointError(f"{manager.directory} has no checkpoint of step {which}; it has "
-                              f"{sorted(steps)}.")
+                              f"{sorted(steps)}: choose one of those.")
     return int(which)
 
 
@@ -142,11 +147,24 @@ def load_trained(path: str | pathlib.Path, which: int | str | None = None
     `which` (None/"newest", "best" or a step) of a run: a workdir, its checkpoints/ or params/
     folder, or one step's folder. Only the parameters are read. For sampling and export."""
     directory, step = params_source(str(path))
-    manager = make_manager(directory, keep=1, read_only=True)
+    manager = open_to_read(directory)
     step = select_step(manager, which if step is None else step)
     # The config saved with these parameters, not config.json: it is there also when the path is
-    # a checkpoints/ or step folder.
-    config = saved_config(manager, step)
+    # a checkpoints/ or step folder. Read and merged apart (saved_config does both): a damaged
+    # file and a config this version cannot take need different fixes.
+    try:
+        raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except PermissionError:
+        raise  # Not damage: the caller reports the path and the fix.
+    except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
+        raise _unreadable("the config saved with", manager, step, e) from e
+    try:
+        config = config_lib.saved_run_config(json.dumps(raw["config"])).to_dict()
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"the config saved with checkpoint step {step} in {manager.directory} does not fit "
+            f"this version's configs/base.py ({type(e).__name__}: {cli.one_line(e)[:300]}); "
+            "read it with the version of gpt_jax that wrote it.") from e
     vocab_size = config["model"]["vocab_size"]
     if vocab_size is None:  # Configs from before the vocab was resolved: the tokenizer decides.
         vocab_size = tokenizers.load_tokenizer(directory.parent / "tokenizer.json").vocab_size
@@ -154,7 +172,31 @@ def load_trained(path: str | pathlib.Path, which: int | str | None = None
     if config["model"]["max_seq_len"] is None:  # Likewise: it was data.seq_len.
         config["model"]["max_seq_len"] = config["data"]["seq_len"]
     hparams = registry.hyperparameters(config["model"])
-    return config, hparams, restore_params(directory, step, abstract_params(hparams)), step
+    target = abstract_params(hparams)
+    try:
+        params = restore_params(directory, step, target)
+    except PermissionError:
+        raise
+    except Exception as e:
+        raise _unreadable("the parameters of", manager, step, e) from e
+    return config, hparams, params, step
+
+
+def _unreadable(what: str, manager: ocp.CheckpointManager, step: int,
+                error: Exception) -> CheckpointError:
+    """The one-line report of a checkpoint that cannot be read (truncated, garbage, files
+    missing): which part, the reader's own words (without TensorStore's JSON spec of the read),
+    and the other steps to choose instead."""
+    cause = cli.one_line(str(error).split(" [tensorstore_spec")[0]) or type(error).__name__
+    cause = re.sub(r'Error opening "\w+" driver: ', "", cause)  # TensorStore's layers.
+    if len(cause) > 300:  # The end of a chain of causes is the root one, and names the file.
+        cause = "…" + cause[-300:]
+    others = [s for s in sorted(manager.all_steps()) if s != step]
+    fix = (f"choose another of its steps: {', '.join(map(str, others))}" if others else
+           "it holds no other checkpoint: train again, or restore the folder from a copy")
+    return CheckpointError(f"{what} checkpoint step {step} in {manager.directory} cannot be read "
+                           f"({type(error).__name__}: {cause}); it is damaged or incomplete, so "
+                           f"{fix}.")
 
 
 def _load_hf_params(source: str, abstract_params: Any, hparams: Any) -> Any:
@@ -172,6 +214,8 @@ def _load_hf_params(source: str, abstract_params: Any, hparams: Any) -> Any:
                               "requirements-dev.txt.") from e
     except ValueError as e:  # InteropError: the message names the field and the fix.
         raise CheckpointError(f"{where}: {e}") from e
+    except OSError as e:  # An unreadable file of the folder: one line naming it, like the rest.
+        raise CheckpointError(f"{where}: {cli.os_error(e)}") from e
 
     def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]

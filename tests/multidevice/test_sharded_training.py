@@ -42,7 +42,7 @@ def make_config(corpus, mesh, **extra):
     c.train.batch_size, c.train.num_steps = 16, 4
     c.train.eval_every, c.train.eval_batches = 2, 1
     c.optim.warmup_steps, c.optim.lr = 1, 1e-2
-    c.log.progress, c.log.tensorboard, c.log.every = False, False, 1
+    c.log.progress, c.log.tensorboard, c.log.every = "lines", False, 1
     c.checkpoint.every, c.sample.num_samples = 2, 0
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     for key, value in extra.items():
