@@ -15,30 +15,43 @@ import json
 import os
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
-import flax.linen as nn
-import jax
 import numpy as np
 from absl import app, flags, logging
 
 from gpt_jax import cli
 from gpt_jax.data import tokenizers
-from gpt_jax.generate import SamplingParams, generate
-from gpt_jax.models import registry
-from gpt_jax.training import memory, weights
 
+if TYPE_CHECKING:
+    import flax.linen as nn
+
+# jax, Flax and Orbax are imported where a checkpoint is read: a mistake in the flags or the
+# prompt, or a folder that is no run, is reported before they load (a second saved).
+
+COMMAND = "python -m gpt_jax.sample"
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's workdir (required).")
-flags.DEFINE_string("checkpoint", "newest", "newest | best (lowest val loss) | a step number.")
-flags.DEFINE_string("prompt", "\n", "Prompt text, or FILE:path to read it from a file.")
-flags.DEFINE_integer("num_samples", 1, "Continuations to draw (one batch).")
-flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.")
-flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("stop", None, "Stop a sample when it emits the first token of this text "
-                    "(e.g. a newline); a token that merges it with more text does not stop it.")
+
+
+def _define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """The command's flags, in `flag_values`; defined only when run as a program, so that
+    importers (load_run …) get no flags, which would clash with another command's (train's
+    --workdir) in their process."""
+    into = {"flag_values": flag_values}
+    flags.DEFINE_string("workdir", None, "A training run's workdir (required).", **into)
+    flags.DEFINE_string("checkpoint", "newest", "newest | best (lowest val loss) | a step number.",
+                        **into)
+    flags.DEFINE_string("prompt", "\n", "Prompt text, or FILE:path to read it from a file.", **into)
+    flags.DEFINE_integer("num_samples", 1, "Continuations to draw (one batch).", **into)
+    flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample.", **into)
+    flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.", **into)
+    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).", **into)
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).", **into)
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", **into)
+    flags.DEFINE_string("stop", None, "Stop a sample when it emits the first token of this text "
+                        "(e.g. a newline); a token that merges it with more text does not stop it.",
+                        **into)
+
 
 # Each numeric flag: whether a value is allowed, and the allowed values in words.
 _RANGES = {
@@ -48,7 +61,7 @@ _RANGES = {
     "top_k": (lambda v: v >= 0, "an integer ≥ 0 (0 = off)"),
     "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
 }
-_HELP = "python -m gpt_jax.sample --helpshort"
+_HELP = f"{COMMAND} --helpshort"
 
 
 class RunError(ValueError):
@@ -76,7 +89,7 @@ def load_tokenizer(workdir: pathlib.Path) -> tokenizers.Tokenizer:
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # Not JSON, or not UTF-8.
-        raise RunError(f"{path} is not JSON ({cli.one_line(e)[:200]}); {fix}") from e
+        raise RunError(f"{path} is not JSON ({cli.brief(e)}); {fix}") from e
     if isinstance(spec, dict) and spec.get("name") == "gpt2":
         # Its only failure (tiktoken's files offline) has a message of its own, with the fix.
         return tokenizers.tokenizer_from_dict(spec)
@@ -85,14 +98,13 @@ def load_tokenizer(workdir: pathlib.Path) -> tokenizers.Tokenizer:
             raise TypeError(f"a JSON {type(spec).__name__}, not an object")
         return tokenizers.tokenizer_from_dict(spec)
     except (ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{path} does not describe a tokenizer ({type(e).__name__}: "
-                       f"{cli.one_line(e)[:200]}); {fix}") from e
+        raise RunError(f"{path} does not describe a tokenizer ({cli.brief(e, typed=True)}); "
+                       f"{fix}") from e
 
 
-def load_run(workdir: str | pathlib.Path, which: str = "newest"
-             ) -> tuple[tokenizers.Tokenizer, nn.Module, dict, int]:
-    """(tokenizer, model, params, step) of a run's checkpoint `which` (newest | best | a step).
-    Only the parameters are read; they land on the default device."""
+def run_folder(workdir: str | pathlib.Path) -> pathlib.Path:
+    """`workdir` as a path, if it is a folder this process can read; RunError (or an OSError
+    naming it) if not."""
     workdir = pathlib.Path(workdir).expanduser()
     if not workdir.exists():
         raise RunError(f"--workdir={workdir}: no such folder; give the workdir of a training run.")
@@ -100,6 +112,17 @@ def load_run(workdir: str | pathlib.Path, which: str = "newest"
         raise RunError(f"--workdir={workdir} is a file, not a folder; give the workdir of a "
                        "training run.")
     os.listdir(workdir)  # An unreadable folder: an OSError naming it, not "no tokenizer.json".
+    return workdir
+
+
+def load_run(workdir: str | pathlib.Path, which: str = "newest"
+             ) -> tuple[tokenizers.Tokenizer, nn.Module, dict, int]:
+    """(tokenizer, model, params, step) of a run's checkpoint `which` (newest | best | a step).
+    Only the parameters are read; they land on the default device."""
+    from gpt_jax.models import registry
+    from gpt_jax.training import weights
+
+    workdir = run_folder(workdir)
     if which not in ("newest", "best") and not which.isdigit():
         raise RunError(f"--checkpoint={which!r}: use newest, best or a step number.")
     if not (workdir / "tokenizer.json").is_file():
@@ -156,23 +179,16 @@ def encode_prompt(tokenizer: tokenizers.Tokenizer, text: str, model_vocab: int) 
     return ids
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing with its errors (an unknown flag, a value of the wrong type) as one line."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        cli.fail(f"{e}; see {_HELP}.")
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}: every setting is a flag (--name=value); see "
                  f"{_HELP}.")
     logging.set_verbosity(logging.WARNING)  # Orbax's restore chatter would bury the samples.
-    cli.quiet_orbax_reads()
     with cli.errors_as_one_line():
         check_flags()
         text = read_prompt(FLAGS.prompt)
+        run_folder(FLAGS.workdir)  # Before jax and Orbax load.
+        cli.quiet_orbax_reads()
         tokenizer, model, params, step = load_run(FLAGS.workdir, FLAGS.checkpoint)
         vocab = model.cfg.vocab_size
         prompt = encode_prompt(tokenizer, text, vocab)
@@ -180,6 +196,11 @@ def main(argv: list[str]) -> None:
             stop = [] if FLAGS.stop is None else tokenizer.encode(FLAGS.stop)[:1].tolist()
         except ValueError as e:
             raise RunError(f"--stop: {e}") from e
+    import jax
+
+    from gpt_jax.generate import SamplingParams, generate
+    from gpt_jax.training import memory
+
     sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     try:
         outs = generate(model, params, [prompt] * FLAGS.num_samples, FLAGS.max_new_tokens,
@@ -188,7 +209,7 @@ def main(argv: list[str]) -> None:
         if not memory.is_out_of_memory(e):
             raise
         cli.fail(f"out of device memory drawing {FLAGS.num_samples} × {FLAGS.max_new_tokens} "
-                 f"tokens ({cli.one_line(e)[:200]}); lower --num_samples or --max_new_tokens.")
+                 f"tokens ({cli.brief(e)}); lower --num_samples or --max_new_tokens.")
     print(f"# {FLAGS.workdir}, checkpoint step {step}", file=sys.stderr)
     unknown = 0
     for out in outs:
@@ -203,7 +224,8 @@ def main(argv: list[str]) -> None:
 
 def run_main() -> None:
     """The command (`python -m gpt_jax.sample`, or the installed `gpt-jax-sample`)."""
-    app.run(main, flags_parser=parse_flags)
+    _define_flags()
+    app.run(main, flags_parser=cli.flags_parser(COMMAND))
 
 
 if __name__ == "__main__":

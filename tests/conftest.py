@@ -6,12 +6,15 @@ skips collecting them here.
 
 `slow` marks end-to-end tests (multi-process runs, SIGKILL/SIGTERM resumes, full training runs):
 `python -m pytest -q` skips them, `python -m pytest -q --runslow` (what .ci/run does) runs all.
+`not_as_root(reason)` marks a test (or a parametrize row) that needs a permission refused, which
+root is granted (a chmod 555 folder, a chmod 000 file): skipped when the tests run as root.
 """
 
 import json
 import os
 import pathlib
 import re
+import shutil
 import tempfile
 
 import pytest
@@ -34,6 +37,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end test; runs only with --runslow")
+    config.addinivalue_line("markers", "not_as_root(reason): needs a permission that root is "
+                            "granted; skipped when run as root")
     # One persistent XLA compilation cache for the session, CLI subprocesses included: many
     # tests compile the same tiny steps, and a cached executable is the same program (the
     # bitwise tests pass with it). Set before any test module imports jax.
@@ -50,6 +55,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _permissions_enforced() -> bool:
+    """Whether this process is refused a file it may not read (not so for root, unless its
+    capabilities were dropped): probed, not guessed from the user id."""
+    with tempfile.TemporaryDirectory() as folder:
+        probe = pathlib.Path(folder) / "probe"
+        probe.write_text("x")
+        probe.chmod(0)
+        try:
+            probe.read_text()
+        except PermissionError:
+            return True
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _skip_not_as_root(request):
+    """Skips a test marked not_as_root where file permissions are not enforced (root)."""
+    marker = request.node.get_closest_marker("not_as_root")
+    if marker is not None and not _permissions_enforced():
+        pytest.skip(marker.args[0] if marker.args else "root is granted the permission it needs refused")
 
 
 @pytest.fixture
@@ -154,15 +181,24 @@ def metrics_rows():
     return read_metrics
 
 
-def _tree_digest(root: pathlib.Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `root` (a file: itself); {} if absent."""
+def _file_digest(path: pathlib.Path) -> str:
+    """sha256 of a file's bytes; for a file a test made unreadable, its size, time and mode."""
     import hashlib
 
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except PermissionError:
+        st = path.stat()
+        return f"unreadable {st.st_size} {st.st_mtime_ns} {st.st_mode:o}"
+
+
+def _tree_digest(root: pathlib.Path) -> dict[str, str]:
+    """{relative path: digest} of every file under `root` (a file: itself); {} if absent."""
     if root.is_file():
-        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
+        return {".": _file_digest(root)}
     if not root.is_dir():
         return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(root)): _file_digest(p)
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
@@ -216,3 +252,34 @@ def trained_run(tmp_path_factory) -> pathlib.Path:
     c.log.progress, c.log.tensorboard, c.sample.num_samples = "lines", False, 0
     loop.run(c, root / "run")
     return root / "run"
+
+
+class _DamagedRun:
+    """damaged_run(damage) → a copy of `trained_run` in tmp_path/run with damage(copy) applied;
+    the damages that several tests share are its static methods."""
+
+    def __init__(self, run: pathlib.Path, tmp: pathlib.Path):
+        self.run, self.tmp = run, tmp
+
+    def __call__(self, damage) -> pathlib.Path:
+        copy = self.tmp / "run"
+        shutil.copytree(self.run, copy)
+        damage(copy)
+        return copy
+
+    @staticmethod
+    def truncate_arrays(run: pathlib.Path) -> None:
+        """Halves every array file of step 4 (the data chunks and OCDBT's index under
+        state/…/d/): a write cut short."""
+        files = [f for f in (run / "checkpoints" / "4" / "state").rglob("*")
+                 if f.is_file() and f.parent.name == "d"]
+        assert files
+        for f in files:
+            os.truncate(f, f.stat().st_size // 2)
+
+
+@pytest.fixture
+def damaged_run(trained_run, tmp_path) -> _DamagedRun:
+    """damage → a copy of `trained_run` in tmp_path/run, damaged by `damage(copy)` (see
+    _DamagedRun, whose truncate_arrays is one such damage)."""
+    return _DamagedRun(trained_run, tmp_path)

@@ -366,3 +366,47 @@ def test_init_from_refuses_other_shapes_and_warns_of_another_function(tiny_confi
     _, wider = model(**{"model.d_model": 64})
     with pytest.raises(checkpoint.CheckpointError, match="set --config.model.d_model=32"):
         weights.load_params(source, weights.abstract_params(wider), wider)
+
+
+def test_a_config_from_another_code_version_is_refused_not_set_aside(trained_run, tmp_path):
+    """A checkpoint whose saved config reads but no longer fits configs/base.py (a field's type
+    changed without a mapping) is intact: resume says so and moves nothing to unreadable/."""
+    from gpt_jax.config import saved_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    meta = run / "checkpoints" / "4" / "config" / "metadata"
+    saved = json.loads(meta.read_text())
+    saved["model"]["num_layers"] = "one"
+    meta.write_text(json.dumps(saved))
+    c = saved_run_config((run / "config.json").read_text())
+    c.train.num_steps = 6
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this version's configs/base.py"):
+        loop.run(c, run)
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"model.d_model": 64}, "model.d_model"),  # Another shape than the checkpoints'.
+    pytest.param({"checkpoint.init_from": "scratch"}, "already has checkpoints", marks=pytest.mark.slow),
+    pytest.param({"train.num_steps": 1}, "past train.num_steps=1", marks=pytest.mark.slow),
+])
+def test_resume_refusals_come_before_the_compile(trained_run, tmp_path, caplog, change, words):
+    from gpt_jax.config import saved_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    c = saved_run_config((run / "config.json").read_text())
+    for key, value in change.items():
+        group, field = key.split(".")
+        c[group][field] = value
+    with caplog.at_level(logging.INFO, logger="absl"), pytest.raises(ValueError, match=words):
+        loop.run(c, run)
+    assert "compiled" not in caplog.text and sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+
+
+def test_a_missing_init_from_is_refused_before_the_compile(tiny_config, tmp_path, caplog):
+    c = tiny_config(**{"checkpoint.init_from": str(tmp_path / "nope")})
+    with caplog.at_level(logging.INFO, logger="absl"), pytest.raises(ValueError, match="init_from"):
+        loop.run(c, tmp_path / "run")
+    assert "compiled" not in caplog.text

@@ -10,8 +10,9 @@ import pytest
 
 from configs import base, gpt2, openwebtext, quickstart, shakespeare_char
 from gpt_jax import config as config_lib
+from gpt_jax.cli import unknown_config_key
 from gpt_jax.models import registry
-from gpt_jax.train import default_workdir, unknown_config_key
+from gpt_jax.train import default_workdir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

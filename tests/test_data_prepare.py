@@ -6,7 +6,6 @@ import functools
 import hashlib
 import importlib.machinery
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -639,7 +638,6 @@ def scene(tmp_path, corpus, request):
 
 
 _SRC, _BYTE, _OUT = "--source={corpus}", "--tokenizer=byte", "--out={out}"
-_AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 
 
 def _bad(id_: str, args: list[str], *words: str, protect: tuple[str, ...] = (),
@@ -734,7 +732,8 @@ _BAD_INVOCATIONS = [
                                           "--out={source_dir}/prepared"],
          "is inside --source", "choose an --out outside", protect=("source_dir",)),
     _bad("out-under-a-read-only-folder", [_SRC, _BYTE, "--out={read_only}/out"],
-         "permission denied", "check its permissions", protect=("read_only",), marks=_AS_ROOT),
+         "permission denied", "check its permissions", protect=("read_only",),
+         marks=pytest.mark.not_as_root("root writes into read-only folders")),
     # --verify.
     _bad("verify-without-a-folder", ["--verify", "--out={root}/nothing"],
          "not a prepared data folder", "prepare the data first"),
@@ -817,6 +816,32 @@ def test_a_failure_before_any_progress_leaves_nothing(doc_file, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         _prep(doc_file, tmp_path / "empty")
     assert list((tmp_path / "empty").iterdir()) == []  # It was there before: kept, empty.
+
+
+def test_a_failure_removes_only_its_own_files_and_empty_folders(doc_file, tmp_path, monkeypatch):
+    """Files that appear beside --out, or in it, while a prepare runs (another prepare into a
+    sibling folder, the user's notes) survive its failure; the folders it made go if empty."""
+    out = tmp_path / "data" / "a"
+
+    def others_arrive_then_a_bad_record(claim, *args, **kwargs):
+        (tmp_path / "data" / "b").mkdir()
+        (tmp_path / "data" / "b" / "meta.json").write_text("{}")
+        (out / "notes.txt").write_text("mine")
+        (out / shards.shard_name(0)).write_bytes(b"\0\0")
+        raise ValueError("a bad record")
+
+    monkeypatch.setattr(prepare_stream, "_prepare_into", others_arrive_then_a_bad_record)
+    with pytest.raises(ValueError, match="a bad record"):
+        _prep(doc_file, out)
+    assert (tmp_path / "data" / "b" / "meta.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    (out / "notes.txt").unlink()
+    monkeypatch.setattr(prepare_stream, "_prepare_into", lambda *a, **k: (_ for _ in ()).throw(
+        ValueError("a bad record")))
+    with pytest.raises(ValueError):
+        _prep(doc_file, tmp_path / "fresh" / "deep" / "out")
+    assert not (tmp_path / "fresh").exists()  # Every folder it made was empty: all gone.
 
 
 def test_a_failed_resume_removes_nothing_that_was_there(doc_file, tmp_path, monkeypatch):

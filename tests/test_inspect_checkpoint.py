@@ -64,29 +64,12 @@ def _argv(*args) -> list[str]:
     return [sys.executable, str(TOOL), *map(str, args)]
 
 
-def _damaged(run: pathlib.Path, tmp: pathlib.Path, damage) -> pathlib.Path:
-    """A copy of `run` in tmp/run with `damage(copy)` applied."""
-    copy = tmp / "run"
-    shutil.copytree(run, copy)
-    damage(copy)
-    return copy
-
-
 def _halve(relative: str):
     """Truncates a file of the run to half its size (a write cut short)."""
     def damage(run: pathlib.Path) -> None:
         path = run / relative
         os.truncate(path, path.stat().st_size // 2)
     return damage
-
-
-def _truncate_index(run: pathlib.Path) -> None:
-    """Halves every file of step 4's OCDBT store (its array index and data chunks)."""
-    files = [f for f in (run / "checkpoints" / "4" / "state").rglob("*")
-             if f.is_file() and f.parent.name == "d"]
-    assert files
-    for f in files:
-        os.truncate(f, f.stat().st_size // 2)
 
 
 def _write(relative: str, text: str):
@@ -98,47 +81,50 @@ def _empty_checkpoints(run: pathlib.Path) -> None:
     (run / "checkpoints").mkdir()
 
 
-# id, argv(trained run, tmp_path), words the error line must hold. Each row is one subprocess
+# id, argv(trained run, tmp_path, damaged_run), words the error line must hold. Each row is one subprocess
 # (~1.5 s); rows whose path a default row already takes run with --runslow.
 ROWS = [
-    pytest.param(lambda run, tmp: _argv(), ("required: workdir", "usage:"), id="no-argument"),
-    pytest.param(lambda run, tmp: _argv(tmp / "nope"), ("nope: no such folder", "give a workdir"),
-                 id="missing"),
-    pytest.param(lambda run, tmp: _argv(run / "config.json"),
-                 ("is a file, not a folder", "give a workdir"), id="a-file"),
-    pytest.param(lambda run, tmp: _argv(tmp), ("is not a training run", "give a run's workdir"),
-                 id="not-a-run"),
-    pytest.param(lambda run, tmp: _argv(_damaged(run, tmp, _empty_checkpoints)),
+    pytest.param(lambda run, tmp, damaged: _argv(), ("required: workdir", "usage:"), id="no-argument"),
+    pytest.param(lambda run, tmp, damaged: _argv(tmp / "nope"),
+                 ("nope: no such folder", "give a workdir"), id="missing"),
+    pytest.param(lambda run, tmp, damaged: _argv(run / "config.json"),
+                 ("is a file, not a folder", "give a workdir"), id="a-file", marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _argv(tmp),
+                 ("is not a training run", "give a run's workdir"), id="not-a-run", marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _argv(damaged(_empty_checkpoints)),
                  ("holds no checkpoint yet", "inspect it after the first save"), id="checkpoints-empty"),
-    pytest.param(lambda run, tmp: _argv(run, "--step=9"),
+    pytest.param(lambda run, tmp, damaged: _argv(run, "--step=9"),
                  ("no checkpoint of step 9", "choose one of 2, 4 with --step"), id="step-absent"),
-    pytest.param(lambda run, tmp: _argv(run, "--step=abc"),
-                 ("--step", "'abc' is not a step number", "--step=1000"), id="step-abc"),
-    pytest.param(lambda run, tmp: _argv(run, "extra"),
+    pytest.param(lambda run, tmp, damaged: _argv(run, "--step=abc"),
+                 ("--step", "'abc' is not a step number", "--step=1000"), id="step-abc",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _argv(run, "extra"),
                  ("unrecognized arguments: extra", "usage:"), id="stray-argument",
                  marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _argv(_damaged(run, tmp, _halve("checkpoints/4/state/_METADATA"))),
+    pytest.param(lambda run, tmp, damaged: _argv(damaged(_halve("checkpoints/4/state/_METADATA"))),
                  ("parameter tree of checkpoint step 4", "missing or damaged",
                   "inspect another step with --step (2)"), id="metadata-truncated"),
-    pytest.param(lambda run, tmp: _argv(_damaged(run, tmp, _write("checkpoints/4/state/_METADATA",
-                                                                  "garbage"))),
+    pytest.param(lambda run, tmp, damaged: _argv(damaged(_write("checkpoints/4/state/_METADATA",
+                                                                "garbage"))),
                  ("parameter tree of checkpoint step 4", "missing or damaged", "--step (2)"),
                  id="metadata-garbage", marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _argv(_damaged(run, tmp, _truncate_index)),
+    pytest.param(lambda run, tmp, damaged: _argv(damaged(damaged.truncate_arrays)),
                  ("parameter tree of checkpoint step 4", "missing or damaged", "--step (2)"),
-                 id="array-index-truncated"),
-    pytest.param(lambda run, tmp: _argv(_damaged(run, tmp, _write("checkpoints/4/metrics/metrics",
-                                                                  "{garbage"))),
+                 id="array-index-truncated", marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _argv(damaged(_write("checkpoints/4/metrics/metrics",
+                                                                "{garbage"))),
                  ("4/metrics/metrics is damaged", "move that file out of the way"),
-                 id="metrics-garbage"),
+                 id="metrics-garbage", marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize("argv, words", ROWS)
-def test_bad_invocations_are_refused_in_one_line(argv, words, trained_run, tmp_path, bad_invocation):
+def test_bad_invocations_are_refused_in_one_line(argv, words, trained_run, tmp_path, damaged_run,
+                                                 bad_invocation):
     """Every bad invocation: exit ≠ 0, one `error:` line naming the problem and the fix, no
     traceback, nothing changed, and no half table on stdout."""
-    r = bad_invocation(argv(trained_run, tmp_path), *words, protect=(trained_run, tmp_path))
+    r = bad_invocation(argv(trained_run, tmp_path, damaged_run), *words,
+                       protect=(trained_run, tmp_path))
     assert r.stdout == ""
 
 

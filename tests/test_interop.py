@@ -5,7 +5,6 @@ import dataclasses
 import errno
 import importlib.util
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -373,8 +372,6 @@ def test_cli_import_then_sample(hf_folder, tmp_path):
 # the cases, --runslow all.
 
 TOOL = pathlib.Path(__file__).resolve().parent.parent / "tools" / "convert_hf.py"
-ROOT_CAN_WRITE = pytest.mark.skipif(getattr(os, "geteuid", lambda: 1)() == 0,
-                                    reason="root writes into read-only folders")
 
 
 def _hf_variant(hf: pathlib.Path, folder: pathlib.Path, drop=(), write=None) -> pathlib.Path:
@@ -464,9 +461,10 @@ IMPORT_ROWS = [
     ("workdir-a-file", lambda hf, t: (hf, _fake_workdir(t / "dest", "file") / "file", []),
      ["is a file", "new folder"]),
     ("workdir-under-a-file", lambda hf, t: (hf, _fake_workdir(t / "dest", "file") / "file/w", []),
-     ["is a file, not a folder", "choose another path"]),
+     ["is a file, not a folder", "choose another --workdir"]),
     pytest.param("workdir-read-only", lambda hf, t: (hf, t / "dest/ro/w", []),
-                 ["not writable", "permissions"], marks=ROOT_CAN_WRITE),
+                 ["not writable", "permissions"],
+                 marks=pytest.mark.not_as_root("root writes into read-only folders")),
     ("bad-dtype", lambda hf, t: (hf, t / "dest/w", ["--dtype=float16"]),
      ["float16", "--help"]),
     ("empty-hf", lambda hf, t: ("", t / "dest/w", []), ["--hf is empty", "give a path"]),
@@ -545,7 +543,8 @@ EXPORT_ROWS = [
      ["is a file", "new folder"]),
     pytest.param("out-read-only", lambda run, t: ["export", f"--workdir={run}",
                                                   f"--out={t / 'dest/ro/o'}"],
-                 ["not writable", "permissions"], marks=ROOT_CAN_WRITE),
+                 ["not writable", "permissions"],
+                 marks=pytest.mark.not_as_root("root writes into read-only folders")),
     ("no-subcommand", lambda run, t: [], ["required", "{import,export}", "--help"]),
     ("unknown-flag", lambda run, t: ["export", f"--workdir={run}", f"--out={t / 'dest/o'}",
                                      "--bogus"], ["unrecognized arguments: --bogus", "--help"]),

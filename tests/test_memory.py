@@ -65,3 +65,19 @@ def test_other_runtime_errors_are_not_reported_as_memory():
     assert memory.is_out_of_memory(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: oom"))
     assert not memory.is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: something else"))
     assert not memory.is_out_of_memory(ValueError("RESOURCE_EXHAUSTED"))
+
+
+def test_a_cgroup_limit_below_the_host_ram_is_the_limit(tmp_path):
+    from gpt_jax.training import memory
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    files = ((str(limit), str(usage)),)
+    assert memory.cgroup_room(files) is None  # No cgroup files.
+    limit.write_text("max\n")
+    usage.write_text("1000\n")
+    assert memory.cgroup_room(files) is None  # No limit.
+    limit.write_text("8589934592\n")
+    usage.write_text("1073741824\n")
+    assert memory.cgroup_room(files) == 7 * 2**30
+    usage.write_text("9999999999\n")
+    assert memory.cgroup_room(files) == 0

@@ -103,6 +103,11 @@ def test_a_resume_rolls_back_both_files_and_continues_the_clock(tmp_path):
     assert [r["step"] for r in read_rows(tmp_path / "metrics.rolledback.jsonl")] == [7, 8, 9, 10]
     assert kept_time >= 100 and kept_time <= rows[6]["time"] < kept_time + 60
     assert rows[7]["tokens"] == 80
+    # Resumed again from step 8 with twice the tokens per step: counted on from row 8's 80.
+    again = MetricsWriter(tmp_path, tensorboard=False, resume_after=8, tokens_per_step=20)
+    again.write(9, {"train/loss": 0.5})
+    again.close()
+    assert read_rows(tmp_path / "metrics.jsonl")[-1]["tokens"] == 100
     tb = tensorboard_scalars(tmp_path / "tb")["train/loss"]
     assert tb == [(s, float(s)) for s in range(1, 7)] + [(7, -7.0), (8, -8.0)]
 

@@ -1,7 +1,6 @@
 """`python -m gpt_jax.sample`: a run's newest / best / chosen checkpoint, its tokenizer, clear errors."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.sample import RunError, load_run
@@ -86,23 +86,6 @@ def _sample_argv(workdir, *flags) -> list[str]:
     return [sys.executable, "-m", "gpt_jax.sample", f"--workdir={workdir}", *flags]
 
 
-def _damaged(run: pathlib.Path, tmp: pathlib.Path, damage) -> pathlib.Path:
-    """A copy of `run` in tmp/run with `damage(copy)` applied."""
-    copy = tmp / "run"
-    shutil.copytree(run, copy)
-    damage(copy)
-    return copy
-
-
-def _truncate_arrays(run: pathlib.Path) -> None:
-    """Halves every array file of step 4 (the data chunks and OCDBT's index under state/…/d/)."""
-    files = [f for f in (run / "checkpoints" / "4" / "state").rglob("*")
-             if f.is_file() and f.parent.name == "d"]
-    assert files
-    for f in files:
-        os.truncate(f, f.stat().st_size // 2)
-
-
 def _write(relative: str, text: str):
     return lambda run: (run / relative).write_text(text)
 
@@ -115,98 +98,103 @@ def _unreadable(run: pathlib.Path) -> None:
     run.chmod(0)
 
 
-ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 LONG = "def f1(x):\n    return x * 1 + 1\n\n" * 3  # ~100 characters: the model's context is 16.
 
-# id, argv(trained run, tmp_path), words the error line must hold. Each row is a separate
+# id, argv(trained run, tmp_path, damaged_run), words the error line must hold. Each row is a separate
 # `python -m gpt_jax.sample` (~1.5 s): the cheap, distinct paths run by default, the rest with
 # --runslow (same code as a default row, or one more checkpoint read).
 SAMPLE_ROWS = [
-    pytest.param(lambda run, tmp: [sys.executable, "-m", "gpt_jax.sample"],
+    pytest.param(lambda run, tmp, damaged: [sys.executable, "-m", "gpt_jax.sample"],
                  ("--workdir is missing", "--workdir=runs/"), id="no-workdir"),
-    pytest.param(lambda run, tmp: _sample_argv(tmp / "nope"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(tmp / "nope"),
                  ("nope: no such folder", "give the workdir of a training run"), id="workdir-missing"),
-    pytest.param(lambda run, tmp: _sample_argv(run / "config.json"),
-                 ("is a file, not a folder", "give the workdir"), id="workdir-is-a-file"),
-    pytest.param(lambda run, tmp: _sample_argv(run / "checkpoints"),
-                 ("has no tokenizer.json", "give the --workdir of a training run"), id="not-a-run"),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _remove("checkpoints"))),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run / "config.json"),
+                 ("is a file, not a folder", "give the workdir"), id="workdir-is-a-file",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run / "checkpoints"),
+                 ("has no tokenizer.json", "give the --workdir of a training run"), id="not-a-run",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_remove("checkpoints"))),
                  ("has no checkpoints/ folder", "train until it saves one"), id="no-checkpoints"),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--checkpoint=abc"),
-                 ("--checkpoint='abc'", "newest, best or a step number"), id="checkpoint-abc"),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--checkpoint=99"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--checkpoint=abc"),
+                 ("--checkpoint='abc'", "newest, best or a step number"), id="checkpoint-abc",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--checkpoint=99"),
                  ("no checkpoint of step 99", "[2, 4]", "choose one"), id="checkpoint-99"),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _remove("checkpoints/*/metrics")),
-                                               "--checkpoint=best"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_remove("checkpoints/*/metrics")),
+                                                        "--checkpoint=best"),
                  ("none is best", "choose newest or a step"), id="best-without-evals",
                  marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--prompt="),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--prompt="),
                  ("--prompt is empty", "at least one character"), id="empty-prompt"),
-    pytest.param(lambda run, tmp: _sample_argv(run, f"--prompt=FILE:{tmp / 'missing.txt'}"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, f"--prompt=FILE:{tmp / 'missing.txt'}"),
                  ("--prompt=FILE:", "missing.txt", "no such file", "check the path"),
-                 id="prompt-file-missing"),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--prompt=Z"),
+                 id="prompt-file-missing", marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--prompt=Z"),
                  ("--prompt", "'Z'", "not in the char tokenizer's vocab"), id="prompt-char-unknown",
                  marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--stop="),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--stop="),
                  ("--stop is empty", "leave the flag out"), id="empty-stop", marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--num_samples=0"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--num_samples=0"),
                  ("--num_samples=0 is out of range", "an integer ≥ 1"), id="num_samples-0"),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--max_new_tokens=-1"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--max_new_tokens=-1"),
                  ("--max_new_tokens=-1 is out of range", "an integer ≥ 1"), id="max_new_tokens--1",
                  marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--temperature=-1"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--temperature=-1"),
                  ("--temperature=-1.0 is out of range", "a number ≥ 0"), id="temperature--1",
                  marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--top_k=-1"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--top_k=-1"),
                  ("--top_k=-1 is out of range", "an integer ≥ 0"), id="top_k--1",
                  marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--top_p=0"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--top_p=0"),
                  ("--top_p=0.0 is out of range", "(0, 1]"), id="top_p-0", marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--top_p=1.5"),
-                 ("--top_p=1.5 is out of range", "(0, 1]"), id="top_p-1.5"),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--num_samples=abc"),
-                 ("--num_samples=abc", "invalid literal for int()", "--helpshort"), id="num_samples-abc"),
-    pytest.param(lambda run, tmp: _sample_argv(run, "--bogus=1"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--top_p=1.5"),
+                 ("--top_p=1.5 is out of range", "(0, 1]"), id="top_p-1.5", marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--num_samples=abc"),
+                 ("--num_samples=abc", "invalid literal for int()", "--helpshort"), id="num_samples-abc",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "--bogus=1"),
                  ("unknown command line flag 'bogus'", "--helpshort"), id="unknown-flag",
                  marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(run, "extra"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(run, "extra"),
                  ("unexpected arguments ['extra']", "--name=value"), id="stray-argument",
                  marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _truncate_arrays)),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(damaged.truncate_arrays)),
                  ("parameters of checkpoint step 4", "cannot be read", "choose another of its steps: 2"),
                  id="arrays-truncated"),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _write("checkpoints/4/config/metadata",
-                                                                         "{garbage"))),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_write("checkpoints/4/config/metadata",
+                                                                       "{garbage"))),
                  ("config saved with checkpoint step 4", "cannot be read", "choose another of its steps: 2"),
                  id="checkpoint-config-garbage", marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _write("checkpoints/4/metrics/metrics",
-                                                                         "{garbage"))),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_write("checkpoints/4/metrics/metrics",
+                                                                       "{garbage"))),
                  ("4/metrics/metrics is damaged", "move that file out of the way"),
                  id="checkpoint-metrics-garbage", marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _write("tokenizer.json", "{garbage"))),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_write("tokenizer.json", "{garbage"))),
                  ("tokenizer.json is not JSON", "put back the tokenizer.json"), id="tokenizer-garbage"),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _write("tokenizer.json",
-                                                                         '{"name": "char"}'))),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_write("tokenizer.json",
+                                                                       '{"name": "char"}'))),
                  ("tokenizer.json does not describe a tokenizer", "put back the tokenizer.json"),
                  id="tokenizer-fields-missing", marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _write("tokenizer.json",
-                                                                         '{"name": "byte"}')),
-                                               "--prompt=z"),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_write("tokenizer.json",
+                                                                       '{"name": "byte"}')),
+                                                        "--prompt=z"),
                  ("--prompt holds token 122", "model lacks", "leave that text out"),
                  id="tokenizer-larger-than-model", marks=pytest.mark.slow),
-    pytest.param(lambda run, tmp: _sample_argv(_damaged(run, tmp, _unreadable)),
+    pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_unreadable)),
                  ("permission denied", "check its permissions"), id="workdir-unreadable",
-                 marks=pytest.mark.skipif(ROOT, reason="root reads a chmod 000 folder")),
+                 marks=pytest.mark.not_as_root("root reads a chmod 000 folder")),
 ]
 
 
 @pytest.mark.parametrize("argv, words", SAMPLE_ROWS)
-def test_bad_invocations_are_refused_in_one_line(argv, words, trained_run, tmp_path, bad_invocation):
+def test_bad_invocations_are_refused_in_one_line(argv, words, trained_run, tmp_path, damaged_run,
+                                                 bad_invocation):
     """Every bad invocation: exit ≠ 0, one `error:` line naming the problem and the fix, no
     traceback, and neither the run nor its damaged copy changed (sampling writes nothing)."""
     try:
-        bad_invocation(argv(trained_run, tmp_path), *words, protect=(trained_run, tmp_path))
+        bad_invocation(argv(trained_run, tmp_path, damaged_run), *words,
+                       protect=(trained_run, tmp_path))
     finally:
         if (tmp_path / "run").exists():
             (tmp_path / "run").chmod(0o755)  # So that pytest can remove it.
@@ -224,11 +212,10 @@ def test_a_prompt_longer_than_the_context_is_sampled(trained_run):
 
 
 @pytest.mark.slow
-def test_a_tokenizer_smaller_than_the_model_still_samples(trained_run, tmp_path):
+def test_a_tokenizer_smaller_than_the_model_still_samples(damaged_run):
     """A tokenizer of 4 characters under the run's 25-token model (what model.vocab_size above
     the tokenizer's allows): the sample prints, with a warning for the ids it lacks."""
-    run = _damaged(trained_run, tmp_path, _write("tokenizer.json", json.dumps({"name": "char",
-                                                                               "chars": "\n ()"})))
+    run = damaged_run(_write("tokenizer.json", json.dumps({"name": "char", "chars": "\n ()"})))
     r = subprocess.run(_sample_argv(run, "--max_new_tokens=40", "--temperature=2"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -243,16 +230,25 @@ def test_out_of_device_memory_is_one_line(trained_run, monkeypatch, capsys):
     def out_of_memory(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GB.")
 
-    monkeypatch.setattr(sample, "generate", out_of_memory)
+    monkeypatch.setattr("gpt_jax.generate.generate", out_of_memory)  # What main imports.
     # Not the command's process: its log filters would outlive this test.
     monkeypatch.setattr(sample.cli, "quiet_orbax_reads", lambda: None)
-    sample.FLAGS(["sample", f"--workdir={trained_run}", "--num_samples=512"])
-    try:
-        with pytest.raises(SystemExit) as e:
-            sample.main(["sample"])
-    finally:
-        sample.FLAGS.unparse_flags()
+    own = flags.FlagValues()  # The command's flags, apart from this process's.
+    sample._define_flags(own)
+    own(["sample", f"--workdir={trained_run}", "--num_samples=512"])
+    monkeypatch.setattr(sample, "FLAGS", own)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["sample"])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: out of device memory drawing 512 × 200 tokens")
     assert err[-1].endswith("lower --num_samples or --max_new_tokens.")
+
+
+def test_importing_the_sample_module_defines_no_flags():
+    """load_run and the rest import without the command's flags, which would clash with
+    train's (--workdir) in a program that uses both."""
+    r = subprocess.run([sys.executable, "-c", "from gpt_jax import sample, train\n"
+                        "train.define_flags()\nassert 'checkpoint' not in sample.FLAGS"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

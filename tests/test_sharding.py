@@ -193,16 +193,24 @@ def test_per_device_bytes_and_replicated_host_arrays():
     assert sharding.per_device_bytes({"a": a, "b": b}) == 3 * 5 * 4 + 7 * 4
 
 
-def test_a_cpu_fallback_on_an_accelerator_machine_is_a_warning(tmp_path, monkeypatch):
+def test_a_cpu_fallback_on_an_accelerator_machine_is_a_warning(monkeypatch):
+    from jax._src import hardware_utils
+
     from gpt_jax.parallel import mesh as mesh_lib
 
-    driver = tmp_path / "nvidia0"
-    drivers = [("an NVIDIA GPU", (str(tmp_path / "nvidia[0-9]*"),), "cuda13")]
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    assert mesh_lib.unused_accelerator(drivers) is None  # No driver: nothing to say.
-    driver.touch()
-    warning = mesh_lib.unused_accelerator(drivers)
-    assert "NVIDIA GPU" in warning and str(driver) in warning
-    assert f"jax[cuda13]=={jax.__version__}" in warning and "JAX_PLATFORMS=cpu" in warning
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(hardware_utils, "has_visible_nvidia_gpu", lambda: False)
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (0, None))
+    assert mesh_lib.unused_accelerator() is None  # No accelerator: nothing to say.
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (4, None))
+    want = f"a TPU but JAX runs on the CPU: install jax's tpu build, pip install 'jax[tpu]=={jax.__version__}"
+    assert want in mesh_lib.unused_accelerator()
+    monkeypatch.setattr(hardware_utils, "has_visible_nvidia_gpu", lambda: True)
+    warning = mesh_lib.unused_accelerator()
+    assert "an NVIDIA GPU" in warning and "jax[cuda13]" in warning and "JAX_PLATFORMS=cpu" in warning
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # On purpose.
-    assert mesh_lib.unused_accelerator(drivers) is None
+    assert mesh_lib.unused_accelerator() is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert mesh_lib.unused_accelerator() is None  # It is used.

@@ -253,9 +253,6 @@ def test_in_process_bpe_takes_data_vocab_size(tiny_config):
 
 # --- Bad invocations of `python -m gpt_jax.train`: one `error:` line, nothing written. ---
 
-ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
-
-
 @pytest.fixture
 def scratch(tmp_path, corpus):
     """tmp_path with what the bad invocations below point at: broken config files, a file where a
@@ -336,10 +333,10 @@ TRAIN_ROWS = [
                  ("ckfile",), (), id="workdir-checkpoints-is-a-file"),
     pytest.param(_chmod("readonly", 0o555), ("readonly is not writable", "choose a --workdir"),
                  ("readonly",), (), id="workdir-read-only",
-                 marks=pytest.mark.skipif(ROOT, reason="root writes a chmod 555 folder")),
+                 marks=pytest.mark.not_as_root("root writes a chmod 555 folder")),
     pytest.param(_chmod("unreadable/config.json", 0), ("cannot read and write", "config.json"),
                  ("unreadable",), (), id="workdir-config-json-unreadable",
-                 marks=pytest.mark.skipif(ROOT, reason="root reads a chmod 000 file")),
+                 marks=pytest.mark.not_as_root("root reads a chmod 000 file")),
     pytest.param(_train(_W, "--config.model.num_heads=5"), ("num_heads=5", "does not divide"), (),
                  ("w",), id="bad-value"),
     # Loads the data (jax imported, ~3 s): refused after the workdir was made, which is removed.

@@ -37,7 +37,7 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gpt_jax import cli, train  # noqa: E402 — after the path.
+from gpt_jax import cli  # noqa: E402 — after the path.
 
 # name: (config file, variant, overrides). Overrides fix the vocabulary (no data is prepared)
 # and make GPT-2 runs fit one accelerator.
@@ -79,7 +79,7 @@ def preset_config(name: str, extra: list[str]):
     for e in extra:  # A typo would otherwise add a field that nothing reads.
         key = e.split("=", 1)[0]
         problem = ("give GROUP.FIELD=VALUE, e.g. --set=model.num_layers=2" if "=" not in e
-                   else train.unknown_config_key(key, flag="--set="))
+                   else cli.unknown_config_key(key, flag="--set="))
         if problem:
             raise ConfigError(f"--set={e}: {problem}")
     for key, value in [*overrides.items(), *(e.split("=", 1) for e in extra)]:
@@ -251,4 +251,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.flags_parser(COMMAND))
+    app.run(main, flags_parser=cli.flags_parser(COMMAND))

@@ -37,7 +37,7 @@ flags.DEFINE_string("out", "runs/benchmarks", "Folder for the JSON and markdown 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gpt_jax import cli, train  # noqa: E402 — after the path.
+from gpt_jax import cli  # noqa: E402 — after the path.
 
 COMMAND = "python tools/compare_nanogpt.py"
 TOKENS_PER_STEP = 12 * 64  # Batch 12 × block 64 in both recipes.
@@ -149,4 +149,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.flags_parser(COMMAND))
+    app.run(main, flags_parser=cli.flags_parser(COMMAND))

@@ -37,7 +37,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from typing import NoReturn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # Run from anywhere.
 
@@ -191,7 +190,7 @@ def _run_folders(workdir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Pat
             raise checkpoint.CheckpointError(
                 f"--workdir={workdir}: {checkpoints} holds no checkpoint yet (a run saves one "
                 "every checkpoint.every steps); export once it has, or give another workdir.")
-        config = _json_object(checkpoints / "config.json") or {}
+        config = cli.json_object(checkpoints / "config.json") or {}
         if "model_type" in config:
             raise hf_gpt2.InteropError(
                 f"--workdir={workdir} is a Hugging Face folder, not a gpt_jax workdir; export "
@@ -204,15 +203,6 @@ def _run_folders(workdir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Pat
             f"--workdir={workdir} has no checkpoints/ folder: its run saved no checkpoint (a run "
             "saves one every checkpoint.every steps); export once it has, or give another workdir.")
     return checkpoints, checkpoints.parent
-
-
-def _json_object(path: pathlib.Path) -> dict | None:
-    """The JSON object in `path`; None if it is absent, unreadable or holds something else."""
-    try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _check_new_workdir(out: pathlib.Path) -> None:
@@ -260,7 +250,7 @@ def _is_export(folder: pathlib.Path, names: list[str]) -> bool:
     a config.json that is an HF GPT-2 one (a workdir's has no model_type)."""
     if not set(names) <= EXPORT_FILES or not all((folder / n).is_file() for n in names):
         return False
-    return (_json_object(folder / "config.json") or {}).get("model_type") == "gpt2"
+    return (cli.json_object(folder / "config.json") or {}).get("model_type") == "gpt2"
 
 
 def _names(names: list[str], most: int = 4) -> str:
@@ -269,16 +259,10 @@ def _names(names: list[str], most: int = 4) -> str:
 
 def _check_writable(out: pathlib.Path, flag: str) -> None:
     """Refuses `out` if the nearest folder that exists above it is a file or not writable: found
-    before the conversion's work, not after it."""
-    above = out.resolve().parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise hf_gpt2.InteropError(f"{flag}={out}: {above} is a file, not a folder; choose "
-                                   "another path.")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise hf_gpt2.InteropError(f"{flag}={out}: {above} is not writable; check its "
-                                   "permissions or choose another path.")
+    before the conversion's work, not after it. Its parent is what is written (_staged writes
+    beside `out` and renames), so an existing `out` need not be writable itself."""
+    if problem := cli.output_problem(out, flag, out.resolve().parent):
+        raise hf_gpt2.InteropError(problem)
 
 
 @contextlib.contextmanager
@@ -288,13 +272,12 @@ def _staged(out: pathlib.Path) -> Iterator[pathlib.Path]:
     block or the rename fails, it and the parent folders made for it are removed and `out` is as
     it was. So `out` is never half-written."""
     out = out.resolve()  # A symbolic link's target is what the user means (and gets).
-    made = []  # Parent folders created here, outermost first: removed again on failure.
-    missing = [p for p in out.parents if not p.exists()]
+    made = []  # Parent folders created here, innermost first: removed again on failure.
     tmp = None
     try:
-        for folder in reversed(missing):
+        for folder in reversed(cli.missing_folders(out.parent)):
             folder.mkdir()
-            made.append(folder)
+            made.insert(0, folder)
         try:
             tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
                                                 dir=out.parent))
@@ -318,9 +301,7 @@ def _staged(out: pathlib.Path) -> Iterator[pathlib.Path]:
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        cli.remove_empty(made)
         raise
 
 
@@ -333,17 +314,10 @@ def _checkpoint_arg(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{value!r} is not newest, best or a step number") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse refusing as every gpt_jax command does: one `error:` line, naming the fix (its
-    own prints the usage and `PROG: error: …`)."""
-
-    def error(self, message: str) -> NoReturn:
-        cli.fail(f"{message}; `{self.prog} --help` lists the arguments.")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__.splitlines()[0])
-    # Subparsers are _Parsers too; the metavar names the choices in "arguments are required".
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    # Subparsers are cli.ArgumentParsers too; the metavar names the choices in "arguments are
+    # required".
     commands = parser.add_subparsers(dest="command", metavar="{import,export}", required=True)
     imp = commands.add_parser("import", help="HF GPT-2 → gpt_jax workdir")
     imp.add_argument("--hf", required=True, help="HF folder (config.json + weights) or hub name")
@@ -380,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 export_hf(args.workdir, args.out, args.checkpoint)
     except ImportError as e:
-        cli.fail(f"{e}; the conversion needs torch and transformers: pip install -r "
-                 "requirements-dev.txt")
+        if (e.name or "").split(".")[0] not in ("torch", "transformers", "safetensors"):
+            raise  # Not a missing optional dependency: a bug, with its traceback.
+        cli.fail(f"{e}; the conversion needs torch, transformers and safetensors: pip install "
+                 "'.[hf]' (or pip install -r requirements-dev.txt)")
     return 0
 
 

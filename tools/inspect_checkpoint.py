@@ -69,7 +69,7 @@ def parameter_table(step_dir: pathlib.Path, others: list[int] | None = None) -> 
     except PermissionError:
         raise  # Reported with its path and the fix.
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
-        raise unreadable(f"damaged or incomplete; {type(e).__name__}: {cli.one_line(e)[:200]}") from e
+        raise unreadable(f"damaged or incomplete; {cli.brief(e, typed=True)}") from e
     # Orbax returns no metadata (and logs a warning) when state/_METADATA or the array index is
     # missing or garbage.
     params = metadata.get("params") if metadata is not None else None
@@ -113,14 +113,6 @@ def report(path: str, step: int | None) -> list[str]:
             f"parameters at step {step}", *params]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors as one `error:` line (its own are two lines)."""
-
-    def error(self, message: str) -> None:
-        usage = self.format_usage().strip().removeprefix("usage: ")
-        cli.fail(f"{message}; usage: {usage}", status=2)
-
-
 def _step(text: str) -> int:
     """--step's type: a step number."""
     if not text.isdigit():
@@ -130,7 +122,7 @@ def _step(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", help="a training workdir (or its checkpoints/ folder)")
     parser.add_argument("--step", type=_step, default=None, help="step for the tree; default newest")
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gpt_jax import cli, train  # noqa: E402 — after the path.
+from gpt_jax import cli  # noqa: E402 — after the path.
 
 COMMAND = "python tools/launch_local.py"
 flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
@@ -204,4 +204,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.flags_parser(COMMAND))
+    app.run(main, flags_parser=cli.flags_parser(COMMAND))

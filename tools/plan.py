@@ -23,11 +23,11 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gpt_jax import cli, train  # noqa: E402 — after the path; imports no jax (devices come first).
+from gpt_jax import cli  # noqa: E402 — after the path; imports no jax (devices come first).
 
 COMMAND = "python tools/plan.py"
-sys.argv = cli.resolve_config_args(sys.argv)  # configs/NAME.py from any folder once installed.
-train.define_config_flag(cli.recipes_dir() / "gpt2.py", COMMAND)
+sys.argv = cli.recipe_args(sys.argv)  # configs/NAME.py from any folder once installed.
+cli.define_config_flag(cli.recipes_dir() / "gpt2.py", COMMAND)
 flags.DEFINE_integer("num_devices", 0, "Devices to simulate; 0: the product of the mesh sizes "
                      "(-1 as 1).", lower_bound=0)
 flags.DEFINE_float("hbm_gb", 80.0, "Memory per device, GB (1e9 bytes), to check the plan against.")
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: every setting is a flag "
                  f"(--config.GROUP.FIELD=VALUE, --hbm_gb=…); see {COMMAND} --helpshort.")
-    config = train.loaded_config()
+    config = cli.loaded_config()
     out = None if FLAGS.json is None else pathlib.Path(FLAGS.json)
     if out is not None:  # Refused now, not after the compile.
         cli.check_output(out, "--json", folder=False)
@@ -159,4 +159,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.flags_parser(COMMAND))
+    app.run(main, flags_parser=cli.flags_parser(COMMAND))

@@ -38,6 +38,7 @@ from gpt_jax.data.corpora import Corpus
 # Bump when the in-process folders' layout or tokenization changes: the key hashes it, so old
 # caches are no longer found. 2: shards.py's format (1 wrote train.bin / val.bin).
 FORMAT_VERSION = 2
+COMMAND = "python -m gpt_jax.data.prepare"
 
 
 def _options(tokenizer_name: str, val_fraction: float, vocab_size: int | None,
@@ -190,14 +191,6 @@ def _define_flags() -> None:
                       "or, with --out alone, of an existing prepared folder.")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with its errors (an unknown flag, a bad value) as one `error:` line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        cli.fail(f"{e}; see python -m gpt_jax.data.prepare --helpshort for the flags.")
-
-
 def _summary(prepared: shards.PreparedShards) -> str:
     m = prepared.meta
     eot = ("no end-of-text token: documents end with a newline" if m["eot_id"] is None
@@ -271,7 +264,7 @@ def main(argv: list[str]) -> None:
 def run_main() -> None:
     """The command (`python -m gpt_jax.data.prepare`, or the installed `gpt-jax-prepare`)."""
     _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(COMMAND))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import multiprocessing
 import os
 import pathlib
 import re
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +38,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from gpt_jax import cli
 from gpt_jax.data import shards, sources, tokenizers
 
 CHUNK_BYTES = 1 << 20  # Text per task: large enough to amortise pickling, small for balance.
@@ -127,27 +127,20 @@ class _Claim:
 
     out: pathlib.Path
     progress: dict[str, Any] | None  # An interrupted prepare's state to resume, else None.
-    made: pathlib.Path | None = None  # The top folder this prepare created (None: none).
-    was_empty: bool = False  # --out existed and was empty: everything in it is this prepare's.
+    # The folders this prepare created: --out, then its missing parents (innermost first).
+    made: list[pathlib.Path] = dataclasses.field(default_factory=list)
+    was_empty: bool = False  # --out existed and was empty before this prepare.
 
     def roll_back(self) -> None:
-        """Removes what this prepare made, leaving --out as it was before."""
-        if self.made is not None:
-            shutil.rmtree(self.made, ignore_errors=True)
-        elif self.was_empty:
-            for path in self.out.iterdir():
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
+        """Removes what this prepare wrote in --out (only its own files: others may have
+        appeared there since) and the folders it created if they are left empty: a parent may
+        meanwhile hold someone else's files, and those stay."""
+        if not (self.made or self.was_empty):
+            return
+        for path in self.out.iterdir():
+            if _OURS.fullmatch(path.name) and (path.is_file() or path.is_symlink()):
+                path.unlink(missing_ok=True)
+        cli.remove_empty(self.made)  # Not one holding someone else's files.
 
 
 def _listing(names: list[str], limit: int = 4) -> str:
@@ -170,11 +163,9 @@ def _claim(out: pathlib.Path, fingerprint: str) -> _Claim:
     reused): creates it, or finds it empty, or finds this prepare interrupted (resume) or damaged
     (rebuilt). Raises ValueError, having changed nothing, for any other `out`."""
     if not out.exists():
-        top = out
-        while not top.parent.exists():  # The first missing folder of the path: removed on failure.
-            top = top.parent
+        made = cli.missing_folders(out)  # Removed again if the prepare fails and they are empty.
         out.mkdir(parents=True)
-        return _Claim(out, None, made=top)
+        return _Claim(out, None, made=made)
     if not out.is_dir():
         raise ValueError(f"--out={str(out)!r} is a file; give a folder (a new one, or a prepared "
                          "folder to reuse or resume).")
@@ -188,7 +179,7 @@ def _claim(out: pathlib.Path, fingerprint: str) -> _Claim:
     if other := [n for n in names if not _OURS.fullmatch(n)]:
         raise ValueError(f"--out={str(out)!r} holds other files ({_listing(other)}) and is no "
                          "prepared folder; give a new or empty folder.")
-    progress = _read_json(out / shards.PROGRESS)
+    progress = cli.json_object(out / shards.PROGRESS)
     if progress is not None and progress.get("fingerprint") == fingerprint:
         return _Claim(out, progress)
     meta = shards.read_meta(out)
@@ -372,7 +363,7 @@ def prepare_folder(
             claim.roll_back()
         elif not isinstance(e, KeyboardInterrupt):  # The CLI says so itself on an interruption.
             logging.warning("Kept the %d complete shard(s) in %s: run the same command again to "
-                            "resume.", len((_read_json(out / shards.PROGRESS) or {})
+                            "resume.", len((cli.json_object(out / shards.PROGRESS) or {})
                                             .get("shards", [])), out)
         raise
     return shards.open_shards(out)

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from gpt_jax import cli
 from gpt_jax.data import tokenizers
 
 FORMAT = "gpt_jax.shards"
@@ -228,11 +229,8 @@ def write_meta(folder: pathlib.Path, progress: dict[str, Any], fields: dict[str,
 
 def read_meta(folder: str | pathlib.Path) -> dict[str, Any] | None:
     """meta.json of `folder` if it is a readable file of this format, else None."""
-    try:
-        meta = json.loads((pathlib.Path(folder) / META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+    meta = cli.json_object(pathlib.Path(folder) / META)
+    return meta if meta is not None and meta.get("format") == FORMAT else None
 
 
 def complete_meta(folder: pathlib.Path, fingerprint: str) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import numpy as np
 from absl import logging
 
-from gpt_jax.cli import one_line
+from gpt_jax.cli import brief
 from gpt_jax.data import tokenizers
 from gpt_jax.models import gpt, registry
 from gpt_jax.models.gpt import GPTConfig
@@ -380,10 +380,9 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
         try:
             model = transformers.GPT2LMHeadModel.from_pretrained(source)
         except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise InteropError(f"{source!r} is no local folder and the Hugging Face hub cannot "
-                               f"give it ({first}); download it where the network allows and "
-                               "pass its folder.") from e
+                               f"give it ({brief(e, 300, line=0)}); download it where the network "
+                               "allows and pass its folder.") from e
         return model.config, {k: _to_numpy(v) for k, v in model.state_dict().items()}
     folder = pathlib.Path(source).expanduser()
     if folder.is_file():
@@ -407,7 +406,7 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
         raise  # Unreadable: the caller says so with the path and the fix.
     except Exception as e:  # Values GPT2Config refuses; transformers raises many kinds.
         raise InteropError(f"{config_path} is not a GPT-2 config transformers reads "
-                           f"({_brief(e)}); give the config.json that save_pretrained wrote "
+                           f"({brief(e, 300)}); give the config.json that save_pretrained wrote "
                            "with the weights.") from e
     model_fields_from_hf(hf_config)  # Its refusals before the (large) weights are read.
     return hf_config, _read_weights(folder)
@@ -415,11 +414,14 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
 
 def _read_json(path: pathlib.Path, want: str) -> dict[str, Any]:
     """The JSON object in `path`; InteropError naming `want` (what the file should be) if it
-    holds something else."""
+    holds something else. Not cli.json_object, which answers None for a file that is absent or
+    damaged alike: this file is required, so its refusal says what is wrong with it (truncated
+    JSON, another type), and an unreadable one raises its OSError, which the command words with
+    the path and the fix."""
     try:
         value = json.loads(path.read_bytes())
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError.
-        raise InteropError(f"{path} is not valid JSON ({_brief(e)}); it may be truncated: "
+        raise InteropError(f"{path} is not valid JSON ({brief(e, 300)}); it may be truncated: "
                            f"give {want}.") from e
     if not isinstance(value, dict):
         raise InteropError(f"{path} holds a JSON {type(value).__name__}, not an object; give "
@@ -466,25 +468,15 @@ def read_tokenizer(source: str, build: bool = True
             except Exception as e:  # transformers and tokenizers raise many kinds.
                 raise InteropError(
                     f"{source}: vocab.json + merges.txt do not make a GPT-2 tokenizer "
-                    f"({_first_line(e)}); fix them, or remove them to import without a "
+                    f"({brief(e, 300, line=0)}); fix them, or remove them to import without a "
                     "tokenizer.") from e
         files["tokenizer.json"] = converted.encode("utf-8")
     try:
         return files, tokenizers.HFTokenizer(files["tokenizer.json"].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise InteropError(f"{source}: its tokenizer.json is not a Hugging Face tokenizer "
-                           f"({_first_line(e)}); fix it, or remove it to import without a "
+                           f"({brief(e, 300, line=0)}); fix it, or remove it to import without a "
                            "tokenizer.") from e
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _brief(e: BaseException, limit: int = 300) -> str:
-    """A library's exception, all its lines on one (validation messages put the cause last)."""
-    text = one_line(e) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:
@@ -536,7 +528,7 @@ def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
             with safetensors.safe_open(str(path), framework="pt") as f:
                 out.update({k: _to_numpy(f.get_tensor(k)) for k in f.keys()})  # noqa: SIM118
         except safetensors.SafetensorError as e:
-            raise InteropError(f"{path} is not a complete safetensors file ({_brief(e)}); "
+            raise InteropError(f"{path} is not a complete safetensors file ({brief(e, 300)}); "
                                "it may be truncated (an interrupted download or copy): download "
                                "or export it again.") from e
     return out

@@ -7,7 +7,6 @@ mesh is `jax.make_mesh`'s, which orders devices for the fastest ICI rings.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 from collections.abc import Sequence
@@ -68,26 +67,26 @@ def axis_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int,
     return ici, dcn
 
 
-# Files that exist only where an accelerator's kernel driver is loaded.
-_DRIVERS = (("an NVIDIA GPU", ("/proc/driver/nvidia/version", "/dev/nvidia[0-9]*"), "cuda13"),
-            ("a TPU", ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*"), "tpu"))
-
-
-def unused_accelerator(driver_files: Sequence[tuple[str, Sequence[str], str]] = _DRIVERS
-                       ) -> str | None:
-    """A warning when JAX computes on the CPU of a machine whose GPU or TPU driver is loaded
-    (the CPU-only jax is installed, or its plugin failed to load: JAX says so only in an INFO
-    line); None otherwise, or when JAX_PLATFORMS asks for the CPU on purpose."""
+def unused_accelerator() -> str | None:
+    """A warning, with the install command, when JAX computes on the CPU of a machine with a
+    visible NVIDIA GPU or TPU (the CPU-only jax is installed, or its plugin failed to load);
+    None otherwise, or when JAX_PLATFORMS=cpu asks for the CPU on purpose. The hardware test is
+    JAX's own (its warning, which names no command, is dropped from the log: cli._noise)."""
     if jax.default_backend() != "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         return None
-    for what, patterns, extra in driver_files:
-        found = [f for pattern in patterns for f in glob.glob(pattern)]
-        if found:
-            return (f"this machine has {what} ({found[0]}) but JAX runs on the CPU: install the "
-                    f"accelerator build with pip install 'jax[{extra}]=={jax.__version__}' (or "
-                    f"pip install '.[{extra}]'; README, \"GPUs and TPUs\"), or set JAX_PLATFORMS=cpu "
-                    "to train on the CPU on purpose.")
-    return None
+    try:
+        from jax._src import hardware_utils  # Private: a newer jax without it gets no hint.
+
+        gpu = hardware_utils.has_visible_nvidia_gpu()
+        tpu = not gpu and hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except (ImportError, AttributeError):
+        return None
+    if not (gpu or tpu):
+        return None
+    what, extra = ("an NVIDIA GPU", "cuda13") if gpu else ("a TPU", "tpu")
+    return (f"this machine has {what} but JAX runs on the CPU: install jax's {extra} build, pip "
+            f"install 'jax[{extra}]=={jax.__version__}' (README, \"GPUs and TPUs\"), or set "
+            "JAX_PLATFORMS=cpu to train on the CPU on purpose.")
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,

@@ -66,6 +66,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Validates the config, joins a multi-process run, builds the mesh (over `devices`, default
     all), prepares the data, builds the model and the sharded state init."""
     config_lib.validate(config)
+    if "://" in str(workdir):  # pathlib would make a local folder "gs:/bucket/…" of it.
+        raise config_lib.ConfigError(
+            f"--workdir={workdir}: workdirs on cloud storage (URLs) are not supported yet; give "
+            "a local or mounted path (e.g. a gcsfuse or NFS mount every host sees).")
     if config.train.tune_host_malloc:
         allocator.tune_glibc_malloc()  # Before the first large allocation.
     distributed.initialize(config.mesh)  # Before anything touches a device.

@@ -78,9 +78,7 @@ def open_to_read(directory: pathlib.Path) -> ocp.CheckpointManager:
                     f"{path} is damaged ({type(bad).__name__}: {cli.one_line(bad)[:200]}), so "
                     f"{directory} cannot be opened; move that file out of the way (that step's "
                     "val loss becomes unknown).") from e
-        raise CheckpointError(f"{directory} cannot be opened ({type(e).__name__}: "
-                              f"{cli.one_line(e)[:200]}); a checkpoint in it is damaged: move the "
-                              "damaged step's folder out of it.") from e
+        raise  # Every metrics file reads: not damage we can name (a bug keeps its traceback).
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
@@ -117,9 +115,17 @@ def drop_closed_loop_callbacks() -> None:
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
     """The resolved config a checkpoint was written with; fields added to configs/base.py since
-    then read their defaults, which is what that run had."""
+    then read their defaults, which is what that run had. A config that reads but does not fit
+    this version's configs/base.py is a CheckpointError (the checkpoint is fine: the code
+    changed); any other exception means the checkpoint could not be read."""
     raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    return config_lib.saved_run_config(json.dumps(raw)).to_dict()
+    try:
+        return config_lib.saved_run_config(json.dumps(raw)).to_dict()
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(
+            f"the config saved with the checkpoint of step {step} in {manager.directory} does not "
+            f"fit this version's configs/base.py ({cli.one_line(e)[:200]}); resume it with the "
+            "gpt_jax version that wrote it, or start a new run in another --workdir.") from None
 
 
 # Fields whose change makes a resumed run differ from an uninterrupted one (warned about).
@@ -161,6 +167,17 @@ def changed_fields(saved: dict, config: dict) -> list[str]:
     return out
 
 
+def require_compatible(saved: dict, config: dict, step: int) -> None:
+    """A one-line CheckpointError unless this run's model (`config`) can resume the checkpoint
+    of `step`, saved with `saved`: the first shape-changing field that differs, and the fix."""
+    try:
+        registry.get(config["model"]["arch"]).require_compatible(
+            saved["model"], config["model"], f"the checkpoint at step {step}",
+            "resume with the checkpoint's value, or start a new run in another --workdir.")
+    except registry.IncompatibleModelError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any,
                    config: dict) -> tuple[Any, int, dict] | None:
     """Restores the newest readable checkpoint: (state, step, saved config); the iterator in place.
@@ -176,15 +193,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
     for step in steps:
         try:
             saved = saved_config(manager, step)
-        except Exception as e:  # Any failure to read means "unreadable".
+        except CheckpointError:
+            raise  # Readable, but from another version of the code: nothing to set aside.
+        except Exception as e:  # Any other failure to read means "unreadable".
             _set_aside(manager, step, e)
             continue
-        try:
-            registry.get(config["model"]["arch"]).require_compatible(
-                saved["model"], config["model"], f"the checkpoint at step {step}",
-                "resume with the checkpoint's value, or start a new run in another --workdir.")
-        except registry.IncompatibleModelError as e:
-            raise CheckpointError(str(e)) from None
+        require_compatible(saved, config, step)
         try:
             check_structure(manager, step, abstract_state)
             # State first, the iterator only once the state is in: a failure leaves it untouched.

@@ -86,6 +86,7 @@ class Loop:
                                           t.eval_batches, t.seed)
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from e
+        resume.check(r)  # A refused resume or init_from: now, not after the compile.
         # Compiled before any state exists, so a step that cannot fit stops here, allocating
         # nothing and writing nothing.
         eot_id = r.data.eot_id if config.data.document_mask else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -76,9 +77,33 @@ def available_bytes(device: jax.Device) -> tuple[int, str] | None:
             avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError):
             return None
+    what = "available host RAM"
+    if (room := cgroup_room()) is not None and room < avail:  # A container's or job's limit.
+        avail, what = room, "memory left under this job's cgroup limit"
     share = max(1, jax.local_device_count())
-    what = "available host RAM" + (f" / {share} CPU devices" if share > 1 else "")
-    return avail // share, what
+    return avail // share, what + (f" / {share} CPU devices" if share > 1 else "")
+
+
+# cgroup v2's and v1's memory limit and usage files (a container, a SLURM job's allocation).
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                 "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def cgroup_room(files: tuple[tuple[str, str], ...] = CGROUP_FILES) -> int | None:
+    """Bytes this process's cgroup may still allocate (its memory limit less its usage), or
+    None without a limit: a job limited below the host's RAM is killed at its limit, not the
+    host's."""
+    for limit_file, usage_file in files:
+        try:
+            limit = pathlib.Path(limit_file).read_text().strip()
+            usage = int(pathlib.Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # No limit set.
+            return None
+        return max(int(limit) - usage, 0)
+    return None
 
 
 def fit_problem(need: StepMemory, device: jax.Device) -> str | None:

@@ -89,22 +89,28 @@ class MetricsWriter:
     `resume_after=N` (a run resumed from the checkpoint of step N) first moves the rows of steps
     after N, written before the interruption, to metrics.rolledback.jsonl, so metrics.jsonl has
     each step once; TensorBoard hides its events after N the same way (purge_step). Every row gets
-    `tokens` = step × `tokens_per_step` and `time`: seconds since `started` (this process's
-    start, time.time()) plus the `time` of the last row kept from earlier runs of this workdir.
+    `time`: seconds since `started` (this process's start, time.time()) plus the `time` of the
+    last row kept from earlier runs of this workdir; and `tokens`: step × `tokens_per_step`, or
+    after a resume, the last kept row's `tokens` counted on by `tokens_per_step` per step (the
+    batch shape may have changed).
     """
 
     def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_after: int = 0,
                  active: bool = True, tokens_per_step: int = 0, started: float | None = None):
         """`active=False` (every process but 0 of a multi-process run) writes nothing."""
         self._file, self._tb = None, None
-        self._tokens_per_step = tokens_per_step
+        self._tokens_per_step, self._tokens_at_0 = tokens_per_step, 0
         self._started = time.time() if started is None else started
         if not active:
             return
         path = workdir / "metrics.jsonl"
         if resume_after > 0 and path.exists():
             _roll_back(path, resume_after, workdir / "metrics.rolledback.jsonl")
-        self._started -= _last_time(path) if resume_after > 0 else 0.0
+        last = _last_row(path) if resume_after > 0 else {}
+        self._started -= float(last.get("time", 0.0))
+        if "tokens" in last:  # Counted on from there (a resume may change the batch shape).
+            self._tokens_at_0 = (int(last["tokens"]) + (resume_after - int(last["step"]))
+                                 * tokens_per_step - resume_after * tokens_per_step)
         self._file = open(path, "a")  # noqa: SIM115 — closed in close().
         purge = resume_after + 1 if resume_after > 0 else None
         self._tb = EventFile(workdir / "tb", purge_step=purge) if tensorboard else None
@@ -133,7 +139,7 @@ class MetricsWriter:
         for k, v in metrics.items():
             row[k] = _to_python(v)
         row["time"] = round(self.elapsed(), 3)
-        row["tokens"] = int(step) * self._tokens_per_step
+        row["tokens"] = self._tokens_at_0 + int(step) * self._tokens_per_step
         if self._tb is not None:  # First: a kill between the two leaves JSONL ⊆ TensorBoard.
             self._tb.write(step, {k: v for k, v in row.items() if k != "step"
                                   and isinstance(v, int | float) and math.isfinite(v)})
@@ -147,16 +153,18 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _last_time(path: pathlib.Path) -> float:
-    """The `time` of the last row of metrics.jsonl that has one (0 if none)."""
+def _last_row(path: pathlib.Path) -> dict[str, Any]:
+    """The last row of metrics.jsonl with a `time` and a `step` ({} if none)."""
     if not path.exists():
-        return 0.0
+        return {}
     for line in reversed(path.read_text().splitlines()):
         try:
-            return float(json.loads(line)["time"])
+            row = json.loads(line)
+            float(row["time"]), int(row["step"])
         except (ValueError, KeyError, TypeError):
             continue
-    return 0.0
+        return row
+    return {}
 
 
 def show_bar(progress: str, primary: bool) -> bool:

@@ -15,6 +15,45 @@ from gpt_jax.training import checkpoint, step, weights
 from gpt_jax.training.build import Run
 
 
+def check(r: Run) -> None:
+    """Refuses, before anything compiles, a start that `initial_state` would refuse after: from
+    metadata only (step numbers, saved configs, the tokenizer), nothing restored or created."""
+    init_from, directory = r.config.checkpoint.init_from, checkpoint.checkpoint_dir(r.workdir)
+    steps = sorted(checkpoint.open_to_read(directory).all_steps()) if directory.is_dir() else []
+    if steps:
+        _refuse_resume(r, steps, checkpoint.open_to_read(directory))
+    elif init_from not in ("auto", "scratch") and not init_from.startswith(weights.HF_PREFIX):
+        weights.check_params_source(init_from, r.hparams)  # hf: is read whole, at the start.
+
+
+def _refuse_resume(r: Run, steps: list[int], manager: ocp.CheckpointManager) -> None:
+    if r.config.checkpoint.init_from == "scratch":
+        raise config_lib.ConfigError(
+            f"{r.workdir} already has checkpoints (steps {steps}); resume with "
+            "checkpoint.init_from=auto or start in a new --workdir.")
+    if steps[0] > r.config.train.num_steps:  # Even the oldest is past it.
+        raise config_lib.ConfigError(
+            f"the workdir's checkpoints are at steps {steps}, past train.num_steps="
+            f"{r.config.train.num_steps}; raise train.num_steps to train on.")
+    try:
+        saved = checkpoint.saved_config(manager, steps[-1])
+    except checkpoint.CheckpointError:
+        raise
+    except Exception:  # Unreadable: restore_latest sets it aside and tries the previous one.
+        return
+    checkpoint.require_compatible(saved, r.config.to_dict(), steps[-1])
+    _check_tokenizer(r)
+
+
+def _check_tokenizer(r: Run) -> None:
+    tokenizer_path = r.workdir / "tokenizer.json"
+    if tokenizer_path.exists() and (tokenizers.load_tokenizer(tokenizer_path).to_dict()
+                                    != r.data.tokenizer.to_dict()):
+        raise checkpoint.CheckpointError(
+            f"this run's data gives another tokenizer than {tokenizer_path}, which the "
+            "checkpoints were trained with; resume with the same data.* settings.")
+
+
 def initial_state(r: Run, manager: ocp.CheckpointManager, train_it: Any
                   ) -> tuple[step.TrainState, int]:
     """(state, step): resumed from the workdir's newest readable checkpoint (the data iterator
@@ -37,12 +76,7 @@ def initial_state(r: Run, manager: ocp.CheckpointManager, train_it: Any
 def _resume(r: Run, manager: ocp.CheckpointManager, train_it: Any) -> tuple[step.TrainState, int]:
     config = r.config.to_dict()
     state, start, saved = checkpoint.restore_latest(manager, r.abstract_state, train_it, config)
-    tokenizer_path = r.workdir / "tokenizer.json"
-    if tokenizer_path.exists() and (tokenizers.load_tokenizer(tokenizer_path).to_dict()
-                                    != r.data.tokenizer.to_dict()):
-        raise checkpoint.CheckpointError(
-            f"this run's data gives another tokenizer than {tokenizer_path}, which the "
-            "checkpoints were trained with; resume with the same data.* settings.")
+    _check_tokenizer(r)
     if start > r.config.train.num_steps:
         raise config_lib.ConfigError(
             f"the workdir's checkpoint is at step {start}, past train.num_steps="

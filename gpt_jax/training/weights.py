@@ -101,6 +101,14 @@ def load_params(path: str, abstract_params: Any, hparams: Any) -> Any:
     taken: this starts a new run from those weights."""
     if path.startswith(HF_PREFIX):
         return _load_hf_params(path[len(HF_PREFIX):], abstract_params, hparams)
+    directory, step = check_params_source(path, hparams)
+    return restore_params(directory, step, abstract_params)
+
+
+def check_params_source(path: str, hparams: Any) -> tuple[pathlib.Path, int]:
+    """(checkpoint folder, step) that `load_params(path, …)` reads, checked without reading any
+    array (the source exists, holds a checkpoint, and its model fits `hparams`), so a bad
+    checkpoint.init_from is refused before the run compiles. Not for hf: sources."""
     try:
         directory, step = params_source(path)
     except CheckpointError as e:
@@ -111,7 +119,7 @@ def load_params(path: str, abstract_params: Any, hparams: Any) -> Any:
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint.init_from={path!r}: {e}") from e
     _check_starts(saved_config(manager, step)["model"], hparams, f"{path} (step {step})")
-    return restore_params(directory, step, abstract_params)
+    return directory, step
 
 
 def _check_starts(saved_model: dict, hparams: Any, source: str) -> None:
