@@ -198,16 +198,20 @@ def json_object(path: pathlib.Path) -> dict[str, Any] | None:
 
 def _noise(record: std_logging.LogRecord) -> bool:
     """Log lines of libraries that say nothing to a user of gpt_jax:
-    - JAX's INFO line on every CPU-only start that it found no TPU runtime (libtpu.so), and its
-      warning that a GPU or TPU is present but unused: gpt_jax's own warning says that with the
-      command that fixes it (mesh.unused_accelerator);
+    - JAX's INFO line on every CPU-only start that it found no TPU runtime (libtpu.so);
     - Orbax's warning on every resume that a step has no `_CHECKPOINT_METADATA` file: its
       per-item metadata, which the composite checkpoints we restore do not have or need."""
     message = str(record.msg)
     return ((record.pathname.endswith("xla_bridge.py")
-             and message.startswith(("Unable to initialize backend",
-                                     "An NVIDIA GPU may be present", "A Google TPU may be present")))
+             and message.startswith("Unable to initialize backend"))
             or ("/orbax/" in record.pathname and message.startswith("Metadata file does not exist")))
+
+
+def jax_fallback_warning(record: std_logging.LogRecord) -> bool:
+    """JAX's warning that a GPU or TPU is present but unused; train says so itself, with the
+    command that fixes it (mesh.unused_accelerator), and drops this one."""
+    return record.pathname.endswith("xla_bridge.py") and str(record.msg).startswith(
+        ("An NVIDIA GPU may be present", "A Google TPU may be present"))
 
 
 def quiet_library_noise() -> None:
@@ -235,19 +239,30 @@ _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")  # --config.KEY=VALUE, --n
 _LISTED = "(every field is listed in configs/base.py)"
 
 
+def url_problem(value: str, flag: str) -> str | None:
+    """The one-line refusal of a URL (gs://…) where a local path is needed, or None. Checked on
+    the raw string: pathlib would turn "gs://b/r" into a local folder "gs:/b/r"."""
+    if "://" not in str(value):
+        return None
+    return (f"{flag}={value}: workdirs on cloud storage (URLs) are not supported yet; give a "
+            "local or mounted path (e.g. a gcsfuse or NFS mount every host sees).")
+
+
 def recipes_dir() -> pathlib.Path:
     """The folder of the recipes (configs/): beside gpt_jax in a clone, and in site-packages
     beside it when installed. Found from gpt_jax's own location, not sys.path, on which another
     `configs` package (the current folder's) may come first."""
-    return pathlib.Path(__file__).resolve().parent.parent / "configs"
+    from gpt_jax.config import RECIPES
+
+    return RECIPES
 
 
 def use_own_recipes() -> None:
     """Makes `import configs` (the recipes' `from configs import base`, and ours) mean gpt_jax's
     recipes in this process, whatever `configs` package sys.path would find first (`python -m`
     puts the current folder there, and research projects often have a configs/ of their own).
-    Commands call it when they load one of gpt_jax's recipes (`recipe_args`); a program that
-    imports gpt_jax, or a command given a config file of its own, keeps sys.path's `configs`."""
+    The commands that load configs call it (`recipe_args`); a program that imports gpt_jax
+    keeps sys.path's `configs`."""
     import importlib.util
 
     module = sys.modules.get("configs")
@@ -263,11 +278,15 @@ def use_own_recipes() -> None:
 
 
 def recipe_args(argv: list[str]) -> list[str]:
-    """`resolve_config_args(argv)`, and `use_own_recipes()` when the config it names is one of
-    gpt_jax's recipes (or none is named: the command's default recipe)."""
+    """`resolve_config_args(argv)`, and `use_own_recipes()` unless the config file it names is a
+    module of another `configs` package (a folder named configs with an __init__.py, not
+    gpt_jax's): that file's `from configs import …` means its own package. Any other config
+    file (gpt_jax's recipes, the default, a copy of a recipe anywhere) builds on gpt_jax's."""
     argv = resolve_config_args(argv)
     named = [path for _, value in _config_values(argv) if (path := (value or "").split(":")[0])]
-    if not named or pathlib.Path(named[-1]).expanduser().resolve().parent == recipes_dir():
+    folder = pathlib.Path(named[-1]).expanduser().resolve().parent if named else recipes_dir()
+    if not (folder.name == "configs" and (folder / "__init__.py").is_file()
+            and folder != recipes_dir()):
         use_own_recipes()
     return argv
 
@@ -315,9 +334,9 @@ def unknown_config_key(key: str, flag: str = "--config.") -> str | None:
     tools/benchmark.py's --set=) that names no field of configs/base.py (every recipe has exactly
     its fields): the group or field that does not exist and the closest name, or the group it
     names instead of a field; None if KEY is a field."""
-    from configs import base
+    from gpt_jax.config import reference_config
 
-    node, path = base.get_config(), []
+    node, path = reference_config(), []
     for part in key.split("."):
         if not isinstance(node, ml_collections.ConfigDict):
             return (f"config field {'.'.join(path)!r} is a value, not a group: set it with "

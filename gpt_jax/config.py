@@ -7,8 +7,12 @@ them. Errors are one line that names the field and the fix, raised before anythi
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
+import pathlib
+import types
 from typing import Any
 
 import ml_collections
@@ -60,10 +64,24 @@ def one_of(value: Any, field: str, choices) -> None:
     check(value in choices, f"{field}={value!r} is not one of {sorted(choices)}; pick one of those.")
 
 
-def _reference_config() -> ml_collections.ConfigDict:
-    from configs import base  # Every field's type is fixed by its default there.
+# The recipes' folder (configs/), beside gpt_jax in a clone and in site-packages when installed.
+RECIPES = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-    return base.get_config()
+
+@functools.cache
+def _base_recipe() -> types.ModuleType:
+    """configs/base.py, loaded from RECIPES under a name of its own: another `configs` package
+    earlier on sys.path (the current folder's) must not replace the reference of every field."""
+    spec = importlib.util.spec_from_file_location("gpt_jax._base_recipe", RECIPES / "base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_config() -> ml_collections.ConfigDict:
+    """configs/base.py's config: every field, with its default (and so its type)."""
+    return _base_recipe().get_config()
+
 
 
 def _check_types(config, reference, prefix: str = "") -> None:
@@ -97,7 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from gpt_jax.data.tokenizers import check_name as check_tokenizer
     from gpt_jax.models import registry
 
-    _check_types(config, _reference_config())
+    _check_types(config, reference_config())
     m, d, o, t = config.model, config.data, config.optim, config.train
     try:
         arch = registry.get(m.arch)
@@ -196,7 +214,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 def saved_run_config(text: str) -> ml_collections.ConfigDict:
     """A workdir's config.json over configs/base.py's defaults: a run saved before a field
     existed reads that field's default (which is what it ran with), not a KeyError."""
-    config = _reference_config()
+    config = reference_config()
     _merge(config, json.loads(text))
     return config
 

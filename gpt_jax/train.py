@@ -89,6 +89,8 @@ def _exit_at_once_if_joined() -> Iterator[None]:
             raise
         if isinstance(e, SystemExit):  # sys.exit(None) is a success; sys.exit("text") is not.
             status = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int | None):
+                print(e.code, file=sys.stderr)  # What Python's own exit would have printed.
         else:  # A bug: its traceback still shows.
             traceback.print_exc()
             status = 1
@@ -101,9 +103,12 @@ def _exit_at_once_if_joined() -> Iterator[None]:
 
 
 class _QuietLibraries:
-    """Keeps Orbax's per-save INFO chatter out of the run's log; its warnings still show."""
+    """Keeps Orbax's per-save INFO chatter out of the run's log (its warnings still show), and
+    JAX's GPU/TPU fallback warning, which the run's own replaces."""
 
     def filter(self, record) -> bool:
+        if cli.jax_fallback_warning(record):  # Ours, with the install command, replaces it.
+            return False
         if "/orbax/" in record.pathname:
             # Orbax logs a failed async save with its traceback; the run reports it in one line.
             record.exc_info, record.exc_text = None, None
@@ -126,6 +131,8 @@ def main(argv: list[str]) -> None:
     if flags.FLAGS.workdir == "":
         cli.fail("--workdir is empty; give a folder, or leave the flag out for "
                  f"{default_workdir(config_file)}.")
+    if problem := cli.url_problem(flags.FLAGS.workdir or "", "--workdir"):
+        cli.fail(problem)
     workdir = pathlib.Path(flags.FLAGS.workdir or default_workdir(config_file))
     check_workdir(workdir)
     from gpt_jax.training import loop  # Imported late so flag errors come fast.

@@ -382,7 +382,10 @@ def test_a_config_from_another_code_version_is_refused_not_set_aside(trained_run
     c = saved_run_config((run / "config.json").read_text())
     c.train.num_steps = 6
     with pytest.raises(checkpoint.CheckpointError, match="does not fit this version's configs/base.py"):
-        loop.run(c, run)
+        loop.run(c, run)  # Refused by resume.check, before the compile.
+    manager = checkpoint.make_manager(run / "checkpoints", keep=3)  # And by the restore itself.
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this version's configs/base.py"):
+        checkpoint.restore_latest(manager, None, None, c.to_dict())
     assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
 
 

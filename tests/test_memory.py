@@ -68,16 +68,30 @@ def test_other_runtime_errors_are_not_reported_as_memory():
 
 
 def test_a_cgroup_limit_below_the_host_ram_is_the_limit(tmp_path):
+    """The process's own cgroup and its parents (v1 and v2), page cache excepted."""
     from gpt_jax.training import memory
 
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    files = ((str(limit), str(usage)),)
-    assert memory.cgroup_room(files) is None  # No cgroup files.
-    limit.write_text("max\n")
-    usage.write_text("1000\n")
-    assert memory.cgroup_room(files) is None  # No limit.
-    limit.write_text("8589934592\n")
-    usage.write_text("1073741824\n")
-    assert memory.cgroup_room(files) == 7 * 2**30
-    usage.write_text("9999999999\n")
-    assert memory.cgroup_room(files) == 0
+    proc = tmp_path / "cgroup"
+    assert memory.cgroup_room(str(proc), str(tmp_path)) is None  # No /proc/self/cgroup.
+
+    def level(folder, limit, usage, cache, names):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / names[0]).write_text(f"{limit}\n")
+        (folder / names[1]).write_text(f"{usage}\n")
+        (folder / "memory.stat").write_text(f"active_file 1\n{names[2]} {cache}\n")
+
+    v2 = ("memory.max", "memory.current", "inactive_file")
+    proc.write_text("0::/slurm/job_7/step_0\n")
+    level(tmp_path / "slurm" / "job_7" / "step_0", "max", 3 * 2**30, 2**30, v2)
+    assert memory.cgroup_room(str(proc), str(tmp_path)) is None  # No limit anywhere.
+    level(tmp_path / "slurm" / "job_7", 8 * 2**30, 4 * 2**30, 2**30, v2)  # The job's limit.
+    assert memory.cgroup_room(str(proc), str(tmp_path)) == 5 * 2**30
+    level(tmp_path, 4 * 2**30, 2**30, 0, v2)  # A tighter limit further up.
+    assert memory.cgroup_room(str(proc), str(tmp_path)) == 3 * 2**30
+
+    v1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    proc.write_text("4:memory:/process_api/abc\n3:cpu:/\n")
+    level(tmp_path / "memory" / "process_api" / "abc", 9223372036854771712, 5, 0, v1)
+    assert memory.cgroup_room(str(proc), str(tmp_path)) is None
+    level(tmp_path / "memory" / "process_api" / "abc", 2**30, 2**31, 0, v1)
+    assert memory.cgroup_room(str(proc), str(tmp_path)) == 0  # Over the limit already.

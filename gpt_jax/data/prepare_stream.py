@@ -137,9 +137,12 @@ class _Claim:
         meanwhile hold someone else's files, and those stay."""
         if not (self.made or self.was_empty):
             return
-        for path in self.out.iterdir():
-            if _OURS.fullmatch(path.name) and (path.is_file() or path.is_symlink()):
-                path.unlink(missing_ok=True)
+        try:  # The cleanup never replaces the error that caused it.
+            for path in self.out.iterdir():
+                if _OURS.fullmatch(path.name) and (path.is_file() or path.is_symlink()):
+                    path.unlink(missing_ok=True)
+        except OSError:
+            pass
         cli.remove_empty(self.made)  # Not one holding someone else's files.
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from gpt_jax import cli
 from gpt_jax import config as config_lib
 from gpt_jax.data import batch as batch_lib
 from gpt_jax.data import corpora, prepare, training_data
@@ -66,10 +67,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Validates the config, joins a multi-process run, builds the mesh (over `devices`, default
     all), prepares the data, builds the model and the sharded state init."""
     config_lib.validate(config)
-    if "://" in str(workdir):  # pathlib would make a local folder "gs:/bucket/…" of it.
-        raise config_lib.ConfigError(
-            f"--workdir={workdir}: workdirs on cloud storage (URLs) are not supported yet; give "
-            "a local or mounted path (e.g. a gcsfuse or NFS mount every host sees).")
+    if problem := cli.url_problem(str(workdir), "--workdir"):
+        raise config_lib.ConfigError(problem)
     if config.train.tune_host_malloc:
         allocator.tune_glibc_malloc()  # Before the first large allocation.
     distributed.initialize(config.mesh)  # Before anything touches a device.

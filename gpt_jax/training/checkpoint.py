@@ -113,19 +113,31 @@ def drop_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
-def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The resolved config a checkpoint was written with; fields added to configs/base.py since
-    then read their defaults, which is what that run had. A config that reads but does not fit
-    this version's configs/base.py is a CheckpointError (the checkpoint is fine: the code
-    changed); any other exception means the checkpoint could not be read."""
+def read_saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config saved with the checkpoint of `step`, as written. Any exception means the
+    checkpoint's config could not be read (Orbax and TensorStore raise many types)."""
     raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    if not isinstance(raw, dict):
+        raise ValueError(f"its config is a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def merge_saved_config(raw: dict, step: int, directory: Any) -> dict:
+    """`raw` (read_saved_config's) over configs/base.py's defaults: fields added since read
+    their defaults, which is what that run had. A CheckpointError if it does not fit this
+    version's configs/base.py: the checkpoint is fine, the code changed."""
     try:
         return config_lib.saved_run_config(json.dumps(raw)).to_dict()
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(
-            f"the config saved with the checkpoint of step {step} in {manager.directory} does not "
-            f"fit this version's configs/base.py ({cli.one_line(e)[:200]}); resume it with the "
+            f"the config saved with the checkpoint of step {step} in {directory} does not fit "
+            f"this version's configs/base.py ({cli.brief(e, typed=True)}); use it with the "
             "gpt_jax version that wrote it, or start a new run in another --workdir.") from None
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """read_saved_config, then merge_saved_config."""
+    return merge_saved_config(read_saved_config(manager, step), step, manager.directory)
 
 
 # Fields whose change makes a resumed run differ from an uninterrupted one (warned about).
@@ -192,12 +204,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
     steps = sorted(manager.all_steps(), reverse=True)
     for step in steps:
         try:
-            saved = saved_config(manager, step)
-        except CheckpointError:
-            raise  # Readable, but from another version of the code: nothing to set aside.
-        except Exception as e:  # Any other failure to read means "unreadable".
+            raw = read_saved_config(manager, step)
+        except Exception as e:  # Any failure to read means "unreadable".
             _set_aside(manager, step, e)
             continue
+        saved = merge_saved_config(raw, step, manager.directory)  # Read, so never set aside.
         require_compatible(saved, config, step)
         try:
             check_structure(manager, step, abstract_state)

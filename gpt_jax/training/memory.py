@@ -84,26 +84,57 @@ def available_bytes(device: jax.Device) -> tuple[int, str] | None:
     return avail // share, what + (f" / {share} CPU devices" if share > 1 else "")
 
 
-# cgroup v2's and v1's memory limit and usage files (a container, a SLURM job's allocation).
-CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                 "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+# Per cgroup version: (limit, usage, reclaimable page cache in memory.stat) file names.
+_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 
 
-def cgroup_room(files: tuple[tuple[str, str], ...] = CGROUP_FILES) -> int | None:
-    """Bytes this process's cgroup may still allocate (its memory limit less its usage), or
-    None without a limit: a job limited below the host's RAM is killed at its limit, not the
-    host's."""
-    for limit_file, usage_file in files:
-        try:
-            limit = pathlib.Path(limit_file).read_text().strip()
-            usage = int(pathlib.Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
+def cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's cgroups may still allocate, or None without a memory limit: a job
+    limited below the host's RAM (a container, a SLURM job) is killed at its limit, not the
+    host's. Each level from this process's cgroup (read from /proc/self/cgroup) up to the root
+    with a limit counts: its limit less its usage, page cache that can be dropped excepted."""
+    try:
+        lines = pathlib.Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        hierarchy, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if hierarchy == "0" and controllers == "":
+            base, names = pathlib.Path(root), _CGROUP_V2
+        elif "memory" in controllers.split(","):
+            base, names = pathlib.Path(root) / "memory", _CGROUP_V1
+        else:
             continue
-        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # No limit set.
-            return None
-        return max(int(limit) - usage, 0)
-    return None
+        folder = base / path.strip("/")
+        while True:
+            if (room := _level_room(folder, names)) is not None:
+                rooms.append(room)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(rooms) if rooms else None
+
+
+def _level_room(folder: pathlib.Path, names: tuple[str, str, str]) -> int | None:
+    limit_name, usage_name, cache_name = names
+    try:
+        limit = (folder / limit_name).read_text().strip()
+        usage = int((folder / usage_name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit() or int(limit) >= 1 << 60:  # "max", or v1's "no limit" (~2⁶³).
+        return None
+    cache = 0
+    try:
+        for stat in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = stat.partition(" ")
+            if key == cache_name:
+                cache = int(value)
+    except (OSError, ValueError):
+        pass
+    return max(int(limit) - max(usage - cache, 0), 0)
 
 
 def fit_problem(need: StepMemory, device: jax.Device) -> str | None:

@@ -108,9 +108,11 @@ class MetricsWriter:
             _roll_back(path, resume_after, workdir / "metrics.rolledback.jsonl")
         last = _last_row(path) if resume_after > 0 else {}
         self._started -= float(last.get("time", 0.0))
-        if "tokens" in last:  # Counted on from there (a resume may change the batch shape).
-            self._tokens_at_0 = (int(last["tokens"]) + (resume_after - int(last["step"]))
-                                 * tokens_per_step - resume_after * tokens_per_step)
+        if isinstance(last.get("tokens"), int) and last["step"] > 0:
+            # Counted on from there: up to the checkpoint at the rate the earlier run logged,
+            # then at this run's (a resume may change the batch shape).
+            at_resume = last["tokens"] + (resume_after - last["step"]) * last["tokens"] // last["step"]
+            self._tokens_at_0 = at_resume - resume_after * tokens_per_step
         self._file = open(path, "a")  # noqa: SIM115 — closed in close().
         purge = resume_after + 1 if resume_after > 0 else None
         self._tb = EventFile(workdir / "tb", purge_step=purge) if tensorboard else None

@@ -21,11 +21,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from gpt_jax import cli
-from gpt_jax import config as config_lib
 from gpt_jax.data import tokenizers
 from gpt_jax.models import registry
 from gpt_jax.parallel import sharding
-from gpt_jax.training.checkpoint import CheckpointError, make_manager, open_to_read, saved_config
+from gpt_jax.training.checkpoint import (
+    CheckpointError,
+    make_manager,
+    merge_saved_config,
+    open_to_read,
+    read_saved_config,
+    saved_config,
+)
 
 PARAMS_DIR = "params"
 HF_PREFIX = "hf:"  # checkpoint.init_from=hf:PATH converts a Hugging Face GPT-2 on the fly.
@@ -161,18 +167,12 @@ def load_trained(path: str | pathlib.Path, which: int | str | None = None
     # a checkpoints/ or step folder. Read and merged apart (saved_config does both): a damaged
     # file and a config this version cannot take need different fixes.
     try:
-        raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        raw = read_saved_config(manager, step)
     except PermissionError:
         raise  # Not damage: the caller reports the path and the fix.
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
         raise _unreadable("the config saved with", manager, step, e) from e
-    try:
-        config = config_lib.saved_run_config(json.dumps(raw["config"])).to_dict()
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(
-            f"the config saved with checkpoint step {step} in {manager.directory} does not fit "
-            f"this version's configs/base.py ({type(e).__name__}: {cli.one_line(e)[:300]}); "
-            "read it with the version of gpt_jax that wrote it.") from e
+    config = merge_saved_config(raw, step, manager.directory)
     vocab_size = config["model"]["vocab_size"]
     if vocab_size is None:  # Configs from before the vocab was resolved: the tokenizer decides.
         vocab_size = tokenizers.load_tokenizer(directory.parent / "tokenizer.json").vocab_size
