@@ -96,7 +96,8 @@ BENCH_ROWS = [
                  id="out-under-a-file"),
     # jax imported (~2 s): refused by the config's checks before anything is compiled.
     pytest.param(_bench("--set=model.num_heads=5", "--compile_only"),
-                 ("model.num_heads=5 does not divide",), id="set-bad-value"),
+                 ("model.num_heads=5 does not divide",), id="set-bad-value",
+                 marks=pytest.mark.slow),
 ]
 
 

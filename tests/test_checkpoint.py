@@ -308,6 +308,7 @@ def test_cli_one_line_errors(tiny_config, tmp_path, train_command):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # ~7 s; test_resume_refusals_come_before_the_compile covers one by default.
 def test_resume_refusals_keep_the_checkpoints(copy_of_trained, tiny_config, corpus, tmp_path):
     workdir = copy_of_trained
     ck = workdir / "checkpoints"

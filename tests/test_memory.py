@@ -35,6 +35,7 @@ def test_a_run_that_cannot_fit_stops_before_writing_anything(tiny_config, tmp_pa
     assert list(workdir.iterdir()) == []
 
 
+@pytest.mark.slow  # A training start (~5 s).
 def test_memory_check_false_skips_the_check(tiny_config, tmp_path, tiny_limit):
     last = loop.run(tiny_config(**{"train.memory_check": False, "train.num_steps": 6,
                                    "sample.num_samples": 0}), tmp_path / "run")

@@ -37,6 +37,7 @@ def test_a_failed_save_stops_the_run_and_earlier_checkpoints_resume(tiny_config,
     assert metrics_rows(workdir, timing=False) == metrics_rows(whole, timing=False)
 
 
+@pytest.mark.slow  # ~3 s; the synchronous failure is tested by default.
 def test_a_save_failing_in_the_background_is_one_line(tiny_config, tmp_path, monkeypatch):
     config = tiny_config(**{"checkpoint.every": 10, "train.num_steps": 10,
                             "sample.num_samples": 0})

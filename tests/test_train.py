@@ -340,7 +340,7 @@ TRAIN_ROWS = [
                  ("unreadable",), (), id="workdir-config-json-unreadable",
                  marks=pytest.mark.not_as_root("root reads a chmod 000 file")),
     pytest.param(_train(_W, "--config.model.num_heads=5"), ("num_heads=5", "does not divide"), (),
-                 ("w",), id="bad-value"),
+                 ("w",), id="bad-value", marks=pytest.mark.slow),  # test_config has one too.
     # Loads the data (jax imported, ~3 s): refused after the workdir was made, which is removed.
     pytest.param(_train("--workdir={tmp}/new/run", *_DATA, "--config.model.vocab_size=3"),
                  ("model.vocab_size=3 is smaller", "raise it"), (), ("new",),
