@@ -627,3 +627,18 @@ def test_init_from_a_truncated_hf_folder_is_one_line(hf_folder, tiny_config, tra
                    "model.safetensors is not a complete safetensors file",
                    "download or export it again", protect=[bad],
                    cwd=pathlib.Path(__file__).resolve().parent.parent)
+
+
+def test_a_bad_hf_init_from_is_refused_before_the_compile(tiny_config, hf_folder, tmp_path, caplog):
+    """A missing folder, or a GPT-2 of another shape than the run's model: refused from its
+    config.json alone, before the train step compiles and before any weight is read."""
+    import logging
+
+    from gpt_jax.training import loop
+
+    for source, words in ((tmp_path / "nope", "no such folder"), (hf_folder[0], "vocab_size=64")):
+        c = tiny_config(**{"checkpoint.init_from": f"hf:{source}"})
+        with caplog.at_level(logging.INFO, logger="absl"), pytest.raises(ValueError, match=words):
+            loop.run(c, tmp_path / "run")
+        assert "compiled" not in caplog.text
+        caplog.clear()

@@ -384,6 +384,14 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
                                f"give it ({brief(e, 300, line=0)}); download it where the network "
                                "allows and pass its folder.") from e
         return model.config, {k: _to_numpy(v) for k, v in model.state_dict().items()}
+    hf_config = read_local_config(source)
+    return hf_config, _read_weights(pathlib.Path(source).expanduser())
+
+
+def read_local_config(source: str) -> Any:
+    """The GPT2Config of a local HF folder, with every refusal that needs no weights (no such
+    folder, no config.json, another model type, values GPT-2 cannot take); an InteropError (or
+    an OSError naming an unreadable file) otherwise."""
     folder = pathlib.Path(source).expanduser()
     if folder.is_file():
         raise InteropError(f"{source} is a file, not a folder; give the folder that holds "
@@ -409,7 +417,7 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
                            f"({brief(e, 300)}); give the config.json that save_pretrained wrote "
                            "with the weights.") from e
     model_fields_from_hf(hf_config)  # Its refusals before the (large) weights are read.
-    return hf_config, _read_weights(folder)
+    return hf_config
 
 
 def _read_json(path: pathlib.Path, want: str) -> dict[str, Any]:
@@ -532,6 +540,14 @@ def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
                                "it may be truncated (an interrupted download or copy): download "
                                "or export it again.") from e
     return out
+
+
+def check_local_source(source: str, cfg: GPTConfig) -> None:
+    """What `import_params(source, cfg)` refuses before reading any weight, for a local folder
+    (a hub name is only known once downloaded): so a training run refuses a bad
+    checkpoint.init_from=hf: before it compiles."""
+    if _looks_local(source):
+        check_fits(read_local_config(source), cfg, source)
 
 
 def import_params(source: str, cfg: GPTConfig) -> dict[str, Any]:

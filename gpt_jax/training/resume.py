@@ -22,8 +22,10 @@ def check(r: Run) -> None:
     steps = sorted(checkpoint.open_to_read(directory).all_steps()) if directory.is_dir() else []
     if steps:
         _refuse_resume(r, steps, checkpoint.open_to_read(directory))
-    elif init_from not in ("auto", "scratch") and not init_from.startswith(weights.HF_PREFIX):
-        weights.check_params_source(init_from, r.hparams)  # hf: is read whole, at the start.
+    elif init_from.startswith(weights.HF_PREFIX):
+        weights.check_hf_source(init_from[len(weights.HF_PREFIX):], r.hparams)
+    elif init_from not in ("auto", "scratch"):
+        weights.check_params_source(init_from, r.hparams)
 
 
 def _refuse_resume(r: Run, steps: list[int], manager: ocp.CheckpointManager) -> None:

@@ -207,8 +207,15 @@ def _unreadable(what: str, manager: ocp.CheckpointManager, step: int,
                            f"{fix}.")
 
 
-def _load_hf_params(source: str, abstract_params: Any, hparams: Any) -> Any:
-    """`checkpoint.init_from=hf:SOURCE`: an HF GPT-2 converted to this run's layout."""
+def check_hf_source(source: str, hparams: Any) -> None:
+    """`checkpoint.init_from=hf:SOURCE`'s refusals that need no weights (a missing folder, no
+    GPT-2 config, a model of another shape), before the run compiles; the weights are read,
+    and checked, at the start."""
+    _hf_call(source, hparams, lambda hf_gpt2: hf_gpt2.check_local_source(source, hparams))
+
+
+def _hf_call(source: str, hparams: Any, call: Any) -> Any:
+    """call(hf_gpt2) for init_from=hf:SOURCE, its errors as one-line CheckpointErrors."""
     where = f"checkpoint.init_from={HF_PREFIX}{source}"
     if registry.arch_of(hparams).name != "gpt":
         raise CheckpointError(f"{where} converts GPT-2 models, and this run has model.arch="
@@ -216,7 +223,7 @@ def _load_hf_params(source: str, abstract_params: Any, hparams: Any) -> Any:
     try:
         from gpt_jax.interop import hf_gpt2  # torch and transformers only on this path.
 
-        params = hf_gpt2.import_params(source, hparams)
+        return call(hf_gpt2)
     except ImportError as e:
         raise CheckpointError(f"{where} needs torch and transformers ({e}); pip install -r "
                               "requirements-dev.txt.") from e
@@ -224,6 +231,12 @@ def _load_hf_params(source: str, abstract_params: Any, hparams: Any) -> Any:
         raise CheckpointError(f"{where}: {e}") from e
     except OSError as e:  # An unreadable file of the folder: one line naming it, like the rest.
         raise CheckpointError(f"{where}: {cli.os_error(e)}") from e
+
+
+def _load_hf_params(source: str, abstract_params: Any, hparams: Any) -> Any:
+    """`checkpoint.init_from=hf:SOURCE`: an HF GPT-2 converted to this run's layout."""
+    where = f"checkpoint.init_from={HF_PREFIX}{source}"
+    params = _hf_call(source, hparams, lambda hf_gpt2: hf_gpt2.import_params(source, hparams))
 
     def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
