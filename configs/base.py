@@ -152,6 +152,10 @@ def get_config() -> ml_collections.ConfigDict:
     # loss, lr, tokens/s, MFU, elapsed, ETA: what a cluster log wants) | bar | lines.
     lg.progress = "auto"
     lg.tensorboard = True  # Write TensorBoard events to WORKDIR/tb (flushed at every row).
+    # A workdir on cloud storage (gs://…): its metrics, TensorBoard events and config are written
+    # locally and uploaded at most this often, before every checkpoint save and at the end (an
+    # object cannot be appended to; see gpt_jax/training/remote.py). 0: at every row.
+    lg.upload_every_s = 30.0
     lg.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0 → look up the device (None on CPU).
 
     c.sample = s = ml_collections.ConfigDict()

@@ -200,11 +200,13 @@ def _noise(record: std_logging.LogRecord) -> bool:
     """Log lines of libraries that say nothing to a user of gpt_jax:
     - JAX's INFO line on every CPU-only start that it found no TPU runtime (libtpu.so);
     - Orbax's warning on every resume that a step has no `_CHECKPOINT_METADATA` file: its
-      per-item metadata, which the composite checkpoints we restore do not have or need."""
+      per-item metadata, which the composite checkpoints we restore do not have or need;
+    - gcsfs's INFO line on every file it opens for reading (a gs:// workdir)."""
     message = str(record.msg)
     return ((record.pathname.endswith("xla_bridge.py")
              and message.startswith("Unable to initialize backend"))
-            or ("/orbax/" in record.pathname and message.startswith("Metadata file does not exist")))
+            or ("/orbax/" in record.pathname and message.startswith("Metadata file does not exist"))
+            or (record.name.startswith("gcsfs") and record.levelno < std_logging.WARNING))
 
 
 def jax_fallback_warning(record: std_logging.LogRecord) -> bool:
@@ -239,13 +241,13 @@ _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")  # --config.KEY=VALUE, --n
 _LISTED = "(every field is listed in configs/base.py)"
 
 
-def url_problem(value: str, flag: str) -> str | None:
-    """The one-line refusal of a URL (gs://…) where a local path is needed, or None. Checked on
-    the raw string: pathlib would turn "gs://b/r" into a local folder "gs:/b/r"."""
-    if "://" not in str(value):
-        return None
-    return (f"{flag}={value}: workdirs on cloud storage (URLs) are not supported yet; give a "
-            "local or mounted path (e.g. a gcsfuse or NFS mount every host sees).")
+def refuse_url(value: str | None, flag: str) -> None:
+    """Fails in one line for a URL (gs://…) given to a tool that reads and writes local folders
+    (train and sample take gs:// workdirs; the tools do not), before pathlib would turn it into
+    a local folder "gs:/…"."""
+    if value is not None and "://" in value:
+        fail(f"{flag}={value}: this tool works on local folders; copy the run there first "
+             "(gcloud storage cp -r URL DIR) and give that folder.")
 
 
 def recipes_dir() -> pathlib.Path:

@@ -180,6 +180,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(ck.keep >= 1, f"checkpoint.keep={ck.keep} must be ≥ 1.")
     check(config.log.every >= 1, f"log.every={config.log.every} must be ≥ 1.")
     one_of(config.log.progress, "log.progress", PROGRESS)
+    check(config.log.upload_every_s >= 0,
+          f"log.upload_every_s={config.log.upload_every_s} must be ≥ 0 (0: at every row).")
 
     check(o.lr > 0, f"optim.lr={o.lr} must be > 0.")
     check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr].")

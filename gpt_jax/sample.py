@@ -15,7 +15,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from absl import app, flags, logging
@@ -82,7 +82,7 @@ def check_flags() -> None:
                        "the flag out.")
 
 
-def load_tokenizer(workdir: pathlib.Path) -> tokenizers.Tokenizer:
+def load_tokenizer(workdir: Any) -> tokenizers.Tokenizer:
     """The tokenizer a run saved in WORKDIR/tokenizer.json; RunError if it is damaged."""
     path = workdir / "tokenizer.json"
     fix = "it is damaged: put back the tokenizer.json that this run's training wrote."
@@ -102,9 +102,19 @@ def load_tokenizer(workdir: pathlib.Path) -> tokenizers.Tokenizer:
                        f"{fix}") from e
 
 
-def run_folder(workdir: str | pathlib.Path) -> pathlib.Path:
-    """`workdir` as a path, if it is a folder this process can read; RunError (or an OSError
-    naming it) if not."""
+def run_folder(workdir: str | pathlib.Path) -> Any:
+    """`workdir` as a path (an etils.epath.Path for a URL, gs://…), if it is a folder this
+    process can read; RunError (or an OSError naming it) if not."""
+    from gpt_jax.training import remote
+
+    if remote.is_url(workdir):
+        if problem := remote.url_problem(str(workdir), "--workdir"):
+            raise RunError(problem)
+        url = remote.path(workdir)
+        if not url.is_dir():
+            raise RunError(f"--workdir={workdir}: nothing there; give the workdir of a training "
+                           "run.")
+        return url
     workdir = pathlib.Path(workdir).expanduser()
     if not workdir.exists():
         raise RunError(f"--workdir={workdir}: no such folder; give the workdir of a training run.")

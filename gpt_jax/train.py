@@ -131,10 +131,17 @@ def main(argv: list[str]) -> None:
     if flags.FLAGS.workdir == "":
         cli.fail("--workdir is empty; give a folder, or leave the flag out for "
                  f"{default_workdir(config_file)}.")
-    if problem := cli.url_problem(flags.FLAGS.workdir or "", "--workdir"):
-        cli.fail(problem)
-    workdir = pathlib.Path(flags.FLAGS.workdir or default_workdir(config_file))
-    check_workdir(workdir)
+    from gpt_jax.training import remote
+
+    workdir: str | pathlib.Path = flags.FLAGS.workdir or default_workdir(config_file)
+    if remote.is_url(workdir):  # Cloud storage: checked by its backend when the run locks it.
+        if problem := remote.url_problem(str(workdir), "--workdir"):
+            cli.fail(problem)
+        left_empty = contextlib.nullcontext()
+    else:
+        workdir = pathlib.Path(workdir)
+        check_workdir(workdir)
+        left_empty = _remove_if_left_empty(workdir)
     from gpt_jax.training import loop  # Imported late so flag errors come fast.
     from gpt_jax.training.preemption import Preempted
 
@@ -142,7 +149,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     cli.quiet_library_noise()
     try:
-        with (_exit_at_once_if_joined(), _remove_if_left_empty(workdir),
+        with (_exit_at_once_if_joined(), left_empty,
               cli.errors_as_one_line(loop.NonFiniteLossError)):
             loop.run(config, workdir)
     except Preempted as e:

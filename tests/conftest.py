@@ -19,6 +19,10 @@ import tempfile
 
 import pytest
 
+# gcsfs (gs:// workdirs, tests/test_remote.py) otherwise asks Google's gRPC API, not the local
+# server, for each bucket's type, and retries for minutes offline; it reads this when imported.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
 _forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
 if not _forced or int(_forced.group(1)) < 8:
     collect_ignore = ["multidevice"]
@@ -283,3 +287,78 @@ def damaged_run(trained_run, tmp_path) -> _DamagedRun:
     """damage → a copy of `trained_run` in tmp_path/run, damaged by `damage(copy)` (see
     _DamagedRun, whose truncate_arrays is one such damage)."""
     return _DamagedRun(trained_run, tmp_path)
+
+
+class _FakeGCS:
+    """A local Google Cloud Storage server (gcp-storage-emulator) that gcsfs (etils.epath's gs://
+    backend) and TensorStore (Orbax's arrays) both write to, through the endpoints their own
+    variables name. `url(name)` → a fresh gs:// folder; `env` → the variables a subprocess
+    needs; `fs` → a gcsfs file system to look at what was written."""
+
+    BUCKET = "gpt-jax-test"
+
+    def __init__(self, server, port: int):
+        import itertools
+
+        self.server, self._names = server, itertools.count()
+        endpoint = f"http://127.0.0.1:{port}"
+        self.env = {"STORAGE_EMULATOR_HOST": endpoint, "TENSORSTORE_GCS_HTTP_URL": endpoint,
+                    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",  # TensorStore's test-only token.
+                    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}  # Set at import, above.
+        os.environ.update(self.env)
+        import gcsfs
+
+        self.fs = gcsfs.GCSFileSystem(token="anon")  # The emulator takes no credentials.
+
+    def url(self, name: str) -> str:
+        return f"gs://{self.BUCKET}/{name}-{next(self._names)}"
+
+
+@pytest.fixture(scope="session")
+def fake_gcs():
+    """_FakeGCS, serving for the whole session. The emulator omits the `x-goog-generation`
+    header of GCS media downloads, which TensorStore reads (Orbax's OCDBT manifest): it is
+    added here. It does not enforce generation preconditions, which only concurrent writers of
+    one object would meet; the tests have one writer per object."""
+    import logging
+    import socket
+
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    from gcp_storage_emulator.handlers import objects
+
+    original = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = obj["generation"]
+            response["x-goog-metageneration"] = obj.get("metageneration", "1")
+        except Exception:  # No such object: the original answers 404.
+            pass
+        return original(request, response, storage, *args, **kwargs)
+
+    objects.download = download  # `get` (…?alt=media) calls it by this name.
+    emulator.HANDLERS = tuple((rx, {m: download if f is original else f for m, f in h.items()})
+                              for rx, h in emulator.HANDLERS)
+    # Per-request chatter (a 404 is how a client learns a file is new); no credentials here.
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = emulator.create_server("127.0.0.1", port, in_memory=True,
+                                    default_bucket=_FakeGCS.BUCKET)
+    server.start()
+    # A client that closes a connection early (TensorStore does) is not an error to print.
+    server._api._httpd.handle_error = lambda request, client_address: None
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                            "GOOGLE_AUTH_TOKEN_FOR_TESTING")}
+    try:
+        yield _FakeGCS(server, port)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

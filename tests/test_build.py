@@ -61,12 +61,13 @@ def test_data_verify_shards_names_a_changed_shard(tiny_config, corpus, tmp_path)
         build.load_data(c)
 
 
-def test_a_cloud_storage_workdir_is_refused_without_a_local_folder(tiny_config, tmp_path, monkeypatch):
+def test_a_url_workdir_no_backend_writes_is_refused_without_a_local_folder(tiny_config, tmp_path,
+                                                                            monkeypatch):
     import pytest
 
     from gpt_jax.config import ConfigError
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="cloud storage .* not supported yet"):
-        build.setup(tiny_config(), "gs://bucket/run1")
-    assert not (tmp_path / "gs:").exists()
+    with pytest.raises(ConfigError, match="ftp:// is not a storage scheme"):
+        build.setup(tiny_config(), "ftp://host/run1")
+    assert not (tmp_path / "ftp:").exists()  # pathlib would have made "ftp:/host/run1".

@@ -242,3 +242,102 @@ def test_cli_refuses_a_second_run_and_resumes_after_kill_9(tmp_path, tiny_config
     assert f"resumed from {workdir / 'checkpoints'} at step {last}" in third.stderr
     assert f"took over the workdir lock of pid {first.pid}" in third.stderr
     assert not (workdir / lock.LOCK_NAME).exists()
+
+
+# --- A workdir on cloud storage: the lease (conftest's fake_gcs serves gs://). ---
+
+
+@pytest.fixture
+def short_lease(monkeypatch):
+    """A lease of 2 s (renewed every 0.5 s) read back after 0.05 s, so tests need not wait long."""
+    monkeypatch.setattr(lock, "LEASE_S", 2.0)
+    monkeypatch.setattr(lock, "_SETTLE_S", 0.05)
+
+
+def _lease(fake_gcs, url: str) -> dict:
+    return json.loads(fake_gcs.fs.cat(f"{url.removeprefix('gs://')}/.lock"))
+
+
+def test_a_lease_records_its_holder_is_renewed_and_removed_on_release(fake_gcs, short_lease):
+    url = fake_gcs.url("lease")
+    with lock.hold(url) as held:
+        assert isinstance(held, lock.LeaseLock) and held.held
+        first = _lease(fake_gcs, url)
+        assert (first["host"], first["pid"]) == (socket.gethostname(), os.getpid())
+        deadline = time.monotonic() + 10
+        while _lease(fake_gcs, url)["renewed"] == first["renewed"]:  # Renewed: still live.
+            assert time.monotonic() < deadline, "not renewed"
+            time.sleep(0.1)
+        assert _lease(fake_gcs, url)["since"] == first["since"]
+        assert not held.lost.is_set()
+    assert not fake_gcs.fs.exists(f"{url.removeprefix('gs://')}/.lock")
+
+
+def test_a_live_lease_refuses_a_second_run_naming_the_first(fake_gcs, short_lease):
+    url = fake_gcs.url("lease")
+    with lock.LeaseLock(url):
+        time.sleep(2.5)  # Past one lease length: the renewals keep it live.
+        with pytest.raises(lock.WorkdirLockedError) as e:
+            lock.LeaseLock(url).acquire()
+    message = str(e.value)
+    assert "\n" not in message and f"pid {os.getpid()}" in message and ".lock" in message
+
+
+def test_a_lapsed_lease_is_taken_over_with_a_warning(fake_gcs, short_lease, caplog):
+    url = fake_gcs.url("lease")
+    dead = {"host": "gone-host", "pid": 4242, "since": "2026-11-30T00:00:00Z", "command": "x",
+            "renewed": time.time() - 5, "token": "dead"}
+    fake_gcs.fs.pipe(f"{url.removeprefix('gs://')}/.lock", json.dumps(dead).encode())
+    with caplog.at_level(logging.WARNING), lock.LeaseLock(url):
+        assert _lease(fake_gcs, url)["pid"] == os.getpid()
+    assert any("pid 4242 on host gone-host" in w for w in warnings(caplog))
+
+
+def test_of_two_runs_writing_a_lease_at_once_only_the_last_writer_goes_on(fake_gcs, short_lease,
+                                                                          monkeypatch):
+    url = fake_gcs.url("lease")
+    other = {"host": "other", "pid": 7, "since": "s", "command": "x", "renewed": time.time(),
+             "token": "theirs"}
+    def another_run_writes(seconds):  # While this run waits to read its lease back.
+        fake_gcs.fs.pipe(f"{url.removeprefix('gs://')}/.lock", json.dumps(other).encode())
+        time.sleep(seconds)
+
+    monkeypatch.setattr(lock, "_sleep", another_run_writes)
+    with pytest.raises(lock.WorkdirLockedError, match="pid 7 on host other"):
+        lock.LeaseLock(url).acquire()
+    assert _lease(fake_gcs, url)["token"] == "theirs"  # Theirs is left as it is.
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(fake_gcs, short_lease,
+                                                                      caplog):
+    url = fake_gcs.url("lease")
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = {"host": socket.gethostname(), "pid": int(proc.stdout), "since": "s", "command": "x",
+            "renewed": time.time(), "token": "dead",  # Renewed just now, but its pid is gone.
+            "machine": lock._machine()}
+    fake_gcs.fs.pipe(f"{url.removeprefix('gs://')}/.lock", json.dumps(dead).encode())
+    with caplog.at_level(logging.WARNING), lock.LeaseLock(url):
+        assert _lease(fake_gcs, url)["pid"] == os.getpid()
+    assert any("no longer running" in w for w in warnings(caplog))
+
+
+def test_a_lease_of_a_dead_pid_in_another_pid_namespace_waits_to_lapse(fake_gcs, short_lease):
+    url = fake_gcs.url("lease")
+    other = {"host": socket.gethostname(), "pid": 2 ** 22 + 7, "since": "s", "command": "x",
+             "renewed": time.time(), "token": "c", "machine": "another-container"}
+    fake_gcs.fs.pipe(f"{url.removeprefix('gs://')}/.lock", json.dumps(other).encode())
+    with pytest.raises(lock.WorkdirLockedError, match="in use by another training run"):
+        lock.LeaseLock(url).acquire()
+
+
+def test_a_holder_whose_lease_is_taken_marks_it_lost_and_leaves_the_others(fake_gcs,
+                                                                           short_lease):
+    url = fake_gcs.url("lease")
+    held = lock.LeaseLock(url)
+    held.acquire()
+    theirs = {**_lease(fake_gcs, url), "token": "theirs", "pid": 7}
+    fake_gcs.fs.pipe(f"{url.removeprefix('gs://')}/.lock", json.dumps(theirs).encode())
+    assert held.lost.wait(timeout=10)
+    held.release()
+    assert _lease(fake_gcs, url)["token"] == "theirs"  # Not removed: not ours.

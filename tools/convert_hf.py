@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag, None)
         if value is not None and not value.strip():  # "" would mean the current folder.
             cli.fail(f"--{flag} is empty; give a path.")
+        cli.refuse_url(value, f"--{flag}")
     logging.set_verbosity(logging.WARNING)
     cli.quiet_orbax_reads()
     try:

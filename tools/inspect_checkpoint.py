@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workdir", help="a training workdir (or its checkpoints/ folder)")
     parser.add_argument("--step", type=_step, default=None, help="step for the tree; default newest")
     args = parser.parse_args(argv)
+    cli.refuse_url(args.workdir, "WORKDIR")
     cli.quiet_orbax_reads()
     with cli.errors_as_one_line():
         lines = report(args.workdir, args.step)

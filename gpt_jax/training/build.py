@@ -16,14 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from gpt_jax import cli
 from gpt_jax import config as config_lib
 from gpt_jax.data import batch as batch_lib
 from gpt_jax.data import corpora, prepare, training_data
 from gpt_jax.models import registry
 from gpt_jax.parallel import distributed, sharding
 from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.training import allocator, optim, step
+from gpt_jax.training import allocator, checkpoint, optim, remote, step
 
 
 @dataclasses.dataclass
@@ -31,7 +30,9 @@ class Run:
     """What one training run is made of, built once by `setup`."""
 
     config: ml_collections.ConfigDict  # Resolved: vocab size and positions filled in.
-    workdir: pathlib.Path | None  # None (and data None) from setup_without_data.
+    # Where the run writes its files: the workdir, or for a URL workdir its local mirror's folder
+    # (set by loop.run on entering the mirror). None (and data None) from setup_without_data.
+    workdir: pathlib.Path | None
     data: training_data.TrainingData | None
     model: nn.Module
     hparams: Any  # The model's hyperparameters (its architecture's frozen dataclass).
@@ -40,6 +41,17 @@ class Run:
     init_state: Callable[[], step.TrainState]  # Jitted: a fresh state at step 0, already sharded.
     abstract_state: Any  # Shapes, dtypes and shardings of the state (restore, AOT lowering).
     state_shardings: Any
+    mirror: remote.Mirror | None = None  # A URL workdir's local copy of its small files.
+
+    @property
+    def where(self) -> str:
+        """The workdir as the user named it (the URL of a remote one), for messages."""
+        return str(self.mirror.url if self.mirror else self.workdir)
+
+    @property
+    def checkpoints(self) -> Any:
+        """WORKDIR/checkpoints: an etils.epath.Path for a URL workdir, else a pathlib.Path."""
+        return checkpoint.checkpoint_dir(self.mirror.url if self.mirror else self.workdir)
 
     @property
     def arch(self) -> registry.Architecture:
@@ -67,7 +79,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Validates the config, joins a multi-process run, builds the mesh (over `devices`, default
     all), prepares the data, builds the model and the sharded state init."""
     config_lib.validate(config)
-    if problem := cli.url_problem(str(workdir), "--workdir"):
+    if remote.is_url(workdir) and (problem := remote.url_problem(str(workdir), "--workdir")):
         raise config_lib.ConfigError(problem)
     if config.train.tune_host_malloc:
         allocator.tune_glibc_malloc()  # Before the first large allocation.
@@ -75,14 +87,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if not distributed.is_primary():
         logging.set_verbosity(logging.WARNING)  # Process 0 speaks for the run.
     mesh, rules = _mesh_and_rules(config, devices)
-    workdir = pathlib.Path(workdir)
     data = load_data(config)
     try:
         data.tokenizer.encode(config.sample.prompt)  # Fail now, not after training.
     except ValueError as e:
         raise config_lib.ConfigError(f"sample.prompt: {e}") from e
-    workdir.mkdir(parents=True, exist_ok=True)
-    return _assemble(config, data.tokenizer.vocab_size, mesh, rules, workdir, data)
+    mirror = None
+    if remote.is_url(workdir):  # Its files are pulled into the mirror once the lock is held.
+        mirror = remote.Mirror(str(workdir), config.log.upload_every_s)
+        workdir = None
+    else:
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    r = _assemble(config, data.tokenizer.vocab_size, mesh, rules, workdir, data)
+    r.mirror = mirror
+    return r
 
 
 def setup_without_data(config: ml_collections.ConfigDict) -> Run:

@@ -21,12 +21,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from gpt_jax import cli
 from gpt_jax import config as config_lib
 from gpt_jax.models import registry
 from gpt_jax.parallel import distributed
+from gpt_jax.training import remote
 
 VAL_METRIC = "val/loss"
 
@@ -35,8 +37,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot serve this run; the message says which and what to do."""
 
 
-def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(workdir).resolve() / "checkpoints"
+def checkpoint_dir(workdir: str | pathlib.Path) -> Any:
+    """WORKDIR/checkpoints: an etils.epath.Path for a URL (gs://…), else an absolute path."""
+    return remote.path(workdir) / "checkpoints"
 
 
 def _val_loss(metrics: dict) -> float:
@@ -69,7 +72,7 @@ def open_to_read(directory: pathlib.Path) -> ocp.CheckpointManager:
     except PermissionError:
         raise  # The caller reports the path and the fix.
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        for path in sorted(pathlib.Path(directory).glob("*/metrics/metrics")):
+        for path in sorted(epath.Path(directory).glob("*/metrics/metrics")):
             try:
                 if not isinstance(json.loads(path.read_text()), dict):
                     raise ValueError("not a JSON object")
@@ -149,7 +152,7 @@ def check_structure(manager: ocp.CheckpointManager, step: int, abstract_state: A
     an optimizer setting that changes the optimizer state). Reading the metadata may raise other
     errors: those mean the checkpoint is unreadable."""
     saved = ocp.StandardCheckpointer().metadata(
-        pathlib.Path(manager.directory) / str(step) / "state").item_metadata
+        epath.Path(manager.directory) / str(step) / "state").item_metadata
     def by_path(tree) -> dict:  # "opt_state/1/0/mu/wte/embedding": leaf, whatever the containers.
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         return {jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in flat}
@@ -237,7 +240,7 @@ def restore_iterator(manager: ocp.CheckpointManager, step: int, data_iterator: A
     process the same global batches, so a position is the number of global batches consumed
     whatever the process count, and a run may resume with another number of processes.
     """
-    folder = pathlib.Path(manager.directory) / str(step) / "data"
+    folder = epath.Path(manager.directory) / str(step) / "data"
     saved = sorted(folder.glob("process_*-of-*.json"))
     count = int(saved[0].stem.rsplit("-of-", 1)[1]) if saved else jax.process_count()
     if count == jax.process_count():
@@ -256,7 +259,7 @@ def restore_iterator(manager: ocp.CheckpointManager, step: int, data_iterator: A
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
-    directory = pathlib.Path(manager.directory)
+    directory = epath.Path(manager.directory)
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if distributed.is_primary():  # Every process failed on the same files; one moves them.
         aside = directory / "unreadable"

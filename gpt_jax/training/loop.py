@@ -4,6 +4,7 @@ where resume.py says."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import time
@@ -23,7 +24,7 @@ from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.models.registry import count_params
 from gpt_jax.parallel import distributed, sharding
 from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.training import build, checkpoint, lock, memory, resume
+from gpt_jax.training import build, checkpoint, lock, memory, remote, resume
 from gpt_jax.training.metrics import MetricsWriter, TrainLogger, peak_flops_per_device, show_bar
 from gpt_jax.training.preemption import PreemptionGuard
 
@@ -39,15 +40,33 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     r = build.setup(config, workdir)  # Writes nothing in the workdir but the folder itself.
     # Held before Loop writes anything a second run would clash on (tokenizer.json, config.json,
     # metrics, checkpoints) and released however the run ends; a refused run writes nothing.
-    with (lock.hold(r.workdir, distributed.is_primary(), distributed.any_process),
+    # A URL workdir's mirror is pulled and finally uploaded while the lock is held.
+    with (r.mirror or contextlib.nullcontext(),
+          lock.hold(r.where, distributed.is_primary(), distributed.any_process) as held,
           sharding.activation_context(r.mesh, r.rules)):  # Every trace sees mesh and rules.
+        if r.mirror:
+            r.workdir = r.mirror.local
+            logging.info("workdir %s: its small files are written in %s and uploaded",
+                         r.where, r.workdir)
         try:
-            loop = Loop(r, started)  # Compiles, checks memory, then allocates the state.
-        except jax.errors.JaxRuntimeError as e:
-            if memory.is_out_of_memory(e):  # E.g. with train.memory_check=False.
-                raise memory.out_of_memory("the start (state or eval batches)", e) from None
+            if r.mirror:
+                r.mirror.pull()
+                if distributed.is_primary():
+                    r.mirror.start_uploading(held)
+            try:
+                loop = Loop(r, started)  # Compiles, checks memory, then allocates the state.
+            except jax.errors.JaxRuntimeError as e:
+                if memory.is_out_of_memory(e):  # E.g. with train.memory_check=False.
+                    raise memory.out_of_memory("the start (state or eval batches)", e) from None
+                raise
+            result = loop.train()
+        except BaseException:
+            if r.mirror:
+                r.mirror.finish()  # Its failure is logged; the error in flight is the cause.
             raise
-        return loop.train()
+        if r.mirror and (problem := r.mirror.finish()):
+            raise remote.UploadError(problem)
+        return result
 
 
 def evaluate(eval_step, params, batches: Iterable[dict]) -> dict:
@@ -100,17 +119,16 @@ class Loop:
             problem = memory.fit_problem(need, jax.local_devices()[0])
             if distributed.any_process(problem is not None):
                 raise memory.DoesNotFitError(problem or memory.ELSEWHERE)
-        self.manager = checkpoint.make_manager(checkpoint.checkpoint_dir(r.workdir),
-                                               config.checkpoint.keep)
+        self.manager = checkpoint.make_manager(r.checkpoints, config.checkpoint.keep)
         self.state, self.start = resume.initial_state(r, self.manager, self.train_it)
         self.config_json = config_lib.to_json(config)
         if self.primary:
             if self.start == 0:
-                MetricsWriter.keep_previous(r.workdir)
+                MetricsWriter.keep_previous(r.workdir, r.where)
             # Whole or not at all: a full disk must not leave the run's config half-written.
             cli.write_atomically({r.workdir / "config.json": self.config_json + "\n"})
         num_params = count_params(self.state.params)
-        logging.info("model: %s parameters; workdir %s; mesh %s", f"{num_params:,}", r.workdir,
+        logging.info("model: %s parameters; workdir %s; mesh %s", f"{num_params:,}", r.where,
                      mesh_lib.describe(r.mesh))
         self.fixed_val = [self._to_device(b) for b in fixed]
         tokens_per_step = t.batch_size * config.data.seq_len
@@ -173,6 +191,8 @@ class Loop:
         """Logs, evaluates, saves and stops as step `i` (just dispatched) asks."""
         t, logger = self.t, self.logger
         logger.flush()  # The previous log step's metrics; step i is queued on the device.
+        if self.r.mirror:  # A URL workdir: its files go up every log.upload_every_s.
+            self.r.mirror.try_upload()
         if logger.last.get("train/nonfinite_steps"):
             self.check_finite()  # Already fetched: stopping early costs no extra sync.
         if i == self.start + 1:  # Its warm-up (buffers, threads) is kept out of throughput.
@@ -202,7 +222,7 @@ class Loop:
             if self.manager.latest_step() != i:
                 self.save(i)
             self.wait_for_saves(None)
-            preemption.exit(i, checkpoint.checkpoint_dir(self.r.workdir))
+            preemption.exit(i, self.r.checkpoints)
 
     def wait_for_saves(self, in_flight: BaseException | None) -> None:
         """Waits for the async saves; a failed one is reported, unless `in_flight` (an error
@@ -246,6 +266,8 @@ class Loop:
         self.check_finite()
         val = self.last_eval
         val_loss = val.get("val/loss") if val.get("step") == step_num else None
+        if self.r.mirror:  # Metrics up to this checkpoint reach the URL before it does.
+            self.r.mirror.try_upload(force=True)
         try:
             checkpoint.save(self.manager, step_num, self.state, self.train_it, self.config_json,
                             val_loss)
@@ -262,7 +284,7 @@ class Loop:
             f"saving the checkpoint of {which} failed ({type(error).__name__}: {first}); the run "
             f"stopped. " + (f"The checkpoints of steps {kept} are intact: " if kept else "")
             + f"{'f' if kept else 'F'}ree disk space or fix "
-            f"{checkpoint.checkpoint_dir(self.r.workdir)}, then run the same command to resume.")
+            f"{self.r.checkpoints}, then run the same command to resume.")
 
 
 def print_samples(r: build.Run, params: Any) -> None:

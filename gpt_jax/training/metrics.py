@@ -118,8 +118,9 @@ class MetricsWriter:
         self._tb = EventFile(workdir / "tb", purge_step=purge) if tensorboard else None
 
     @staticmethod
-    def keep_previous(workdir: pathlib.Path) -> None:
-        """A run from scratch in a used workdir keeps the earlier metrics as metrics.prevN.jsonl."""
+    def keep_previous(workdir: pathlib.Path, shown: str | None = None) -> None:
+        """A run from scratch in a used workdir keeps the earlier metrics as metrics.prevN.jsonl.
+        `shown`: the workdir as messages name it (a URL workdir's, not its local mirror's)."""
         old = workdir / "metrics.jsonl"
         if old.exists():
             n = 1
@@ -127,7 +128,7 @@ class MetricsWriter:
                 n += 1
             old.rename(workdir / f"metrics.prev{n}.jsonl")
             logging.warning("%s held an earlier run's metrics; kept as metrics.prev%d.jsonl",
-                            workdir, n)
+                            shown or workdir, n)
 
     def elapsed(self) -> float:
         """Wall seconds since the run's first start (what rows record as `time`)."""

@@ -11,14 +11,14 @@ from absl import logging
 from gpt_jax import config as config_lib
 from gpt_jax.data import tokenizers
 from gpt_jax.parallel import distributed
-from gpt_jax.training import checkpoint, step, weights
+from gpt_jax.training import checkpoint, remote, step, weights
 from gpt_jax.training.build import Run
 
 
 def check(r: Run) -> None:
     """Refuses, before anything compiles, a start that `initial_state` would refuse after: from
     metadata only (step numbers, saved configs, the tokenizer), nothing restored or created."""
-    init_from, directory = r.config.checkpoint.init_from, checkpoint.checkpoint_dir(r.workdir)
+    init_from, directory = r.config.checkpoint.init_from, r.checkpoints
     steps = sorted(checkpoint.open_to_read(directory).all_steps()) if directory.is_dir() else []
     if steps:
         _refuse_resume(r, steps, checkpoint.open_to_read(directory))
@@ -31,7 +31,7 @@ def check(r: Run) -> None:
 def _refuse_resume(r: Run, steps: list[int], manager: ocp.CheckpointManager) -> None:
     if r.config.checkpoint.init_from == "scratch":
         raise config_lib.ConfigError(
-            f"{r.workdir} already has checkpoints (steps {steps}); resume with "
+            f"{r.where} already has checkpoints (steps {steps}); resume with "
             "checkpoint.init_from=auto or start in a new --workdir.")
     if steps[0] > r.config.train.num_steps:  # Even the oldest is past it.
         raise config_lib.ConfigError(
@@ -52,7 +52,7 @@ def _check_tokenizer(r: Run) -> None:
     if tokenizer_path.exists() and (tokenizers.load_tokenizer(tokenizer_path).to_dict()
                                     != r.data.tokenizer.to_dict()):
         raise checkpoint.CheckpointError(
-            f"this run's data gives another tokenizer than {tokenizer_path}, which the "
+            f"this run's data gives another tokenizer than {r.where}/tokenizer.json, which the "
             "checkpoints were trained with; resume with the same data.* settings.")
 
 
@@ -65,7 +65,7 @@ def initial_state(r: Run, manager: ocp.CheckpointManager, train_it: Any
     if manager.all_steps():
         if init_from == "scratch":
             raise config_lib.ConfigError(
-                f"{r.workdir} already has checkpoints (steps {sorted(manager.all_steps())}); "
+                f"{r.where} already has checkpoints (steps {sorted(manager.all_steps())}); "
                 "resume with checkpoint.init_from=auto or start in a new --workdir.")
         state, start = _resume(r, manager, train_it)
     else:
@@ -86,7 +86,7 @@ def _resume(r: Run, manager: ocp.CheckpointManager, train_it: Any) -> tuple[step
     for change in checkpoint.changed_fields(saved, config):
         logging.warning("resuming with a changed setting, so the run is no longer the one "
                         "an uninterrupted run would have been: %s", change)
-    logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(r.workdir), start)
+    logging.info("resumed from %s at step %d", r.checkpoints, start)
     return state, start
 
 
@@ -96,9 +96,9 @@ def _start(r: Run, init_from: str) -> step.TrainState:
         params = weights.load_params(init_from, r.abstract_state.params, r.hparams)
         logging.info("parameters taken from %s", init_from)
         return state.replace(params=params)
-    if (r.workdir / weights.PARAMS_DIR).is_dir():  # An imported model's workdir.
+    if (remote.path(r.where) / weights.PARAMS_DIR).is_dir():  # An imported model's workdir.
         logging.warning("%s holds imported parameters (%s/), which a run only starts from when "
                         "asked; this one starts from scratch. To start from them: "
-                        "--config.checkpoint.init_from=%s", r.workdir, weights.PARAMS_DIR,
-                        r.workdir)
+                        "--config.checkpoint.init_from=%s", r.where, weights.PARAMS_DIR,
+                        r.where)
     return state

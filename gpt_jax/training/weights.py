@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from gpt_jax import cli
 from gpt_jax.data import tokenizers
 from gpt_jax.models import registry
 from gpt_jax.parallel import sharding
+from gpt_jax.training import remote
 from gpt_jax.training.checkpoint import (
     CheckpointError,
     make_manager,
@@ -37,11 +39,11 @@ PARAMS_DIR = "params"
 HF_PREFIX = "hf:"  # checkpoint.init_from=hf:PATH converts a Hugging Face GPT-2 on the fly.
 
 
-def params_source(path: str) -> tuple[pathlib.Path, int | None]:
+def params_source(path: str) -> tuple[Any, int | None]:
     """(checkpoint folder, step or None for "choose") of `path`: a training workdir (its
     checkpoints/), a workdir made by `tools/convert_hf.py import` (its params/), either folder
     itself, or one step's folder."""
-    p = pathlib.Path(path).expanduser().resolve()
+    p = remote.path(path if remote.is_url(path) else pathlib.Path(path).expanduser())
     if (p / "state").is_dir():  # One step's folder.
         return p.parent, int(p.name)
     for sub in ("checkpoints", PARAMS_DIR):
@@ -79,7 +81,7 @@ def restore_params(directory: pathlib.Path, step: int, abstract_params: Any) -> 
     size), placed as `abstract_params` (ShapeDtypeStructs with shardings) says."""
     target = {"params": abstract_params}
     restored = ocp.PyTreeCheckpointer().restore(
-        pathlib.Path(directory) / str(step) / "state",
+        epath.Path(directory) / str(step) / "state",
         args=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
                                     partial_restore=True))
     return restored["params"]
@@ -175,7 +177,8 @@ def load_trained(path: str | pathlib.Path, which: int | str | None = None
     config = merge_saved_config(raw, step, manager.directory)
     vocab_size = config["model"]["vocab_size"]
     if vocab_size is None:  # Configs from before the vocab was resolved: the tokenizer decides.
-        vocab_size = tokenizers.load_tokenizer(directory.parent / "tokenizer.json").vocab_size
+        spec = json.loads((directory.parent / "tokenizer.json").read_text())  # Maybe gs://.
+        vocab_size = tokenizers.tokenizer_from_dict(spec).vocab_size
         config["model"]["vocab_size"] = vocab_size
     if config["model"]["max_seq_len"] is None:  # Likewise: it was data.seq_len.
         config["model"]["max_seq_len"] = config["data"]["seq_len"]
