@@ -13,7 +13,30 @@ def get_config() -> ml_collections.ConfigDict:
     m.num_layers = 4  # Transformer blocks.
     m.num_heads = 4  # Attention heads; must divide d_model.
     m.d_model = 128  # Residual stream width.
-    m.mlp_ratio = 4  # MLP hidden width = mlp_ratio · d_model.
+    m.mlp_ratio = 4  # MLP hidden width = mlp_ratio · d_model (model.mlp_dim overrides it).
+    # MLP hidden width F; None → mlp_ratio · d_model, or for swiglu ⅔ of that (its three matrices
+    # then hold as many parameters as two) rounded up to a multiple of model.mlp_multiple (Llama).
+    m.mlp_dim = config_dict.placeholder(int)
+    m.mlp_multiple = 256  # swiglu's default width rounds up to this (Llama's multiple_of).
+    # Feed-forward: gelu (fc → model.activation → proj; GPT-2) | swiglu (proj(silu(gate) · fc);
+    # Llama) | relu2 (fc → relu² → proj; Primer, modded-nanogpt).
+    m.mlp = "gelu"
+    m.norm = "layernorm"  # layernorm (GPT-2) | rmsnorm (Llama: no mean, no bias).
+    # Token positions: learned (a table added to the embeddings; GPT-2) | sinusoidal (fixed sines
+    # added to the embeddings; Vaswani et al.) | rope (rotary, on queries and keys; Llama) | alibi
+    # (per-head linear biases on attention scores; Press et al.) | none (NoPE: causal masking
+    # alone). All but learned run at lengths beyond the training length.
+    m.positions = "learned"
+    m.rope_theta = 10000.0  # RoPE base: frequencies theta^(-2i/head_dim).
+    # Key/value heads (grouped-query attention: each serves num_heads / num_kv_heads query heads;
+    # 1 = multi-query); None → num_heads (multi-head). The KV cache holds only these.
+    m.num_kv_heads = config_dict.placeholder(int)
+    m.qk_norm = False  # RMS-normalise queries and keys per head before positions (OLMo 2, Qwen3).
+    # Attention scores: dot_product (q·k/√H) | additive (Bahdanau: vᵀ tanh(W_q q + W_k k) per
+    # head; memory [B, chunk, T, N, H] per layer, see model.additive_chunk).
+    m.attention = "dot_product"
+    m.additive_chunk = 64  # Additive attention scores this many queries at a time (memory bound).
+    m.logit_softcap = 0.0  # Logits → c·tanh(logits / c) (Gemma 2); 0 = off.
     m.max_seq_len = config_dict.placeholder(int)  # Learned positions; None → data.seq_len.
     m.vocab_size = config_dict.placeholder(int)  # None → the tokenizer's vocabulary size.
     m.vocab_multiple = 1  # Pad the vocab up to a multiple (64 pays on GPUs; padded ids are masked).
@@ -22,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.bias = False  # Biases in Dense layers and LayerNorms (GPT-2: True; nanoGPT recipes: False).
     m.tie_embeddings = True  # LM head shares the token embedding matrix.
     m.activation = "gelu"  # MLP activation: gelu (exact erf, nanoGPT) | gelu_tanh (GPT-2) | relu.
-    m.norm_eps = 1e-5  # LayerNorm epsilon.
+    m.norm_eps = 1e-5  # LayerNorm / RMSNorm epsilon (also qk_norm's).
     m.init_std = 0.02  # GPT-2 init std; residual projections get init_std / sqrt(2·num_layers).
     m.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
     # jax.nn.dot_product_attention implementation: auto (cuDNN flash attention on CUDA GPUs for
@@ -88,6 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
     # logits then exist for one chunk at a time (recomputed in the backward pass), which matters
     # when batch × seq_len × vocab is large (GPT-2: 50k vocab). Must divide data.seq_len.
     t.loss_chunk = 0
+    # z-loss (PaLM): adds z_loss · log²Z per token to the training loss (Z: the softmax
+    # normaliser, kept near 1 for stability); train/loss includes it, val/loss is the plain
+    # cross-entropy. 0 = off.
+    t.z_loss = 0.0
     t.eval_every = 250  # Steps between evaluations.
     t.eval_batches = 20  # Fixed val batches per periodic evaluation.
     t.final_eval = "full"  # At the end: full (every val token, exact) | batches | none.

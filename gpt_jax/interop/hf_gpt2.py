@@ -51,7 +51,7 @@ class InteropError(ValueError):
 def _block_table(cfg: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...],
                                                  tuple[int, ...]]]:
     """(HF name within `transformer.h.{i}.`, our path within a block, HF shape, our shape)."""
-    D, N, H, F = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    D, N, H, F = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.hidden_dim
     return [
         ("ln_1.weight", ("ln_1", "scale"), (D,), (D,)),
         ("ln_1.bias", ("ln_1", "bias"), (D,), (D,)),
@@ -134,6 +134,15 @@ def hf_config_from_model(cfg: GPTConfig) -> Any:
     if cfg.activation not in ACTIVATIONS_TO_HF:
         raise InteropError(f"model.activation={cfg.activation!r} has no GPT-2 equivalent; "
                            f"exportable ones: {sorted(ACTIVATIONS_TO_HF)}.")
+    gpt2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
+            "attention": "dot_product", "logit_softcap": 0.0}
+    for field, value in gpt2.items():
+        if getattr(cfg, field) != value:
+            raise InteropError(f"model.{field}={getattr(cfg, field)!r}: GPT-2 has {value!r}, so "
+                               "this model has no GPT2LMHeadModel equivalent.")
+    if cfg.kv_heads != cfg.num_heads:
+        raise InteropError(f"model.num_kv_heads={cfg.num_kv_heads}: GPT-2 has one key/value head "
+                           "per query head, so this model has no GPT2LMHeadModel equivalent.")
     # <|endoftext|> only exists in GPT-2's own vocabulary; ids outside a small vocab would break
     # HF's generate.
     eos = GPT2_VOCAB_SIZE - 1 if cfg.vocab_size == GPT2_VOCAB_SIZE else None
@@ -143,7 +152,7 @@ def hf_config_from_model(cfg: GPTConfig) -> Any:
         n_embd=cfg.d_model,
         n_layer=cfg.num_layers,
         n_head=cfg.num_heads,
-        n_inner=None if cfg.mlp_ratio == 4 else cfg.mlp_dim,  # None: GPT-2's 4·n_embd.
+        n_inner=None if cfg.hidden_dim == 4 * cfg.d_model else cfg.hidden_dim,  # None: 4·n_embd.
         activation_function=ACTIVATIONS_TO_HF[cfg.activation],
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,

@@ -1,4 +1,6 @@
-"""GPT: decoder-only Transformer language model (GPT-2 architecture), `model.arch=gpt`.
+"""GPT: decoder-only Transformer language model, `model.arch=gpt`: GPT-2 by default, and by
+config the variants the literature names (positions, norms, MLPs, grouped-query attention, QK-norm,
+additive attention, logit soft-capping), so that they can be ablated against each other.
 
 Shapes are named in suffixes: B batch, T time, D d_model, V padded vocabulary.
 """
@@ -21,13 +23,16 @@ from gpt_jax.models.layers import (
     Block,
     DecodeState,
     ScannedBlock,
-    layer_norm,
+    norm,
 )
 from gpt_jax.parallel.sharding import constrain
 
 Array = jax.Array
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTIONS = ("dot_product", "additive")
+MLPS = ("gelu", "swiglu", "relu2")
+NORMS = ("layernorm", "rmsnorm")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -43,6 +48,17 @@ class GPTConfig:
     num_heads: int
     d_model: int
     mlp_ratio: int
+    mlp_dim: int | None
+    mlp_multiple: int
+    mlp: str
+    norm: str
+    positions: str
+    rope_theta: float
+    num_kv_heads: int | None
+    qk_norm: bool
+    attention: str
+    additive_chunk: int
+    logit_softcap: float
     dropout: float
     attention_dropout: float
     bias: bool
@@ -60,7 +76,18 @@ class GPTConfig:
         return self.d_model // self.num_heads
 
     @property
-    def mlp_dim(self) -> int:
+    def kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or num_heads when it is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width F (model.mlp_dim, or its default; see configs/base.py)."""
+        if self.mlp_dim is not None:
+            return self.mlp_dim
+        if self.mlp == "swiglu":  # ⅔ of the width: three matrices, two's parameters (Llama).
+            m = self.mlp_multiple
+            return m * math.ceil(2 * self.mlp_ratio * self.d_model / 3 / m)
         return self.mlp_ratio * self.d_model
 
     @property
@@ -74,7 +101,8 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """Token + learned position embeddings → N pre-LN blocks → final LayerNorm → LM head.
+    """Token embeddings (+ learned or sinusoidal positions) → N pre-norm blocks → final norm →
+    LM head (soft-capped if model.logit_softcap).
 
     `__call__` returns float32 logits over the padded vocabulary; padded ids get a large negative
     logit so they never count in the loss nor get sampled. `hidden` and `head` are its two halves,
@@ -93,13 +121,14 @@ class GPT(nn.Module):
             param_dtype=jnp.float32,
             embedding_init=nn.with_logical_partitioning(emb_init, ("vocab", "embed")),
         )
-        self.wpe = nn.Embed(
-            cfg.max_seq_len,
-            cfg.d_model,
-            dtype=cfg.compute_dtype,
-            param_dtype=jnp.float32,
-            embedding_init=nn.with_logical_partitioning(emb_init, (None, "embed")),
-        )
+        if cfg.positions == "learned":
+            self.wpe = nn.Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                dtype=cfg.compute_dtype,
+                param_dtype=jnp.float32,
+                embedding_init=nn.with_logical_partitioning(emb_init, (None, "embed")),
+            )
         self.drop = nn.Dropout(cfg.dropout)
         block = ScannedBlock if cfg.scan_layers else Block
         if cfg.remat != "none":  # Recompute in the backward pass what the policy does not save.
@@ -116,7 +145,7 @@ class GPT(nn.Module):
             )(cfg)
         else:
             self.h = [block(cfg) for _ in range(cfg.num_layers)]  # Named h_0, h_1, …
-        self.ln_f = layer_norm(cfg)
+        self.ln_f = norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
                 cfg.padded_vocab_size,
@@ -148,7 +177,12 @@ class GPT(nn.Module):
                                                       self.cfg.max_seq_len)
         elif positions_BT is None:
             positions_BT = positions.sequence_positions(T)
-        x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
+        x_BTD = self.wte(tokens_BT)
+        if self.cfg.positions == "learned":
+            x_BTD = x_BTD + self.wpe(positions_BT)
+        elif self.cfg.positions == "sinusoidal":
+            x_BTD = x_BTD + positions.sinusoidal(positions_BT, self.cfg.d_model).astype(
+                x_BTD.dtype)
         x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
         x_BTD = self.drop(x_BTD, deterministic=deterministic)
         if segment_ids_BT is not None:
@@ -166,6 +200,8 @@ class GPT(nn.Module):
         logits_BTV = self.wte.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)
         logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
         logits_BTV = logits_BTV.astype(jnp.float32)
+        if cfg.logit_softcap > 0:  # Bounded logits, smooth near 0 (Gemma 2).
+            logits_BTV = cfg.logit_softcap * jnp.tanh(logits_BTV / cfg.logit_softcap)
         if cfg.padded_vocab_size != cfg.vocab_size:
             valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
             logits_BTV = jnp.where(valid_V, logits_BTV, jnp.finfo(jnp.float32).min)
@@ -176,9 +212,11 @@ def flops_per_token(cfg: GPTConfig, num_params: int, seq_len: int) -> float:
     """Training FLOPs per token, 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
 
     N counts the parameters that do matmuls: the position table never does, and an untied token
-    table is a lookup (its LM head is counted). The second term is attention's QK^T and AV.
+    table is a lookup (its LM head is counted). The second term is attention's QK^T and AV (for
+    additive attention, its W_k·k, tanh and vᵀ per query-key pair: the same 2·H per pair, a
+    lower bound of its cost, which is elementwise work, not matmuls).
     """
-    n = num_params - cfg.max_seq_len * cfg.d_model
+    n = num_params - (cfg.max_seq_len * cfg.d_model if cfg.positions == "learned" else 0)
     if not cfg.tie_embeddings:
         n -= cfg.padded_vocab_size * cfg.d_model
     return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
@@ -203,24 +241,54 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "data.document_mask=True needs a masked attention, which model.attention_impl="
               "cudnn does not take here; use auto or xla (auto takes XLA when masking).")
     one_of(m.activation, "model.activation", ACTIVATIONS)
+    one_of(m.mlp, "model.mlp", MLPS)
+    one_of(m.norm, "model.norm", NORMS)
+    one_of(m.positions, "model.positions", positions.POSITIONS)
+    one_of(m.attention, "model.attention", ATTENTIONS)
+    check(m.mlp_multiple >= 1, f"model.mlp_multiple={m.mlp_multiple} must be ≥ 1.")
+    check(m.mlp_dim is None or m.mlp_dim >= 1,
+          f"model.mlp_dim={m.mlp_dim} must be ≥ 1 (or unset for its default).")
+    check(m.additive_chunk >= 1, f"model.additive_chunk={m.additive_chunk} must be ≥ 1.")
+    check(m.logit_softcap >= 0, f"model.logit_softcap={m.logit_softcap} must be ≥ 0 (0 = off).")
+    check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0.")
+    if m.num_kv_heads is not None:
+        check(m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads == 0,
+              f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} "
+              "(each kv head serves the same number of query heads); e.g. 1 or num_heads.")
+    if m.positions == "rope":
+        check((m.d_model // m.num_heads) % 2 == 0,
+              f"model.positions=rope rotates pairs of dimensions: the head dim "
+              f"{m.d_model // m.num_heads} must be even; change d_model or num_heads.")
+    if m.attention == "additive":
+        check(m.attention_impl != "cudnn",
+              "model.attention=additive computes its own scores; model.attention_impl=cudnn "
+              "is for dot_product attention: use auto or xla.")
     one_of(m.remat, "model.remat", REMAT_POLICIES)
     for field in ("dropout", "attention_dropout"):
         check(0.0 <= m[field] < 1.0, f"model.{field}={m[field]} must be in [0, 1).")
-    if m.max_seq_len is not None:
+    if m.max_seq_len is not None and m.positions == "learned":
         check(config.data.seq_len <= m.max_seq_len,
               f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
               "(positions); lower data.seq_len or raise model.max_seq_len.")
 
+
+# Fields that change parameter shapes or names (scan_layers stacks them under h/).
+ARCH_SHAPE_FIELDS = ("num_layers", "num_heads", "d_model", "mlp_ratio", "mlp_dim", "mlp_multiple",
+                     "mlp", "norm", "positions", "num_kv_heads", "qk_norm", "attention",
+                     "vocab_size", "vocab_multiple", "max_seq_len", "bias", "tie_embeddings",
+                     "scan_layers")
 
 ARCH = registry.register(registry.Architecture(
     name="gpt",
     config_class=GPTConfig,
     module=GPT,
     flops_per_token=flops_per_token,
-    # Fields that change parameter shapes or names (scan_layers stacks them under h/).
-    shape_fields=("num_layers", "num_heads", "d_model", "mlp_ratio", "vocab_size",
-                  "vocab_multiple", "max_seq_len", "bias", "tie_embeddings", "scan_layers"),
-    function_fields=("activation", "norm_eps"),
+    shape_fields=ARCH_SHAPE_FIELDS,
+    # Without a position table, max_seq_len only sizes the KV cache: a run may read longer
+    # sequences than it was trained on (length extrapolation).
+    shape_fields_for=lambda m: tuple(
+        f for f in ARCH_SHAPE_FIELDS if f != "max_seq_len" or m.get("positions") == "learned"),
+    function_fields=("activation", "norm_eps", "rope_theta", "logit_softcap"),
     decoding="kv_cache",
     split_head=True,
     # Remat and dropout do nothing for decoding but cost compile time.

@@ -1,11 +1,15 @@
-"""Transformer building blocks: causal self-attention, MLP, pre-LN block.
+"""Transformer building blocks: causal self-attention (dot-product or additive; multi-, grouped-
+or multi-query heads; rotary or ALiBi positions; QK-norm), MLPs (GELU, SwiGLU, ReLU²), norms
+(LayerNorm, RMSNorm), the pre-norm block.
 
 Every module is a pure Flax Linen module usable on its own (init/apply). Parameters carry logical
 axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `norm`), and so do the main activations
 (`batch`, `length`, … through `constrain`); the mapping to mesh axes lives in the config, never
-here. Shapes are named in suffixes: B batch, T time, S cache slots, D d_model, N heads, H head dim,
-F mlp. `positions_BT` ([B, T] or [1, T]) reach every block (see positions.py): schemes applied
-inside attention use them; the learned table is added to the embeddings before the blocks.
+here. Shapes are named in suffixes: B batch, T time (queries), S keys (cache slots, or T), D
+d_model, N heads, K kv heads, G query heads per kv head, H head dim (A: additive attention's, = H),
+C queries per chunk, F mlp. `positions_BT` ([B, T] or [1, T]) reach every block (see
+positions.py): rope and alibi use them inside attention; learned and sinusoidal positions are
+added to the embeddings before the blocks.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt_jax.models import positions
 from gpt_jax.parallel.sharding import constrain
 
 if TYPE_CHECKING:  # gpt.py imports this module.
@@ -69,26 +74,43 @@ def attention_implementation(cfg: GPTConfig) -> str:
     return "cudnn" if cuda and supported else "xla"
 
 
-def layer_norm(cfg: GPTConfig, name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm with optional bias (nanoGPT's bias=False drops it); statistics in float32."""
+def norm(cfg: GPTConfig, name: str | None = None) -> nn.Module:
+    """model.norm: LayerNorm with optional bias (nanoGPT's bias=False drops it), or RMSNorm (no
+    mean, no bias); statistics in float32."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                          scale_init=scale_init, name=name)
     return nn.LayerNorm(
         epsilon=cfg.norm_eps,
         use_bias=cfg.bias,
         dtype=cfg.compute_dtype,
         param_dtype=jnp.float32,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        scale_init=scale_init,
         bias_init=bias_init(("norm",)),
         name=name,
     )
 
 
+def head_norm(cfg: GPTConfig, name: str) -> nn.RMSNorm:
+    """QK-norm: RMSNorm over each head's H dimensions, with its own scale [H]."""
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
+                      name=name)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a fused QKV projection (GPT-2's c_attn layout).
+    """Causal self-attention: queries, keys and values per head, then softmax(scores) · v.
+
+    Heads: N query heads share K = model.num_kv_heads key/value heads (grouped-query; K = N is
+    multi-head, with GPT-2's fused QKV projection, K = 1 multi-query). model.qk_norm RMS-normalises
+    queries and keys per head; model.positions=rope rotates them, alibi biases the scores.
+    Scores: q·k/√H (dot_product), or vᵀ tanh(W_q q + W_k k) per head (additive, Bahdanau).
 
     With `decode` set, keys and values go to a KV cache (the mutable `cache` collection, one
-    max_seq_len window per row) and the queries attend to the cache instead of to each other.
-    With `segment_ids_BT` (packed documents), a token attends only to its own segment's tokens
-    up to itself; that mask takes XLA's attention (cuDNN's is used only without segments).
+    max_seq_len window of K heads per row) and the queries attend to the cache instead of to each
+    other. With `segment_ids_BT` (packed documents), a token attends only to its own segment's
+    tokens up to itself; that mask takes XLA's attention (cuDNN's is used only without segments).
     """
 
     cfg: GPTConfig
@@ -97,50 +119,36 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x_BTD: Array, deterministic: bool = True,
                  decode: DecodeState | None = None, segment_ids_BT: Array | None = None,
                  positions_BT: Array | None = None) -> Array:
-        # `positions_BT` is for position schemes applied to queries and keys; the learned table
-        # (today's only scheme) is added before the blocks, so attention does not read them.
-        del positions_BT
         cfg = self.cfg
-        N, H = cfg.num_heads, cfg.head_dim
-        qkv_BT3NH = nn.DenseGeneral(
-            features=(3, N, H),
-            use_bias=cfg.bias,
-            dtype=cfg.compute_dtype,
-            param_dtype=jnp.float32,
-            kernel_init=dense_init(cfg, ("embed", None, "heads", "kv")),
-            bias_init=bias_init((None, "heads", "kv")),
-            name="qkv",
-        )(x_BTD)
-        qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "length", None, "heads", "kv"))
-        q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
-        # Same segment: [B, 1, T, T], broadcast over heads; None attends across the whole row.
-        same_B1TT = None if segment_ids_BT is None else (
-            segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
-
+        q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD)
+        if cfg.qk_norm:
+            q_BTNH = head_norm(cfg, "q_norm")(q_BTNH)
+            k_BTKH = head_norm(cfg, "k_norm")(k_BTKH)
+        if cfg.positions == "rope":
+            q_BTNH = positions.rope(q_BTNH, positions_BT, cfg.rope_theta)
+            k_BTKH = positions.rope(k_BTKH, positions_BT, cfg.rope_theta)
         if decode is not None:
             if segment_ids_BT is not None:
                 raise ValueError("decoding takes no segment ids: a KV-cache row is one document.")
-            out_BTNH = self._attend_cache(q_BTNH, k_BTNH, v_BTNH, decode)
-        elif not deterministic and cfg.attention_dropout > 0.0:
-            # jax.nn.dot_product_attention has no dropout on the weights; Flax's explicit-weights
-            # attention does. Only taken while training with attention_dropout > 0.
-            T = x_BTD.shape[1]
-            mask = nn.combine_masks(nn.make_causal_mask(jnp.ones((1, T), bool)), same_B1TT)
-            out_BTNH = nn.dot_product_attention(
-                q_BTNH, k_BTNH, v_BTNH,
-                mask=mask,
-                dropout_rng=self.make_rng("dropout"),
-                dropout_rate=cfg.attention_dropout,
-                deterministic=False,
-                dtype=cfg.compute_dtype,
-            )
+            k_BSKH, v_BSKH, mask_B1TS, k_pos_BS = self._cache(k_BTKH, v_BTKH, decode)
         else:
-            # A mask goes to XLA's implementation: cuDNN's flash attention is taken only without
-            # one (config validation refuses attention_impl=cudnn with data.document_mask).
+            k_BSKH, v_BSKH, k_pos_BS = k_BTKH, v_BTKH, positions_BT
+            mask_B1TS = None if segment_ids_BT is None else (  # Same segment; causal below.
+                segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
+        bias_BNTS = (positions.alibi_bias(positions_BT, k_pos_BS, cfg.num_heads)
+                     if cfg.positions == "alibi" else None)
+        causal = decode is None  # The cache's mask is causal by slot already.
+        dropout = not deterministic and cfg.attention_dropout > 0.0
+        if cfg.attention == "additive" or dropout:
+            out_BTNH = self._explicit(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, causal,
+                                      dropout)
+        else:
+            # A mask or bias goes to XLA's implementation: cuDNN's flash attention is taken only
+            # without (config validation refuses attention_impl=cudnn with data.document_mask).
+            plain = mask_B1TS is None and bias_BNTS is None and decode is None
             out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BTNH, v_BTNH, mask=same_B1TT, is_causal=True,
-                implementation="xla" if same_B1TT is not None else attention_implementation(cfg),
-            )
+                q_BTNH, k_BSKH, v_BSKH, bias=bias_BNTS, mask=mask_B1TS, is_causal=causal,
+                implementation=attention_implementation(cfg) if plain else "xla")
         out_BTNH = constrain(out_BTNH, ("batch", "length", "heads", "kv"))
         y_BTD = nn.DenseGeneral(
             features=cfg.d_model,
@@ -154,15 +162,37 @@ class CausalSelfAttention(nn.Module):
         )(out_BTNH)
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
-    def _attend_cache(self, q_BTNH: Array, k_BTNH: Array, v_BTNH: Array,
-                      decode: DecodeState) -> Array:
-        """Writes this call's keys/values at `decode.slot` and attends to the whole cache."""
-        B, T, N, H = k_BTNH.shape
+    def _project(self, x_BTD: Array) -> tuple[Array, Array, Array]:
+        """(q [B, T, N, H], k and v [B, T, K, H]): GPT-2's fused QKV when K = N, else a query
+        projection and a fused key/value one."""
+        cfg = self.cfg
+        N, K, H = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+
+        def dense(features: tuple[int, ...], axes: tuple[str | None, ...], name: str):
+            return nn.DenseGeneral(
+                features=features, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+                param_dtype=jnp.float32, kernel_init=dense_init(cfg, ("embed", *axes)),
+                bias_init=bias_init(axes), name=name)(x_BTD)
+
+        if K == N:
+            qkv_BT3NH = dense((3, N, H), (None, "heads", "kv"), "qkv")
+            qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "length", None, "heads", "kv"))
+            return qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1], qkv_BT3NH[:, :, 2]
+        q_BTNH = constrain(dense((N, H), ("heads", "kv"), "q"), ("batch", "length", "heads", "kv"))
+        kv_BT2KH = dense((2, K, H), (None, "heads", "kv"), "kv")
+        kv_BT2KH = constrain(kv_BT2KH, ("batch", "length", None, "heads", "kv"))
+        return q_BTNH, kv_BT2KH[:, :, 0], kv_BT2KH[:, :, 1]
+
+    def _cache(self, k_BTKH: Array, v_BTKH: Array, decode: DecodeState
+               ) -> tuple[Array, Array, Array, Array]:
+        """Writes this call's keys/values at `decode.slot`; returns the whole cache (k, v), the
+        mask of what each query may see [B, 1, T, S], and each slot's position [B, S]."""
+        B, T, K, H = k_BTKH.shape
         S = self.cfg.max_seq_len
-        k_cache = self.variable("cache", "k", jnp.zeros, (B, S, N, H), k_BTNH.dtype)
-        v_cache = self.variable("cache", "v", jnp.zeros, (B, S, N, H), v_BTNH.dtype)
-        k_cache.value = jax.lax.dynamic_update_slice_in_dim(k_cache.value, k_BTNH, decode.slot, 1)
-        v_cache.value = jax.lax.dynamic_update_slice_in_dim(v_cache.value, v_BTNH, decode.slot, 1)
+        k_cache = self.variable("cache", "k", jnp.zeros, (B, S, K, H), k_BTKH.dtype)
+        v_cache = self.variable("cache", "v", jnp.zeros, (B, S, K, H), v_BTKH.dtype)
+        k_cache.value = jax.lax.dynamic_update_slice_in_dim(k_cache.value, k_BTKH, decode.slot, 1)
+        v_cache.value = jax.lax.dynamic_update_slice_in_dim(v_cache.value, v_BTKH, decode.slot, 1)
         q_slot_T = decode.slot + jnp.arange(T)
         k_slot_S = jnp.arange(S)
         causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
@@ -170,30 +200,100 @@ class CausalSelfAttention(nn.Module):
         valid_BTS = (k_slot_S[None, None, :] >= decode.first_B[:, None, None]) | (
             k_slot_S[None, :] == q_slot_T[:, None])[None]
         mask_B1TS = (causal_TS[None] & valid_BTS)[:, None]
-        return jax.nn.dot_product_attention(
-            q_BTNH, k_cache.value, v_cache.value, mask=mask_B1TS, implementation="xla"
-        )
+        k_pos_BS = k_slot_S[None, :] - decode.first_B[:, None]  # As decode_positions counts.
+        return k_cache.value, v_cache.value, mask_B1TS, k_pos_BS
+
+    def _explicit(self, q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array | None,
+                  bias_BNTS: Array | None, causal: bool, dropout: bool) -> Array:
+        """Attention with its weights materialised: additive scores, or dot-product ones with
+        dropout on the weights (jax.nn.dot_product_attention has none)."""
+        cfg = self.cfg
+        _, T, N, _ = q_BTNH.shape
+        S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+        G = N // K
+        k_BSNH, v_BSNH = jnp.repeat(k_BSKH, G, axis=2), jnp.repeat(v_BSKH, G, axis=2)
+        if cfg.attention != "additive":  # Dot-product with dropout: Flax's explicit attention.
+            mask = nn.make_causal_mask(jnp.ones((1, T), bool)) if causal else None
+            return nn.dot_product_attention(
+                q_BTNH, k_BSNH, v_BSNH, bias=bias_BNTS, mask=nn.combine_masks(mask, mask_B1TS),
+                dropout_rng=self.make_rng("dropout"), dropout_rate=cfg.attention_dropout,
+                deterministic=False, dtype=cfg.compute_dtype)
+        scores_BNTS = self._additive_scores(q_BTNH, k_BSKH)
+        if bias_BNTS is not None:
+            scores_BNTS = scores_BNTS + bias_BNTS
+        keep = jnp.ones((1, 1, T, S), bool)
+        if causal:  # Training: queries and keys are the same T tokens.
+            keep = keep & jnp.tril(jnp.ones((T, S), bool))[None, None]
+        if mask_B1TS is not None:
+            keep = keep & mask_B1TS
+        scores_BNTS = jnp.where(keep, scores_BNTS, jnp.finfo(jnp.float32).min)
+        weights_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)
+        if dropout:
+            weights_BNTS = nn.Dropout(cfg.attention_dropout)(weights_BNTS, deterministic=False)
+        return jnp.einsum("bnts,bsnh->btnh", weights_BNTS.astype(v_BSNH.dtype), v_BSNH)
+
+    def _additive_scores(self, q_BTNH: Array, k_BSKH: Array) -> Array:
+        """Bahdanau scores [B, N, T, S] (float32): v_nᵀ tanh(W_q q + W_k k) for each head n, its
+        [H, H] projections and [H] vector. The tanh needs every (query, key) pair's H-vector:
+        [B, C, S, N, H] for C queries at a time (model.additive_chunk), recomputed in the backward
+        pass (jax.checkpoint), so memory grows with the chunk, not with T²."""
+        cfg = self.cfg
+        B, T, N, H = q_BTNH.shape
+        G = N // k_BSKH.shape[2]
+        init = dense_init(cfg, ("heads", "kv", None))
+        wq_NHA = self.param("additive_wq", init, (N, H, H), jnp.float32)
+        wk_NHA = self.param("additive_wk", init, (N, H, H), jnp.float32)
+        v_NA = self.param("additive_v", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std), ("heads", "kv")), (N, H), jnp.float32)
+        dt = cfg.compute_dtype
+        qa_BTNA = jnp.einsum("btnh,nha->btna", q_BTNH, wq_NHA.astype(dt))
+        ka_BSNA = jnp.einsum("bsnh,nha->bsna", jnp.repeat(k_BSKH, G, axis=2), wk_NHA.astype(dt))
+        C = min(cfg.additive_chunk, T)
+        pad = -T % C
+        qa_nBCNA = jnp.pad(qa_BTNA, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
+            B, -1, C, N, H).swapaxes(0, 1)
+
+        @jax.checkpoint
+        def chunk(qa_BCNA: Array) -> Array:
+            e_BCSNA = jnp.tanh(qa_BCNA[:, :, None] + ka_BSNA[:, None])
+            return jnp.einsum("bcsna,na->bncs", e_BCSNA, v_NA.astype(dt),
+                              preferred_element_type=jnp.float32)
+
+        scores_nBNCS = jax.lax.map(chunk, qa_nBCNA)
+        S = ka_BSNA.shape[1]
+        scores_BNTS = scores_nBNCS.transpose(1, 2, 0, 3, 4).reshape(B, N, -1, S)
+        return scores_BNTS[:, :, :T]
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: D → mlp_ratio·D → activation → D."""
+    """Position-wise feed-forward, D → F → D (F = cfg.hidden_dim): gelu is fc → model.activation
+    → proj; relu2 is fc → relu² → proj; swiglu is proj(silu(gate) · fc)."""
 
     cfg: GPTConfig
 
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool = True) -> Array:
         cfg = self.cfg
-        h_BTF = nn.Dense(
-            cfg.mlp_dim,
-            use_bias=cfg.bias,
-            dtype=cfg.compute_dtype,
-            param_dtype=jnp.float32,
-            kernel_init=dense_init(cfg, ("embed", "mlp")),
-            bias_init=bias_init(("mlp",)),
-            name="fc",
-        )(x_BTD)
-        h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        h_BTF = ACTIVATIONS[cfg.activation](h_BTF)
+
+        def up(name: str) -> Array:
+            h_BTF = nn.Dense(
+                cfg.hidden_dim,
+                use_bias=cfg.bias,
+                dtype=cfg.compute_dtype,
+                param_dtype=jnp.float32,
+                kernel_init=dense_init(cfg, ("embed", "mlp")),
+                bias_init=bias_init(("mlp",)),
+                name=name,
+            )(x_BTD)
+            return constrain(h_BTF, ("batch", "length", "mlp"))
+
+        h_BTF = up("fc")
+        if cfg.mlp == "swiglu":
+            h_BTF = jax.nn.silu(up("gate")) * h_BTF
+        elif cfg.mlp == "relu2":
+            h_BTF = jnp.square(jax.nn.relu(h_BTF))
+        else:
+            h_BTF = ACTIVATIONS[cfg.activation](h_BTF)
         y_BTD = nn.Dense(
             cfg.d_model,
             use_bias=cfg.bias,
@@ -207,7 +307,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     cfg: GPTConfig
 
@@ -216,9 +316,8 @@ class Block(nn.Module):
                  decode: DecodeState | None = None, segment_ids_BT: Array | None = None,
                  positions_BT: Array | None = None) -> Array:
         x_BTD = x_BTD + CausalSelfAttention(self.cfg, name="attn")(
-            layer_norm(self.cfg, "ln_1")(x_BTD), deterministic, decode, segment_ids_BT,
-            positions_BT)
-        x_BTD = x_BTD + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln_2")(x_BTD), deterministic)
+            norm(self.cfg, "ln_1")(x_BTD), deterministic, decode, segment_ids_BT, positions_BT)
+        x_BTD = x_BTD + MLP(self.cfg, name="mlp")(norm(self.cfg, "ln_2")(x_BTD), deterministic)
         return constrain(x_BTD, ("batch", "length", "embed"))
 
 

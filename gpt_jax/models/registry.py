@@ -55,6 +55,9 @@ class Architecture:
     # (hyperparameters, non-embedding parameter count or total, seq_len) → training FLOPs/token.
     flops_per_token: Callable[[Any, int, int], float]
     shape_fields: tuple[str, ...]  # Fields that change parameter shapes or names.
+    # Those of `shape_fields` that matter for a given `model` group (e.g. a position table's
+    # length only where there is a table); None → all of them.
+    shape_fields_for: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
     function_fields: tuple[str, ...] = ()  # Same shapes, another function (warned on init_from).
     decoding: str = "recompute"  # kv_cache (DecodeState + a `cache` collection) | recompute.
     split_head: bool = False  # Has `hidden` and `head` methods (chunked cross-entropy).
@@ -91,7 +94,9 @@ class Architecture:
         between two `model` groups, or None. A group without `arch` predates the registry."""
         if _arch_name(theirs) != _arch_name(ours):
             return "arch"
-        for field in self.shape_fields if fields is None else fields:
+        if fields is None:
+            fields = self.shape_fields_for(ours) if self.shape_fields_for else self.shape_fields
+        for field in fields:
             if theirs.get(field) != ours.get(field):
                 return field
         return None

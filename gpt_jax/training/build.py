@@ -237,7 +237,7 @@ def compile_steps(r: Run, eot_id: int | None = None) -> tuple[Callable, Callable
     use_dropout = r.arch.uses_dropout(r.hparams)
     train_step = jax.jit(
         step.make_train_step(r.model, optim.make_schedule(config), config.train.grad_accum_steps,
-                             use_dropout, config.train.loss_chunk, eot_id),
+                             use_dropout, config.train.loss_chunk, eot_id, config.train.z_loss),
         in_shardings=(r.state_shardings, batch_sh),
         out_shardings=(r.state_shardings, replicated),
         donate_argnums=0,

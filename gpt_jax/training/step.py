@@ -45,16 +45,20 @@ def new_train_state(apply_fn, params, tx: optax.GradientTransformation, seed_key
     )
 
 
-def cross_entropy(logits_BTV: Array, targets_BT: Array, weights_BT: Array) -> tuple[Array, Array]:
-    """Sum of token losses weighted by `weights_BT`, and the sum of weights (float32)."""
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV.astype(jnp.float32), targets_BT
-    )
+def cross_entropy(logits_BTV: Array, targets_BT: Array, weights_BT: Array,
+                  z_loss: float = 0.0) -> tuple[Array, Array]:
+    """Sum of token losses weighted by `weights_BT`, and the sum of weights (float32). With
+    `z_loss` > 0 each token's loss also has z_loss · logsumexp(logits)² (PaLM's z-loss)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    if z_loss > 0:
+        losses_BT = losses_BT + z_loss * jnp.square(jax.nn.logsumexp(logits_BTV, axis=-1))
     return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT)
 
 
 def chunked_cross_entropy(head: Callable[[Array], Array], x_BTD: Array, targets_BT: Array,
-                          weights_BT: Array, chunk: int) -> tuple[Array, Array]:
+                          weights_BT: Array, chunk: int, z_loss: float = 0.0
+                          ) -> tuple[Array, Array]:
     """`cross_entropy(head(x_BTD), …)` computed `chunk` positions at a time.
 
     Only one chunk's logits [B, chunk, V] exist at once: each chunk is rematerialised in the
@@ -69,7 +73,7 @@ def chunked_cross_entropy(head: Callable[[Array], Array], x_BTD: Array, targets_
 
     @jax.checkpoint
     def chunk_loss(x_BCD: Array, targets_BC: Array, weights_BC: Array) -> Array:
-        return cross_entropy(head(x_BCD), targets_BC, weights_BC)[0]
+        return cross_entropy(head(x_BCD), targets_BC, weights_BC, z_loss)[0]
 
     def body(total: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, None]:
         return total + chunk_loss(*xs), None
@@ -87,14 +91,16 @@ def document_segment_ids(tokens_BT: Array, eot_id: int) -> Array:
 
 
 def model_loss(params, model: nn.Module, batch: Batch, dropout_key: Array | None,
-               loss_chunk: int, eot_id: int | None = None) -> tuple[Array, Array]:
+               loss_chunk: int, eot_id: int | None = None, z_loss: float = 0.0
+               ) -> tuple[Array, Array]:
     """(Σ weights · next-token losses, Σ weights) over one batch dict.
 
     `batch`: `inputs` and `targets` [B, T] int32, `weights` [B, T] float32 (0 = no loss, as on
     padding or a prompt), optionally `segment_ids` [B, T] (attention stays inside a segment) and
     `positions` [B, T]. With `eot_id` (data.document_mask) and no `segment_ids`, segments are
     the documents the end-of-text tokens end (see `document_segment_ids`). `loss_chunk` > 0 takes
-    `chunked_cross_entropy` over the model's hidden states (a model with `hidden`/`head`)."""
+    `chunked_cross_entropy` over the model's hidden states (a model with `hidden`/`head`).
+    `z_loss` > 0 adds the z-loss term (see `cross_entropy`)."""
     inputs_BT, targets_BT, weights_BT = batch["inputs"], batch["targets"], batch["weights"]
     deterministic = dropout_key is None
     rngs = None if deterministic else {"dropout": dropout_key}
@@ -109,15 +115,15 @@ def model_loss(params, model: nn.Module, batch: Batch, dropout_key: Array | None
         kwargs["positions_BT"] = batch["positions"]
     if loss_chunk == 0:
         logits_BTV = model.apply(variables, inputs_BT, **kwargs)
-        return cross_entropy(logits_BTV, targets_BT, weights_BT)
+        return cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss)
     x_BTD = model.apply(variables, inputs_BT, method="hidden", **kwargs)
     head = functools.partial(model.apply, variables, method="head")
-    return chunked_cross_entropy(head, x_BTD, targets_BT, weights_BT, loss_chunk)
+    return chunked_cross_entropy(head, x_BTD, targets_BT, weights_BT, loss_chunk, z_loss)
 
 
 def make_train_step(
     model: nn.Module, schedule: optax.Schedule, grad_accum_steps: int, use_dropout: bool,
-    loss_chunk: int = 0, eot_id: int | None = None,
+    loss_chunk: int = 0, eot_id: int | None = None, z_loss: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Any]]]:
     """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated.
 
@@ -127,11 +133,12 @@ def make_train_step(
     tokens (a masked fine-tuning batch) counts for what it holds, not as a full share. With
     all-ones weights and no accumulation this is exactly the mean token loss. `loss_chunk` > 0
     computes the cross-entropy that many positions at a time. With `eot_id`
-    (data.document_mask), attention stays inside each document.
+    (data.document_mask), attention stays inside each document. `z_loss` > 0 adds PaLM's z-loss
+    to what is optimised and logged as train/loss.
     """
 
     def loss_fn(params, micro: Batch, key: Array | None, inv_weight: Array) -> Array:
-        total, _ = model_loss(params, model, micro, key, loss_chunk, eot_id)
+        total, _ = model_loss(params, model, micro, key, loss_chunk, eot_id, z_loss)
         return total * inv_weight
 
     grad_fn = jax.value_and_grad(loss_fn)
