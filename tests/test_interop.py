@@ -642,3 +642,21 @@ def test_a_bad_hf_init_from_is_refused_before_the_compile(tiny_config, hf_folder
             loop.run(c, tmp_path / "run")
         assert "compiled" not in caplog.text
         caplog.clear()
+
+
+@pytest.mark.parametrize("fields, word", [
+    ({"mlp": "relu2"}, "model.mlp"), ({"positions": "rope"}, "model.positions"),
+    ({"logit_softcap": 30.0}, "model.logit_softcap"), ({"num_kv_heads": 2}, "num_kv_heads"),
+])
+def test_a_model_gpt2_cannot_express_is_refused_both_ways(fields, word):
+    """GPT-2 weights into (import, init_from=hf:) or out of (export) a variant GPT-2 lacks: one
+    line naming the field, before any weight moves (an relu2 MLP has GPT-2's very tree)."""
+    from configs import base
+    from gpt_jax.interop import hf_gpt2
+    from gpt_jax.models import registry
+
+    c = base.get_config()
+    c.model.update(fields)
+    cfg = registry.hyperparameters(c, 64)
+    with pytest.raises(hf_gpt2.InteropError, match=word):
+        hf_gpt2.require_gpt2_block(cfg, "no")

@@ -127,6 +127,20 @@ def _require_count(name: str, value: Any) -> None:
                            "config.json that save_pretrained wrote with the weights.")
 
 
+def require_gpt2_block(cfg: GPTConfig, consequence: str) -> None:
+    """InteropError unless `cfg` has GPT-2's block (the variants of configs/base.py at GPT-2's
+    values): `consequence` says what that means where it is called."""
+    gpt2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
+            "attention": "dot_product", "logit_softcap": 0.0, "mlp_dim": None}
+    for field, value in gpt2.items():
+        if getattr(cfg, field) != value:
+            raise InteropError(f"model.{field}={getattr(cfg, field)!r}: GPT-2 has {value!r}, so "
+                               f"{consequence}; set --config.model.{field}={value}.")
+    if cfg.kv_heads != cfg.num_heads:
+        raise InteropError(f"model.num_kv_heads={cfg.num_kv_heads}: GPT-2 has one key/value head "
+                           f"per query head, so {consequence}; leave model.num_kv_heads unset.")
+
+
 def hf_config_from_model(cfg: GPTConfig) -> Any:
     """A transformers GPT2Config for the model `cfg` (the real vocab, not the padded one)."""
     import transformers  # Only conversions need it (requirements-dev.txt).
@@ -134,15 +148,7 @@ def hf_config_from_model(cfg: GPTConfig) -> Any:
     if cfg.activation not in ACTIVATIONS_TO_HF:
         raise InteropError(f"model.activation={cfg.activation!r} has no GPT-2 equivalent; "
                            f"exportable ones: {sorted(ACTIVATIONS_TO_HF)}.")
-    gpt2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
-            "attention": "dot_product", "logit_softcap": 0.0}
-    for field, value in gpt2.items():
-        if getattr(cfg, field) != value:
-            raise InteropError(f"model.{field}={getattr(cfg, field)!r}: GPT-2 has {value!r}, so "
-                               "this model has no GPT2LMHeadModel equivalent.")
-    if cfg.kv_heads != cfg.num_heads:
-        raise InteropError(f"model.num_kv_heads={cfg.num_kv_heads}: GPT-2 has one key/value head "
-                           "per query head, so this model has no GPT2LMHeadModel equivalent.")
+    require_gpt2_block(cfg, "this model has no GPT2LMHeadModel equivalent")
     # <|endoftext|> only exists in GPT-2's own vocabulary; ids outside a small vocab would break
     # HF's generate.
     eos = GPT2_VOCAB_SIZE - 1 if cfg.vocab_size == GPT2_VOCAB_SIZE else None
@@ -178,6 +184,7 @@ def check_fits(hf_config: Any, cfg: GPTConfig, source: str) -> None:
     fixes). Fewer positions than the HF model are fine (the position table is cropped, as
     nanoGPT's crop_block_size); the layer layout and vocab padding are free."""
     fields = model_fields_from_hf(hf_config)
+    require_gpt2_block(cfg, f"{source}'s GPT-2 weights do not fit this model")
     try:
         gpt.ARCH.require_compatible(
             {"arch": "gpt", **fields}, registry.model_fields(cfg), source,

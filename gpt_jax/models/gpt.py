@@ -259,6 +259,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check((m.d_model // m.num_heads) % 2 == 0,
               f"model.positions=rope rotates pairs of dimensions: the head dim "
               f"{m.d_model // m.num_heads} must be even; change d_model or num_heads.")
+    if m.positions == "alibi":
+        check(m.attention_impl != "cudnn",
+              "model.positions=alibi adds biases to the scores, which model.attention_impl=cudnn "
+              "does not take here; use auto or xla (alibi runs on XLA's attention).")
     if m.attention == "additive":
         check(m.attention_impl != "cudnn",
               "model.attention=additive computes its own scores; model.attention_impl=cudnn "

@@ -120,6 +120,8 @@ class CausalSelfAttention(nn.Module):
                  decode: DecodeState | None = None, segment_ids_BT: Array | None = None,
                  positions_BT: Array | None = None) -> Array:
         cfg = self.cfg
+        if positions_BT is None:  # Used on its own: positions 0 … T-1.
+            positions_BT = positions.sequence_positions(x_BTD.shape[1])
         q_BTNH, k_BTKH, v_BTKH = self._project(x_BTD)
         if cfg.qk_norm:
             q_BTNH = head_norm(cfg, "q_norm")(q_BTNH)
