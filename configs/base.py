@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     # alone). All but learned run at lengths beyond the training length.
     m.positions = "learned"
     m.rope_theta = 10000.0  # RoPE base: frequencies theta^(-2i/head_dim).
+    # Multiply the token embeddings by √d_model on input (Vaswani et al.; the LM head's tied use is
+    # unscaled). With sinusoidal positions, whose amplitude is 1, it keeps tokens from being
+    # drowned out by positions at GPT-2's 0.02 init.
+    m.scale_embeddings = False
     # Key/value heads (grouped-query attention: each serves num_heads / num_kv_heads query heads;
     # 1 = multi-query); None → num_heads (multi-head). The KV cache holds only these.
     m.num_kv_heads = config_dict.placeholder(int)
@@ -170,7 +174,8 @@ def get_config() -> ml_collections.ConfigDict:
     # auto: resume from the workdir's newest checkpoint, else start from scratch | scratch (refused
     # if the workdir has checkpoints) | a checkpoint folder or workdir to take parameters from
     # (also one made by `tools/convert_hf.py import`) | hf:PATH, a Hugging Face GPT-2 folder (or
-    # hub name) converted on the fly. A new run from parameters: no optimizer state, step 0.
+    # hub name) or Llama folder, converted on the fly. A new run from parameters: no optimizer
+    # state, step 0.
     ck.init_from = "auto"
 
     c.log = lg = ml_collections.ConfigDict()

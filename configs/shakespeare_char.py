@@ -3,13 +3,16 @@
   :gpu  the "baby GPT": 6 layers, 6 heads, d 384, T 256, batch 64, dropout 0.2, 5000 steps, bf16.
   :cpu  nanoGPT's README CPU run: 4 layers, 4 heads, d 128, T 64, batch 12, 2000 steps, no dropout;
         eval on 20 val batches during training and on the whole val split at the end.
+  :cpu_llama  :cpu with the modern (Llama-style) block at GPT-2's size, for comparisons at equal
+        size: RMSNorm, SwiGLU of width 344 (3·128·344 ≈ 2·128·512 MLP parameters), RoPE, 2 kv
+        heads, QK-norm.
 """
 
 import ml_collections
 
 from configs import base
 
-VARIANTS = ("gpu", "cpu")
+VARIANTS = ("gpu", "cpu", "cpu_llama")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.num_steps = 5000
         c.optim.decay_steps = 5000  # nanoGPT's lr_decay_iters: a shorter run keeps this schedule.
         c.train.eval_batches = 200
-    else:
+    else:  # cpu, cpu_llama
         c.model.num_layers, c.model.num_heads, c.model.d_model = 4, 4, 128
         c.model.dropout = c.model.attention_dropout = 0.0
         c.data.seq_len = 64
@@ -49,5 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.num_steps = 2000
         c.optim.decay_steps = 2000  # nanoGPT's lr_decay_iters: a shorter run keeps this schedule.
         c.train.eval_batches = 20
+    if variant == "cpu_llama":
+        m = c.model
+        m.norm, m.mlp, m.mlp_dim, m.positions, m.num_kv_heads, m.qk_norm = (
+            "rmsnorm", "swiglu", 344, "rope", 2, True)
     c.train.final_eval = "full"
     return c

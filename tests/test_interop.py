@@ -434,7 +434,7 @@ IMPORT_ROWS = [
      ["config.json is not valid json", "give the config.json"]),
     ("not-gpt2", lambda hf, t: (_hf_variant(hf, t / "bad", write={
         "config.json": _config_with(hf, model_type="bert")}), t / "dest/w", []),
-     ["model_type='bert'", "give a gpt-2 folder"]),
+     ["model_type='bert'", "GPT-2", "Llama"]),
     ("config-value", lambda hf, t: (_hf_variant(hf, t / "bad", write={
         "config.json": _config_with(hf, n_embd="abc")}), t / "dest/w", []),
      ["n_embd", "give the config.json"]),

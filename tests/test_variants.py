@@ -29,7 +29,8 @@ B, T = 4, 16  # Every forward pass here takes [B, T] tokens: one compile per mod
 # Reference rows: each a set of model.* overrides, one variant (or a combination) at a time.
 ROWS = {
     "learned": {},
-    "sinusoidal_rmsnorm": {"positions": "sinusoidal", "norm": "rmsnorm"},
+    "sinusoidal_rmsnorm": {"positions": "sinusoidal", "norm": "rmsnorm",
+                           "scale_embeddings": True},
     "rope": {"positions": "rope"},
     "alibi_swiglu": {"positions": "alibi", "mlp": "swiglu", "mlp_multiple": 16},  # F = 96.
     # A cap of 2, not 30: these logits (|l| ≲ 3) are left unchanged by 30 within 1e-4.
@@ -238,7 +239,8 @@ def reference_logits(s, params, tokens_BT, pos_BT=None, softcap=True):
     Tn = tokens_BT.shape[1]
     pos_BT = np.broadcast_to(np.arange(Tn) if pos_BT is None else np.asarray(pos_BT),
                              tokens_BT.shape).astype(np.float64)
-    x_BTD = p["wte"]["embedding"][tokens_BT]
+    x_BTD = p["wte"]["embedding"][tokens_BT] * (math.sqrt(s["d_model"]) if s["scale_embeddings"]
+                                                else 1.0)
     if s["positions"] == "learned":
         x_BTD = x_BTD + p["wpe"]["embedding"][pos_BT.astype(int)]
     elif s["positions"] == "sinusoidal":

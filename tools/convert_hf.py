@@ -45,10 +45,11 @@ import ml_collections
 from absl import logging
 
 from configs import gpt2 as gpt2_recipe
+from configs import llama as llama_recipe
 from gpt_jax import cli
 from gpt_jax import config as config_lib
 from gpt_jax.data import tokenizers
-from gpt_jax.interop import hf_gpt2
+from gpt_jax.interop import hf_gpt2, hf_llama
 from gpt_jax.models import registry
 from gpt_jax.models.registry import count_params
 from gpt_jax.training import checkpoint, weights
@@ -65,10 +66,13 @@ WORKDIR_MARKS = ("checkpoints", weights.PARAMS_DIR, "metrics.jsonl")
 
 
 def import_config(hf_config) -> ml_collections.ConfigDict:
-    """configs/gpt2.py's recipe with the HF model's shape (model.* fields); data.seq_len at most
-    its positions. Dropout stays the recipe's: it is a training choice, not part of the weights."""
-    config = gpt2_recipe.get_config()
-    for field, value in hf_gpt2.model_fields_from_hf(hf_config).items():
+    """configs/gpt2.py's (or for a Llama configs/llama.py's) recipe with the HF model's shape
+    (model.* fields); data.seq_len at most its positions. Dropout stays the recipe's: it is a
+    training choice, not part of the weights."""
+    llama = getattr(hf_config, "model_type", None) == hf_llama.MODEL_TYPE
+    config = llama_recipe.get_config("tiny") if llama else gpt2_recipe.get_config()
+    interop = hf_llama if llama else hf_gpt2
+    for field, value in interop.model_fields_from_hf(hf_config).items():
         config.model[field] = value
     config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
     # GPT-2's own vocabulary is OpenAI's BPE; the name exists once tokenizers.py has it.
@@ -84,7 +88,8 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
     workdir appears whole or not at all (written beside it, then renamed)."""
     out = pathlib.Path(workdir)
     _check_new_workdir(out)
-    hf_config, state_dict = hf_gpt2.load_hf(source)
+    interop = hf_llama if hf_gpt2.model_type(source) == hf_llama.MODEL_TYPE else hf_gpt2
+    hf_config, state_dict = interop.load_hf(source)
     config = import_config(hf_config)
     config.model.scan_layers = scan_layers
     config.model.dtype = dtype
@@ -118,7 +123,7 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
                         "others cannot be sampled from", tokenizer_vocab, config.model.vocab_size)
     config_lib.validate(config)
     cfg = registry.hyperparameters(config)
-    params = hf_gpt2.params_from_hf(state_dict, cfg)
+    params = interop.params_from_hf(state_dict, cfg)
     config_json = config_lib.to_json(config)
     written = []
     with _staged(out) as tmp:
@@ -157,8 +162,11 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path,
         raise hf_gpt2.InteropError(f"{workdir} holds a model.arch={registry.arch_of(cfg).name!r} "
                                    "model; only GPT-2 (model.arch=gpt) models export.")
     params = jax.device_get(params)
+    # A Llama block exports as LlamaForCausalLM; anything else must be a GPT-2 (its refusal
+    # names the field that is not).
+    interop = hf_llama if cfg.norm == "rmsnorm" and cfg.positions == "rope" else hf_gpt2
     with _staged(out) as tmp:
-        hf_gpt2.save_hf(params, cfg, tmp)
+        interop.save_hf(params, cfg, tmp)
         written = ["config.json", hf_gpt2.WEIGHTS_NAME, *_copy_tokenizers(run_dir, tmp)]
     print(f"exported step {step} of {run_dir} ({count_params(params):,} parameters) to {out}: "
           f"{', '.join(written)}")

@@ -94,9 +94,9 @@ def model_fields_from_hf(hf_config: Any) -> dict[str, Any]:
                                f"{name}={want}); this model does not convert.")
     # A hand-edited or foreign config.json can hold anything: checked here, before arithmetic.
     for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-        _require_count(name, get(name))
+        require_count(name, get(name))
     if get("n_inner") is not None:
-        _require_count("n_inner", get("n_inner"))
+        require_count("n_inner", get("n_inner"))
     for name in ("layer_norm_epsilon", "initializer_range"):
         if isinstance(get(name), bool) or not isinstance(get(name), (int, float)):
             raise InteropError(f"{name}={get(name)!r} in config.json is not a number; give the "
@@ -120,7 +120,7 @@ def model_fields_from_hf(hf_config: Any) -> dict[str, Any]:
     }
 
 
-def _require_count(name: str, value: Any) -> None:
+def require_count(name: str, value: Any) -> None:
     """Raises InteropError unless the HF config field `name` is a positive integer."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InteropError(f"{name}={value!r} in config.json is not a positive integer; give the "
@@ -131,7 +131,8 @@ def require_gpt2_block(cfg: GPTConfig, consequence: str) -> None:
     """InteropError unless `cfg` has GPT-2's block (the variants of configs/base.py at GPT-2's
     values): `consequence` says what that means where it is called."""
     gpt2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False,
-            "attention": "dot_product", "logit_softcap": 0.0, "mlp_dim": None}
+            "attention": "dot_product", "logit_softcap": 0.0, "mlp_dim": None,
+            "scale_embeddings": False}
     for field, value in gpt2.items():
         if getattr(cfg, field) != value:
             raise InteropError(f"model.{field}={getattr(cfg, field)!r}: GPT-2 has {value!r}, so "
@@ -206,11 +207,11 @@ def check_fits(hf_config: Any, cfg: GPTConfig, source: str) -> None:
 # ------------------------------------------------------------------------------------ parameters
 
 
-def _layers(params: Mapping[str, Any], cfg: GPTConfig) -> list[Mapping[str, Any]]:
+def layers(params: Mapping[str, Any], cfg: GPTConfig) -> list[Mapping[str, Any]]:
     """Each block's parameters, from either layout (h_0 … h_{L-1}, or h stacked)."""
     if "h" in params:  # scan_layers: every leaf has a leading layers axis.
         stacked = _map_tree(np.asarray, params["h"])  # Once: device → host.
-        count = len(_leaf(stacked, ("ln_1", "scale")))
+        count = len(leaf(stacked, ("ln_1", "scale")))
         if count != cfg.num_layers:
             raise InteropError(f"the parameters stack {count} layers but model.num_layers="
                                f"{cfg.num_layers}; give the config they were trained with.")
@@ -227,7 +228,7 @@ def _map_tree(fn, tree):
     return {k: _map_tree(fn, v) for k, v in tree.items()} if isinstance(tree, Mapping) else fn(tree)
 
 
-def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+def leaf(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     for key in path:
         if not isinstance(tree, Mapping) or key not in tree:
             raise InteropError(f"the parameters have no {'/'.join(path)}; they do not match the "
@@ -237,13 +238,13 @@ def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
 
 
-def _array(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+def as_array(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     a = np.asarray(value, dtype=np.float32)
     if a.shape != shape:
         raise InteropError(f"{name} has shape {a.shape}, the model config needs {shape}; give the "
@@ -260,23 +261,23 @@ def params_to_hf(params: Mapping[str, Any], cfg: GPTConfig) -> dict[str, np.ndar
     params = nn.meta.unbox(params)
     D, V = cfg.d_model, cfg.vocab_size
     out = {
-        "transformer.wte.weight": _array(_leaf(params, ("wte", "embedding")),
+        "transformer.wte.weight": as_array(leaf(params, ("wte", "embedding")),
                                          (cfg.padded_vocab_size, D), "wte/embedding")[:V],
-        "transformer.wpe.weight": _array(_leaf(params, ("wpe", "embedding")),
+        "transformer.wpe.weight": as_array(leaf(params, ("wpe", "embedding")),
                                          (cfg.max_seq_len, D), "wpe/embedding"),
     }
-    for i, block in enumerate(_layers(params, cfg)):
+    for i, block in enumerate(layers(params, cfg)):
         for hf_name, path, hf_shape, our_shape in _block_table(cfg):
             if _is_bias(path) and not cfg.bias:
                 value = np.zeros(hf_shape, np.float32)
             else:
-                value = _array(_leaf(block, path), our_shape, f"h_{i}/{'/'.join(path)}")
+                value = as_array(leaf(block, path), our_shape, f"h_{i}/{'/'.join(path)}")
             out[f"transformer.h.{i}.{hf_name}"] = value.reshape(hf_shape)
-    out["transformer.ln_f.weight"] = _array(_leaf(params, ("ln_f", "scale")), (D,), "ln_f/scale")
-    out["transformer.ln_f.bias"] = (_array(_leaf(params, ("ln_f", "bias")), (D,), "ln_f/bias")
+    out["transformer.ln_f.weight"] = as_array(leaf(params, ("ln_f", "scale")), (D,), "ln_f/scale")
+    out["transformer.ln_f.bias"] = (as_array(leaf(params, ("ln_f", "bias")), (D,), "ln_f/bias")
                                     if cfg.bias else np.zeros((D,), np.float32))
     if not cfg.tie_embeddings:  # Dense kernel [D, V_padded] → torch Linear weight [V, D].
-        kernel_DV = _array(_leaf(params, ("lm_head", "kernel")), (D, cfg.padded_vocab_size),
+        kernel_DV = as_array(leaf(params, ("lm_head", "kernel")), (D, cfg.padded_vocab_size),
                            "lm_head/kernel")
         out["lm_head.weight"] = kernel_DV[:, :V].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -317,7 +318,7 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: GPTConfig) -> dict[str, A
                            f"not have ({len(extra)} unexpected); its config.json does not fit them.")
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        return _array(sd[name], shape, name)
+        return as_array(sd[name], shape, name)
 
     def no_bias(name: str, shape: tuple[int, ...]) -> None:
         if np.any(get(name, shape) != 0):
@@ -347,10 +348,10 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: GPTConfig) -> dict[str, A
             if _is_bias(path) and not cfg.bias:
                 no_bias(name, hf_shape)
                 continue
-            _set(block, path, get(name, hf_shape).reshape(our_shape))
+            set_path(block, path, get(name, hf_shape).reshape(our_shape))
         blocks.append(block)
     if cfg.scan_layers:
-        params["h"] = _stack(blocks)
+        params["h"] = stack(blocks)
     else:
         params.update({f"h_{i}": block for i, block in enumerate(blocks)})
     if cfg.tie_embeddings:
@@ -363,10 +364,10 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: GPTConfig) -> dict[str, A
     return params
 
 
-def _stack(trees: list[Any]) -> Any:
+def stack(trees: list[Any]) -> Any:
     """Same-structured trees → one tree whose leaves have a leading layers axis (nn.scan's)."""
     if isinstance(trees[0], Mapping):
-        return {k: _stack([t[k] for t in trees]) for k in trees[0]}
+        return {k: stack([t[k] for t in trees]) for k in trees[0]}
     return np.stack(trees)
 
 
@@ -377,7 +378,7 @@ def _looks_local(source: str) -> bool:
     return pathlib.Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
 
 
-def _conversion_extras() -> Any:
+def conversion_extras() -> Any:
     """transformers, torch imported first: reading HF weights needs both (requirements-dev.txt),
     and a missing one fails here as an ImportError, which the commands turn into the fix. They
     take seconds to import, so only once the folder looks right."""
@@ -392,7 +393,7 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
     model.safetensors, sharded safetensors or pytorch_model.bin), or from a hub name through
     transformers' from_pretrained where the network allows."""
     if not _looks_local(source):
-        transformers = _conversion_extras()
+        transformers = conversion_extras()
         try:
             model = transformers.GPT2LMHeadModel.from_pretrained(source)
         except (OSError, ValueError) as e:
@@ -401,13 +402,11 @@ def load_hf(source: str) -> tuple[Any, dict[str, np.ndarray]]:
                                "allows and pass its folder.") from e
         return model.config, {k: _to_numpy(v) for k, v in model.state_dict().items()}
     hf_config = read_local_config(source)
-    return hf_config, _read_weights(pathlib.Path(source).expanduser())
+    return hf_config, read_weights(pathlib.Path(source).expanduser())
 
 
-def read_local_config(source: str) -> Any:
-    """The GPT2Config of a local HF folder, with every refusal that needs no weights (no such
-    folder, no config.json, another model type, values GPT-2 cannot take); an InteropError (or
-    an OSError naming an unreadable file) otherwise."""
+def check_folder(source: str) -> pathlib.Path:
+    """`source` as a folder holding a config.json; InteropError (one line, the fix) if not."""
     folder = pathlib.Path(source).expanduser()
     if folder.is_file():
         raise InteropError(f"{source} is a file, not a folder; give the folder that holds "
@@ -415,15 +414,33 @@ def read_local_config(source: str) -> Any:
     if not folder.is_dir():
         raise InteropError(f"{source}: no such folder; give a folder with config.json and "
                            "model.safetensors (as save_pretrained writes).")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not (folder / "config.json").is_file():
         raise InteropError(f"{source} has no config.json; give a folder that save_pretrained wrote.")
+    return folder
+
+
+def model_type(source: str) -> str | None:
+    """config.json's model_type of a local HF folder (gpt2, llama, …); None for a hub name."""
+    if not _looks_local(source):
+        return None
+    path = check_folder(source) / "config.json"
+    return _read_json(path, "the config.json that save_pretrained wrote with the weights"
+                      ).get("model_type")
+
+
+def read_local_config(source: str) -> Any:
+    """The GPT2Config of a local HF folder, with every refusal that needs no weights (no such
+    folder, no config.json, another model type, values GPT-2 cannot take); an InteropError (or
+    an OSError naming an unreadable file) otherwise."""
+    folder = check_folder(source)
+    config_path = folder / "config.json"
     model_type = _read_json(config_path, "the config.json that save_pretrained wrote with the "
                                          "weights").get("model_type")
     if model_type != "gpt2":
-        raise InteropError(f"{config_path} has model_type={model_type!r}; only GPT-2 models "
-                           "(GPT2LMHeadModel) convert: give a GPT-2 folder.")
-    transformers = _conversion_extras()  # Only now: a folder that is no GPT-2 is refused fast.
+        raise InteropError(f"{config_path} has model_type={model_type!r}; GPT-2 "
+                           "(GPT2LMHeadModel) and Llama (LlamaForCausalLM) models convert: give "
+                           "one of those.")
+    transformers = conversion_extras()  # Only now: a folder that is no GPT-2 is refused fast.
     try:
         hf_config = transformers.GPT2Config.from_pretrained(folder)
     except OSError:
@@ -509,7 +526,7 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     return tensor.detach().to(torch.float32).cpu().numpy()
 
 
-def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
+def read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
     """The state dict of an HF folder. Safetensors are read through torch so that bfloat16 and
     float16 files work too (numpy has no bfloat16). A file that does not read (truncated by an
     interrupted download or copy, or not weights at all) is an InteropError naming it."""

@@ -54,6 +54,7 @@ class GPTConfig:
     norm: str
     positions: str
     rope_theta: float
+    scale_embeddings: bool
     num_kv_heads: int | None
     qk_norm: bool
     attention: str
@@ -178,6 +179,8 @@ class GPT(nn.Module):
         elif positions_BT is None:
             positions_BT = positions.sequence_positions(T)
         x_BTD = self.wte(tokens_BT)
+        if self.cfg.scale_embeddings:  # Vaswani et al.'s √d_model.
+            x_BTD = x_BTD * jnp.asarray(math.sqrt(self.cfg.d_model), x_BTD.dtype)
         if self.cfg.positions == "learned":
             x_BTD = x_BTD + self.wpe(positions_BT)
         elif self.cfg.positions == "sinusoidal":
@@ -292,7 +295,7 @@ ARCH = registry.register(registry.Architecture(
     # sequences than it was trained on (length extrapolation).
     shape_fields_for=lambda m: tuple(
         f for f in ARCH_SHAPE_FIELDS if f != "max_seq_len" or m.get("positions") == "learned"),
-    function_fields=("activation", "norm_eps", "rope_theta", "logit_softcap"),
+    function_fields=("activation", "norm_eps", "rope_theta", "logit_softcap", "scale_embeddings"),
     decoding="kv_cache",
     split_head=True,
     # Remat and dropout do nothing for decoding but cost compile time.

@@ -1,6 +1,6 @@
 """Parameters without the training state: reading one checkpoint's parameters (sampling,
 export, checkpoint.init_from), writing a parameters-only checkpoint (an imported model), and
-taking parameters from a Hugging Face GPT-2 (`checkpoint.init_from=hf:PATH`).
+taking parameters from a Hugging Face GPT-2 or Llama (`checkpoint.init_from=hf:PATH`).
 
 A parameters-only checkpoint (a model imported by tools/convert_hf.py) sits in WORKDIR/params/,
 apart from checkpoints/, so a training run in that workdir never resumes it by mistake.
@@ -36,7 +36,7 @@ from gpt_jax.training.checkpoint import (
 )
 
 PARAMS_DIR = "params"
-HF_PREFIX = "hf:"  # checkpoint.init_from=hf:PATH converts a Hugging Face GPT-2 on the fly.
+HF_PREFIX = "hf:"  # checkpoint.init_from=hf:PATH converts a Hugging Face GPT-2/Llama on the fly.
 
 
 def params_source(path: str) -> tuple[Any, int | None]:
@@ -214,19 +214,21 @@ def check_hf_source(source: str, hparams: Any) -> None:
     """`checkpoint.init_from=hf:SOURCE`'s refusals that need no weights (a missing folder, no
     GPT-2 config, a model of another shape), before the run compiles; the weights are read,
     and checked, at the start."""
-    _hf_call(source, hparams, lambda hf_gpt2: hf_gpt2.check_local_source(source, hparams))
+    _hf_call(source, hparams, lambda interop: interop.check_local_source(source, hparams))
 
 
 def _hf_call(source: str, hparams: Any, call: Any) -> Any:
-    """call(hf_gpt2) for init_from=hf:SOURCE, its errors as one-line CheckpointErrors."""
+    """call(interop module) for init_from=hf:SOURCE (hf_llama for a Llama folder, else
+    hf_gpt2), its errors as one-line CheckpointErrors."""
     where = f"checkpoint.init_from={HF_PREFIX}{source}"
     if registry.arch_of(hparams).name != "gpt":
-        raise CheckpointError(f"{where} converts GPT-2 models, and this run has model.arch="
-                              f"{registry.arch_of(hparams).name!r}; use model.arch=gpt.")
+        raise CheckpointError(f"{where} converts GPT-2 and Llama models, and this run has "
+                              f"model.arch={registry.arch_of(hparams).name!r}; use model.arch=gpt.")
     try:
-        from gpt_jax.interop import hf_gpt2  # torch and transformers only on this path.
+        from gpt_jax.interop import hf_gpt2, hf_llama  # torch and transformers only here.
 
-        return call(hf_gpt2)
+        llama = hf_gpt2.model_type(source) == hf_llama.MODEL_TYPE
+        return call(hf_llama if llama else hf_gpt2)
     except ImportError as e:
         raise CheckpointError(f"{where} needs torch and transformers ({e}); pip install -r "
                               "requirements-dev.txt.") from e
@@ -239,7 +241,7 @@ def _hf_call(source: str, hparams: Any, call: Any) -> Any:
 def _load_hf_params(source: str, abstract_params: Any, hparams: Any) -> Any:
     """`checkpoint.init_from=hf:SOURCE`: an HF GPT-2 converted to this run's layout."""
     where = f"checkpoint.init_from={HF_PREFIX}{source}"
-    params = _hf_call(source, hparams, lambda hf_gpt2: hf_gpt2.import_params(source, hparams))
+    params = _hf_call(source, hparams, lambda interop: interop.import_params(source, hparams))
 
     def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]

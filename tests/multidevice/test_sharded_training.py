@@ -1,6 +1,7 @@
 """On 8 simulated CPU devices (run by tests/test_parallel.py with XLA_FLAGS set): one training step
-under DP, FSDP, TP, FSDP×TP and DP×FSDP×TP equals the 1-device step; the shardings are the ones
-the rules say; a run resumes on a different mesh."""
+under DP, FSDP, TP, FSDP×TP and DP×FSDP×TP equals the 1-device step, for GPT-2 and for the
+architecture variants; the shardings are the ones the rules say; a run resumes on a different
+mesh."""
 
 
 import jax
@@ -22,6 +23,14 @@ MESHES = {  # name: (data, fsdp, tensor)
     "tp": (1, 1, 8),
     "fsdp_tp": (1, 4, 2),
     "dp_fsdp_tp": (2, 2, 2),
+}
+VARIANTS = {  # name: model.* overrides (tests/test_variants.py checks their numerics).
+    "gpt2": {},
+    # 2 kv heads: under tp (8) they cannot split, and stay whole.
+    "llama": {"model.norm": "rmsnorm", "model.mlp": "swiglu", "model.positions": "rope",
+              "model.num_kv_heads": 2, "model.qk_norm": True, "model.bias": False},
+    "additive": {"model.attention": "additive", "model.positions": "alibi",
+                 "model.num_kv_heads": 4, "model.additive_chunk": 8},
 }
 
 
@@ -53,22 +62,25 @@ def make_config(corpus, mesh, **extra):
 
 @pytest.fixture(scope="module")
 def stepped(corpus, tmp_path_factory):
-    """stepped(mesh_name, accum, scan) → (state after one step, init params, loss, params), cached."""
+    """stepped(mesh_name, accum, scan, variant) → (state after one step, init params, loss,
+    params), cached."""
     cache = {}
 
-    def get(name, accum, scan=False):
-        if (name, accum, scan) not in cache:
+    def get(name, accum, scan=False, variant="gpt2"):
+        key = (name, accum, scan, variant)
+        if key not in cache:
             mesh, devices = ((1, 1, 1), jax.devices()[:1]) if name == "one" else (
                 MESHES[name], jax.devices()[:8])
-            workdir = tmp_path_factory.mktemp(f"{name}_{accum}_{scan}")
-            cache[name, accum, scan] = one_step(corpus, workdir, mesh, devices, accum, scan)
-        return cache[name, accum, scan]
+            workdir = tmp_path_factory.mktemp(f"{name}_{accum}_{scan}_{variant}")
+            cache[key] = one_step(corpus, workdir, mesh, devices, accum, scan, VARIANTS[variant])
+        return cache[key]
 
     return get
 
 
-def one_step(corpus, workdir, mesh, devices, accum, scan):
-    config = make_config(corpus, mesh, **{"train.grad_accum_steps": accum, "model.scan_layers": scan})
+def one_step(corpus, workdir, mesh, devices, accum, scan, variant):
+    config = make_config(corpus, mesh, **{"train.grad_accum_steps": accum,
+                                          "model.scan_layers": scan, **variant})
     r = build.setup(config, workdir, devices=devices)
     rng = np.random.default_rng(0)
     windows = rng.integers(0, r.hparams.vocab_size, (16, 17)).astype(np.int32)
@@ -83,11 +95,14 @@ def one_step(corpus, workdir, mesh, devices, accum, scan):
     return state, init_params, float(metrics["train/loss"]), jax.tree.map(np.asarray, state.params)
 
 
-@pytest.mark.parametrize(("name", "accum", "scan"),
-                         [(n, 1, False) for n in MESHES] + [("dp_fsdp_tp", 2, False), ("fsdp_tp", 1, True)])
-def test_sharded_step_equals_one_device(stepped, name, accum, scan):
-    _, init1, loss1, params1 = stepped("one", accum, scan)
-    _, init8, loss8, params8 = stepped(name, accum, scan)
+@pytest.mark.parametrize(("name", "accum", "scan", "variant"),
+                         [(n, 1, False, "gpt2") for n in MESHES]
+                         + [("dp_fsdp_tp", 2, False, "gpt2"), ("fsdp_tp", 1, True, "gpt2"),
+                            ("fsdp_tp", 1, False, "llama"), ("tp", 1, False, "llama"),
+                            ("dp_fsdp_tp", 1, True, "additive")])
+def test_sharded_step_equals_one_device(stepped, name, accum, scan, variant):
+    _, init1, loss1, params1 = stepped("one", accum, scan, variant)
+    _, init8, loss8, params8 = stepped(name, accum, scan, variant)
     jax.tree.map(np.testing.assert_array_equal, init8, init1)  # Same init whatever the mesh.
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params8, params1)
