@@ -641,3 +641,40 @@ def test_sinusoidal_matches_vaswani_et_al():
     want_TD = np.zeros((4, D))
     want_TD[:, 0::2], want_TD[:, 1::2] = np.sin(angle), np.cos(angle)
     np.testing.assert_allclose(got_BTD[0], want_TD, atol=1e-5)
+
+
+@pytest.mark.slow  # Three short training runs.
+@pytest.mark.parametrize("fields", [
+    {"model.norm": "rmsnorm", "model.mlp": "swiglu", "model.positions": "rope",
+     "model.num_kv_heads": 1, "model.qk_norm": True, "model.scan_layers": True},
+    {"model.attention": "additive", "model.positions": "alibi", "model.remat": "full"},
+])
+def test_a_variant_resumed_equals_its_uninterrupted_run(tiny_config, tmp_path, metrics_rows,
+                                                        fields):
+    """Checkpoints and resume compose with the variants (and scan_layers / remat)."""
+    from gpt_jax.training import loop
+
+    def config(steps):
+        return tiny_config(**{"train.num_steps": steps, "optim.decay_steps": 20, "train.eval_every": 10,
+                              "train.final_eval": "batches", "checkpoint.every": 10,
+                              "sample.num_samples": 0, **fields})
+
+    loop.run(config(10), tmp_path / "split")
+    loop.run(config(20), tmp_path / "split")
+    loop.run(config(20), tmp_path / "whole")
+    assert (metrics_rows(tmp_path / "split", timing=False)
+            == metrics_rows(tmp_path / "whole", timing=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "additive_gqa", "mqa"])
+def test_bfloat16_compute_stays_near_float32(tiny_gpt, name):
+    """model.dtype=bfloat16 (parameters float32, compute bfloat16) gives finite logits within
+    bfloat16's precision of the float32 model's, for the variants' own code paths."""
+    _, model, params, _ = built(tiny_gpt, name)
+    _, model16, _ = tiny_gpt(vocab_size=V, seq_len=W, **{**ROWS[name], "dtype": "bfloat16"})
+    tokens_BT = tokens(3)
+    want = np.asarray(model.apply({"params": params}, tokens_BT))[..., :V]
+    got = np.asarray(model16.apply({"params": params}, tokens_BT))[..., :V]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=0.15, rtol=0)
