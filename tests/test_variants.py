@@ -678,3 +678,32 @@ def test_bfloat16_compute_stays_near_float32(tiny_gpt, name):
     got = np.asarray(model16.apply({"params": params}, tokens_BT))[..., :V]
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=0.15, rtol=0)
+
+
+def test_two_ways_of_writing_the_same_shapes_are_compatible():
+    """Resume and init_from compare shapes, not spellings: num_kv_heads unset = num_heads, mlp_dim
+    unset = the width it stands for; a real change of width is still refused."""
+    from gpt_jax.models import gpt
+
+    m = {**base.get_config().model.to_dict(), "vocab_size": V, "max_seq_len": W}
+    assert gpt.ARCH.mismatch(m, {**m, "num_kv_heads": m["num_heads"],
+                                 "mlp_dim": m["mlp_ratio"] * m["d_model"]}) is None
+    swiglu = {**m, "mlp": "swiglu"}
+    assert gpt.ARCH.mismatch(swiglu, {**swiglu, "mlp_dim": 512, "mlp_multiple": 64}) is None
+    assert gpt.ARCH.mismatch(m, {**m, "mlp_ratio": 2}) == "mlp_dim"
+    assert gpt.ARCH.mismatch(m, {**m, "num_kv_heads": 2}) == "num_kv_heads"
+
+
+@pytest.mark.parametrize("name", rows(["llama", "additive_gqa", "mqa"]))
+def test_packed_documents_do_not_see_each_other(tiny_gpt, name):
+    """With segment ids (data.document_mask), the second document's logits do not depend on the
+    first document's tokens, whatever the positions and attention (positions stay the row's)."""
+    _, model, params, _ = built(tiny_gpt, name)
+    segment_ids_BT = np.repeat(np.array([[0] * 7 + [1] * 9]), B, axis=0).astype(np.int32)
+    a_BT = tokens(5)
+    b_BT = a_BT.copy()
+    b_BT[:, :7] = tokens(6)[:, :7]  # Another first document.
+    apply = jax.jit(lambda t: model.apply({"params": params}, t, segment_ids_BT=segment_ids_BT))
+    la, lb = np.asarray(apply(a_BT)), np.asarray(apply(b_BT))
+    np.testing.assert_array_equal(la[:, 7:], lb[:, 7:])
+    assert not np.allclose(la[:, :7], lb[:, :7])

@@ -37,6 +37,10 @@ VARIANTS = {  # name → overrides (issue 14's acceptance list).
     "llama": ["--config.model.norm=rmsnorm", "--config.model.mlp=swiglu",
               "--config.model.num_kv_heads=2", "--config.model.qk_norm=True",
               "--config.model.positions=rope"],
+    # The same block at GPT-2's parameter count (shakespeare_char.py:cpu_llama's width).
+    "llama_344": ["--config.model.norm=rmsnorm", "--config.model.mlp=swiglu",
+                  "--config.model.mlp_dim=344", "--config.model.num_kv_heads=2",
+                  "--config.model.qk_norm=True", "--config.model.positions=rope"],
     "additive": ["--config.model.attention=additive"],
 }
 
@@ -70,7 +74,7 @@ def main(argv: list[str]) -> int:
             begin = time.time()
             subprocess.run([sys.executable, "-m", "gpt_jax.train", *args.train_args,
                             *VARIANTS[name], "--config.sample.num_samples=0",
-                            f"--workdir={workdir}"], check=True)
+                            f"--workdir={workdir}"], check=True, stdout=sys.stderr)  # Table: stdout.
             (workdir / "wall_s.txt").write_text(f"{time.time() - begin:.0f}\n")
         rows = finished(workdir)
         assert rows is not None, f"{workdir} did not finish"
@@ -87,11 +91,12 @@ def main(argv: list[str]) -> int:
 def _params(workdir: pathlib.Path) -> int:
     """The model's parameter count, from its config (shapes only, nothing restored)."""
     import jax
-    import ml_collections
 
+    from gpt_jax import config as config_lib
     from gpt_jax.models import registry
 
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    # Over configs/base.py's defaults: a run saved before a field existed had its default.
+    config = config_lib.saved_run_config((workdir / "config.json").read_text())
     model = registry.build(registry.hyperparameters(config))
     shapes = jax.eval_shape(model.init, jax.random.key(0),
                             jax.numpy.zeros((1, config.data.seq_len), jax.numpy.int32))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -279,11 +281,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "(positions); lower data.seq_len or raise model.max_seq_len.")
 
 
-# Fields that change parameter shapes or names (scan_layers stacks them under h/).
-ARCH_SHAPE_FIELDS = ("num_layers", "num_heads", "d_model", "mlp_ratio", "mlp_dim", "mlp_multiple",
-                     "mlp", "norm", "positions", "num_kv_heads", "qk_norm", "attention",
-                     "vocab_size", "vocab_multiple", "max_seq_len", "bias", "tie_embeddings",
-                     "scan_layers")
+# Fields that change parameter shapes or names (scan_layers stacks them under h/); the MLP width
+# and kv heads are compared as `normalized` resolves them (mlp_ratio and mlp_multiple only act
+# through mlp_dim).
+ARCH_SHAPE_FIELDS = ("num_layers", "num_heads", "d_model", "mlp_dim", "mlp", "norm", "positions",
+                     "num_kv_heads", "qk_norm", "attention", "vocab_size", "vocab_multiple",
+                     "max_seq_len", "bias", "tie_embeddings", "scan_layers")
+
+
+def normalized(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A `model` group with num_kv_heads and mlp_dim resolved (GPTConfig.kv_heads, hidden_dim):
+    unset and the value it stands for are the same shapes."""
+    m = dict(model)
+    if m.get("num_kv_heads") is None:
+        m["num_kv_heads"] = m.get("num_heads")
+    if m.get("mlp_dim") is None and all(k in m for k in ("mlp", "mlp_ratio", "d_model")):
+        width = m["mlp_ratio"] * m["d_model"]
+        if m["mlp"] == "swiglu":
+            multiple = m.get("mlp_multiple", 256)
+            width = multiple * math.ceil(2 * width / 3 / multiple)
+        m["mlp_dim"] = width
+    return m
 
 ARCH = registry.register(registry.Architecture(
     name="gpt",
@@ -295,6 +313,7 @@ ARCH = registry.register(registry.Architecture(
     # sequences than it was trained on (length extrapolation).
     shape_fields_for=lambda m: tuple(
         f for f in ARCH_SHAPE_FIELDS if f != "max_seq_len" or m.get("positions") == "learned"),
+    normalize=normalized,
     function_fields=("activation", "norm_eps", "rope_theta", "logit_softcap", "scale_embeddings"),
     decoding="kv_cache",
     split_head=True,

@@ -58,6 +58,9 @@ class Architecture:
     # Those of `shape_fields` that matter for a given `model` group (e.g. a position table's
     # length only where there is a table); None → all of them.
     shape_fields_for: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
+    # A `model` group with its defaults-by-rule made explicit (e.g. "unset = num_heads"), so
+    # that two ways of writing the same shapes compare equal.
+    normalize: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda model: model
     function_fields: tuple[str, ...] = ()  # Same shapes, another function (warned on init_from).
     decoding: str = "recompute"  # kv_cache (DecodeState + a `cache` collection) | recompute.
     split_head: bool = False  # Has `hidden` and `head` methods (chunked cross-entropy).
@@ -96,6 +99,7 @@ class Architecture:
             return "arch"
         if fields is None:
             fields = self.shape_fields_for(ours) if self.shape_fields_for else self.shape_fields
+        theirs, ours = self.normalize(theirs), self.normalize(ours)
         for field in fields:
             if theirs.get(field) != ours.get(field):
                 return field
