@@ -362,3 +362,18 @@ def fake_gcs():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tool():
+    """tool(name) → the module tools/NAME.py (the tools are scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = pathlib.Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -4,8 +4,6 @@ imported gives transformers' logits and greedy generations; an export loads in t
 our logits; the round trip is bitwise; what a Llama cannot be is refused in one line."""
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
@@ -19,14 +17,6 @@ from gpt_jax.models import registry
 from gpt_jax.training import weights
 
 V = 61  # Odd, and not a multiple of the padding.
-
-
-def _convert_hf():
-    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "convert_hf.py"
-    spec = importlib.util.spec_from_file_location("convert_hf_llama", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def hf_llama_model(tie: bool = False, kv_heads: int = 2, seed: int = 0):
@@ -108,10 +98,10 @@ def test_export_loads_in_transformers_and_the_round_trip_is_bitwise(tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_the_cli_imports_a_llama_folder_that_sample_reads(tmp_path):
+def test_the_cli_imports_a_llama_folder_that_sample_reads(tmp_path, tool):
     hf_model = hf_llama_model()
     hf_model.save_pretrained(tmp_path / "hf")
-    convert_hf = _convert_hf()
+    convert_hf = tool("convert_hf")
     convert_hf.import_hf(str(tmp_path / "hf"), tmp_path / "run")
     saved, cfg, params, _ = weights.load_trained(tmp_path / "run")
     assert saved["model"]["positions"] == "rope" and cfg.kv_heads == 2

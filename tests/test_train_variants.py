@@ -1,6 +1,5 @@
 """tools/train_variants.py: the variants table's tool (its runs are ordinary training runs)."""
 
-import importlib.util
 import json
 import pathlib
 import sys
@@ -8,16 +7,8 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("train_variants",
-                                                  REPO / "tools" / "train_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_only_a_run_that_reached_its_final_eval_counts_as_finished(tmp_path):
-    tool = _tool()
+def test_only_a_run_that_reached_its_final_eval_counts_as_finished(tmp_path, tool):
+    tool = tool("train_variants")
     (tmp_path / "config.json").write_text(json.dumps({"train": {"num_steps": 20}}))
     assert tool.finished(tmp_path) is None  # No metrics yet.
     rows = [{"step": 10, "val/loss": 2.0}, {"step": 20, "train/loss": 1.5}]
@@ -28,11 +19,11 @@ def test_only_a_run_that_reached_its_final_eval_counts_as_finished(tmp_path):
     assert tool.finished(tmp_path) == rows
 
 
-def test_every_variant_is_a_valid_config():
+def test_every_variant_is_a_valid_config(tool):
     from configs import shakespeare_char
     from gpt_jax import config as config_lib
 
-    for name, overrides in _tool().VARIANTS.items():
+    for name, overrides in tool("train_variants").VARIANTS.items():
         c = shakespeare_char.get_config("cpu")
         for flag in overrides:
             key, value = flag.removeprefix("--config.").split("=")

@@ -350,16 +350,26 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: GPTConfig) -> dict[str, A
                 continue
             set_path(block, path, get(name, hf_shape).reshape(our_shape))
         blocks.append(block)
+    return with_blocks_and_head(params, blocks, sd, wte_VD, cfg)
+
+
+def with_blocks_and_head(params: dict[str, Any], blocks: list[dict[str, Any]],
+                         sd: Mapping[str, Any], wte_VD: np.ndarray, cfg: GPTConfig
+                         ) -> dict[str, Any]:
+    """`params` with the blocks in the layout `cfg.scan_layers` names, and the LM head: a tied
+    model refuses an `lm_head.weight` that is not the embedding; an untied one takes it (padded
+    to the padded vocabulary). The last step of every HF → gpt_jax conversion."""
     if cfg.scan_layers:
         params["h"] = stack(blocks)
     else:
         params.update({f"h_{i}": block for i, block in enumerate(blocks)})
+    V, D = cfg.vocab_size, cfg.d_model
     if cfg.tie_embeddings:
         if "lm_head.weight" in sd and not np.array_equal(np.asarray(sd["lm_head.weight"]), wte_VD):
             raise InteropError("lm_head.weight differs from the token embedding but "
                                "model.tie_embeddings=True; set model.tie_embeddings=False.")
     else:
-        lm_head_VD = get("lm_head.weight", (V, D))
+        lm_head_VD = as_array(sd["lm_head.weight"], (V, D), "lm_head.weight")
         params["lm_head"] = {"kernel": np.pad(lm_head_VD.T, ((0, 0), (0, cfg.padded_vocab_size - V)))}
     return params
 

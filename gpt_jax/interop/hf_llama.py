@@ -199,19 +199,7 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: GPTConfig) -> dict[str, A
             value = get(p + hf_name, hf_shape)
             hf_gpt2.set_path(block, path, value.T if value.ndim == 2 else value)
         blocks.append(block)
-    if cfg.scan_layers:
-        params["h"] = hf_gpt2.stack(blocks)
-    else:
-        params.update({f"h_{i}": block for i, block in enumerate(blocks)})
-    if cfg.tie_embeddings:
-        if "lm_head.weight" in sd and not np.array_equal(np.asarray(sd["lm_head.weight"]), wte_VD):
-            raise InteropError("lm_head.weight differs from the token embedding but "
-                               "model.tie_embeddings=True; set model.tie_embeddings=False.")
-    else:
-        lm_head_VD = get("lm_head.weight", (V, D))
-        params["lm_head"] = {"kernel": np.pad(lm_head_VD.T,
-                                              ((0, 0), (0, cfg.padded_vocab_size - V)))}
-    return params
+    return hf_gpt2.with_blocks_and_head(params, blocks, sd, wte_VD, cfg)
 
 
 def read_local_config(source: str) -> Any:

@@ -297,9 +297,9 @@ def normalized(model: Mapping[str, Any]) -> dict[str, Any]:
         m["num_kv_heads"] = m.get("num_heads")
     if m.get("mlp_dim") is None and all(k in m for k in ("mlp", "mlp_ratio", "d_model")):
         width = m["mlp_ratio"] * m["d_model"]
-        if m["mlp"] == "swiglu":
-            multiple = m.get("mlp_multiple", 256)
-            width = multiple * math.ceil(2 * width / 3 / multiple)
+        if m["mlp"] == "swiglu":  # (A partial group without mlp_multiple stays unresolved.)
+            width = (m["mlp_multiple"] * math.ceil(2 * width / 3 / m["mlp_multiple"])
+                     if "mlp_multiple" in m else None)
         m["mlp_dim"] = width
     return m
 
