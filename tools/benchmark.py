@@ -10,7 +10,8 @@ Grain pipeline is not part of the figure. Reported:
 
 - compile time (lower + compile of the train step);
 - the median of per-step times after warm-up, each step waited for (`block_until_ready`), and
-  the pipelined time per step (steps dispatched back to back, one wait at the end);
+  the pipelined time per step (steps dispatched back to back, one wait at the end). On a GPU a
+  short burst can beat the steady state (docs/performance.md, H200): `--steps=300` for the latter;
 - from the median step: tokens/s, model FLOP/s (6N + 12·L·H·Q·T per token, as metrics.py),
   and MFU against the peak table in gpt_jax/training/metrics.py (or --peak_flops); on CPU,
   where no peak is known, the fraction of this machine's measured float32 matmul throughput;
