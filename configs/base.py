@@ -9,7 +9,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = m = ml_collections.ConfigDict()
-    m.arch = "gpt"  # Architecture (gpt_jax/models/registry.py): gpt.
+    # Architecture (gpt_jax/models/registry.py): gpt (decoder-only Transformer) | lstm (stacked
+    # LSTM language model) | seq2seq (encoder–decoder Transformer over source/target pairs).
+    m.arch = "gpt"
     m.num_layers = 4  # Transformer blocks.
     m.num_heads = 4  # Attention heads; must divide d_model.
     m.d_model = 128  # Residual stream width.
@@ -61,6 +63,18 @@ def get_config() -> ml_collections.ConfigDict:
     # Run the blocks under nn.scan: compile time stays flat in depth; parameters are stacked on a
     # leading `layers` axis (params/h/...), so checkpoints do not mix with unrolled ones (h_0 …).
     m.scan_layers = False
+    # model.arch=lstm: the LSTM's hidden (and cell) width; None → d_model. num_layers stacks
+    # cells, model.dropout acts on the embeddings, between layers and on the output, and a tied
+    # head projects a hidden width ≠ d_model back to d_model first. Its embeddings start N(0, 1);
+    # init_std sets the projection and an untied head (gpt_jax/models/lstm.py says why).
+    m.lstm_hidden = config_dict.placeholder(int)
+    # model.arch=seq2seq: encoder blocks; None → num_layers (the decoder's blocks).
+    m.encoder_layers = config_dict.placeholder(int)
+    # model.arch=seq2seq: pre (norm before each sublayer, a final norm; stable, the default) |
+    # post (norm after each residual add, as in "Attention is all you need").
+    m.norm_position = "pre"
+    # model.arch=seq2seq: learned source positions; None → data.source_len.
+    m.max_source_len = config_dict.placeholder(int)
 
     c.data = d = ml_collections.ConfigDict()
     d.corpus = "pystdlib"  # Named corpus: pystdlib (offline) | shakespeare (downloaded once).
@@ -94,6 +108,17 @@ def get_config() -> ml_collections.ConfigDict:
     d.sampling = "epochs"
     d.num_threads = 2  # Grain reader threads.
     d.prefetch = 4  # Batches Grain prepares ahead of the device.
+    # Sequence pairs (model.arch=seq2seq): data.path is a JSONL file of objects with these two
+    # text fields, data.prepared a folder `python -m gpt_jax.data.prepare --pairs` made, or
+    # data.task a built-in offline task (gpt_jax/data/tasks.py): addition | sort | docsig.
+    d.source_field = "source"
+    d.target_field = "target"
+    d.task = config_dict.placeholder(str)
+    # Train examples a built-in task draws; it holds out a tenth as many (at least 100) for val.
+    d.task_examples = 20000
+    d.task_seed = 0  # Seed of the built-in task's examples (not of training).
+    # Source tokens per example: longer sources are cut to this (counted in the log).
+    d.source_len = 64
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3  # Peak learning rate (AdamW).
@@ -121,6 +146,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.z_loss = 0.0
     t.eval_every = 250  # Steps between evaluations.
     t.eval_batches = 20  # Fixed val batches per periodic evaluation.
+    # model.arch=seq2seq: val examples decoded (greedy) at each evaluation for token accuracy,
+    # exact match, BLEU and chrF (sacrebleu); all of them at a full final eval. 0 = none.
+    t.eval_decode = 500
     t.final_eval = "full"  # At the end: full (every val token, exact) | batches | none.
     # A non-finite loss or gradient: stop (a message naming the step; checkpoints untouched) |
     # skip (that update is dropped; train/nonfinite_steps counts them).
@@ -198,4 +226,9 @@ def get_config() -> ml_collections.ConfigDict:
     s.top_k = 0  # 0 disables top-k filtering.
     s.top_p = 1.0  # Nucleus sampling: keep the smallest set of ids with this much mass (1 = off).
     s.seed = 0
+    # model.arch=seq2seq: the end-of-training samples decode sample.num_samples val sources with
+    # a beam search of this many beams (1 = greedy; sample.temperature does not apply) and this
+    # length penalty α: hypotheses rank by log p / ((5 + length) / 6)^α (GNMT; 0 = none).
+    s.beam_size = 1
+    s.length_penalty = 0.6
     return c

@@ -6,13 +6,18 @@
   :cpu_llama  :cpu with the modern (Llama-style) block at about GPT-2's size, for comparisons:
         RMSNorm, SwiGLU of width 344 (3·128·344 ≈ 2·128·512 MLP parameters), RoPE, 2 kv heads,
         QK-norm (0.91× :cpu's parameters: fewer kv heads, no position table).
+  :cpu_lstm  :cpu's recipe (data, batch, steps, optimizer) for the LSTM baseline at :cpu's
+        parameter count: 2 layers of width 222 (embeddings and cells), tied head: 804,750
+        parameters against :cpu's 804,096 (4.82 against 5.17 training MFLOPs per token: the
+        LSTM has no attention term; --config.model.d_model=230 matches the FLOPs instead, at
+        863,190 parameters). README "LSTM baseline" compares them.
 """
 
 import ml_collections
 
 from configs import base
 
-VARIANTS = ("gpu", "cpu", "cpu_llama")
+VARIANTS = ("gpu", "cpu", "cpu_llama", "cpu_lstm")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.num_steps = 5000
         c.optim.decay_steps = 5000  # nanoGPT's lr_decay_iters: a shorter run keeps this schedule.
         c.train.eval_batches = 200
-    else:  # cpu, cpu_llama
+    else:  # cpu, cpu_llama, cpu_lstm
         c.model.num_layers, c.model.num_heads, c.model.d_model = 4, 4, 128
         c.model.dropout = c.model.attention_dropout = 0.0
         c.data.seq_len = 64
@@ -56,5 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m = c.model
         m.norm, m.mlp, m.mlp_dim, m.positions, m.num_kv_heads, m.qk_norm = (
             "rmsnorm", "swiglu", 344, "rope", 2, True)
+    if variant == "cpu_lstm":  # lstm_hidden unset: the cells are d_model wide.
+        c.model.arch, c.model.num_layers, c.model.d_model = "lstm", 2, 222
     c.train.final_eval = "full"
     return c

@@ -127,6 +127,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                f"model.arch={m.arch!r} names the logical axis {axis!r}, which mesh.rules does not "
                f"map; add mesh.rules.{axis} to configs/base.py (\"\" = replicated).")
     check(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be ≥ 1.")
+    if arch.reads_pairs:
+        _validate_pairs(config)
+    else:
+        check(d.task is None, f"data.task={d.task!r} makes sequence pairs, which model.arch="
+                               f"{m.arch!r} does not read; use model.arch=seq2seq or unset it.")
     try:
         check_tokenizer(d.tokenizer)
     except ValueError as e:
@@ -202,6 +207,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(s.num_samples == 0 or len(s.prompt) > 0,
            "sample.prompt is empty; give at least one character (e.g. a newline) or set "
            "sample.num_samples=0.")
+
+
+def _validate_pairs(config: ml_collections.ConfigDict) -> None:
+    """The data and sample fields of a model that reads sequence pairs (gpt_jax/data/pairs.py)."""
+    d, t, s = config.data, config.train, config.sample
+    from gpt_jax.data.tasks import TASKS  # Lazily: tasks imports the corpora.
+
+    sources = [f"data.{k}" for k in ("task", "path", "prepared") if d[k]]
+    check(len(sources) == 1, f"model.arch={config.model.arch} reads sequence pairs from one of "
+                             "data.task (addition | sort | docsig), data.path (a JSONL file) or "
+                             f"data.prepared (a pairs folder); {' and '.join(sources) or 'none'} "
+                             f"{'are' if len(sources) > 1 else 'is'} set: keep exactly one "
+                             "(an empty value unsets one, e.g. --config.data.task=).")
+    if d.task:
+        one_of(d.task, "data.task", tuple(TASKS))
+        check(d.task_examples >= 1, f"data.task_examples={d.task_examples} must be ≥ 1.")
+    if d.prepared:
+        check("," not in d.prepared, "data.prepared names several folders: sequence pairs are "
+                                     "read from one folder (no mixtures); give one.")
+    check(d.source_len >= 1, f"data.source_len={d.source_len} must be ≥ 1.")
+    check(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be ≥ 2: a target token and its EOS.")
+    check(not d.document_mask, "data.document_mask=True is for packed documents; sequence pairs "
+                               "are padded, one per row: set it to False.")
+    check(t.eval_decode >= 0, f"train.eval_decode={t.eval_decode} must be ≥ 0 (0 = off).")
+    check(s.beam_size >= 1, f"sample.beam_size={s.beam_size} must be ≥ 1 (1 = greedy).")
+    check(s.length_penalty >= 0, f"sample.length_penalty={s.length_penalty} must be ≥ 0.")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

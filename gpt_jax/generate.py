@@ -12,6 +12,11 @@ and a re-encode happens once per max_seq_len/2 tokens. The window is shared by t
 so past the limit a row's continuation depends on the longest prompt beside it. `use_cache=False`
 recomputes the last max_seq_len tokens for every new token instead (nanoGPT's cropping; exact
 but ~W times the work) — the reference the cache is tested and benchmarked against.
+
+A recurrent model (registry `decoding="recurrent"`, the LSTM) has no window: the left-padded
+prompt is encoded once (padding leaves a row's state at zero), then each step feeds one token and
+carries the state. `use_cache=False` reruns the whole sequence from the start for every token
+instead (the reference it is tested against).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 from gpt_jax.models import positions, registry
 from gpt_jax.models.layers import DecodeState
-from gpt_jax.parallel.sharding import put_replicated_host
+from gpt_jax.parallel.sharding import put_replicated_host, replicate, replicated_like
 
 Array = jax.Array
 
@@ -97,7 +102,8 @@ def generate(
 
     Returns one array per prompt: the prompt followed by its new tokens, ending at (and including)
     the first stop token if one was drawn. `params` may be sharded on the training mesh. A model
-    whose architecture has no KV cache (registry `decoding="recompute"`) always recomputes.
+    whose architecture has no KV cache (registry `decoding="recompute"`) always recomputes; a
+    recurrent one (`decoding="recurrent"`) carries its state (see the module docstring).
     """
     arch = registry.arch_of(model.cfg)
     cfg = arch.for_inference(model.cfg)
@@ -106,19 +112,22 @@ def generate(
     B, P = tokens_BP.shape
     W = cfg.max_seq_len
     total = P + max_new_tokens
-    # Room for the last window read (the slid window may reach past `total`).
-    buf_BL = np.zeros((B, max(total, window_start(total - 1, W) + W)), np.int32)
+    # Room for the last window read (the slid window may reach past `total`); a recurrent model
+    # has no window.
+    recurrent = arch.decoding == "recurrent"
+    L = total if recurrent else max(total, window_start(total - 1, W) + W)
+    buf_BL = np.zeros((B, L), np.int32)
     buf_BL[:, :P] = tokens_BP
     inputs = [buf_BL, pad_B, np.asarray(jax.random.key_data(key)),
               np.asarray(sorted(set(stop_tokens)) or [-1], np.int32)]
     # Params sharded on a mesh (the training run's): inputs and output are whole on every device
     # of it, so every process of a multi-process run can read the result.
-    first = getattr(jax.tree.leaves(params)[0], "sharding", None)  # None: numpy params.
-    replicated = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
-                  if isinstance(first, jax.sharding.NamedSharding) else None)
+    replicated = replicated_like(params)
     if replicated is not None:
         inputs = [put_replicated_host(a, replicated) for a in inputs]
-    if arch.decoding != "kv_cache":
+    if recurrent:
+        run = _decode_recurrent if use_cache else _decode_recurrent_uncached
+    elif arch.decoding != "kv_cache":
         run = _decode_recompute
     else:
         run = _decode_cached if use_cache else _decode_uncached
@@ -195,7 +204,7 @@ def _decode_cached(decoder: nn.Module, params, buf_BL, pad_B, key_data, stop_S, 
 
     carry = (jnp.int32(P), start, cache, logits_BV, buf_BL, done_B)
     end, _, _, _, buf_BL, _ = jax.lax.while_loop(running, window, carry)
-    return _replicate(buf_BL, replicated), _replicate(end, replicated)
+    return replicate(buf_BL, replicated), replicate(end, replicated)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
@@ -220,7 +229,7 @@ def _decode_uncached(decoder: nn.Module, params, buf_BL, pad_B, key_data, stop_S
 
     carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool))
     end, buf_BL, _ = jax.lax.while_loop(cond, body, carry)
-    return _replicate(buf_BL, replicated), _replicate(end, replicated)
+    return replicate(buf_BL, replicated), replicate(end, replicated)
 
 
 def _recomputed_logits(decoder: nn.Module, params, buf_BL: Array, pad_B: Array, start: Array,
@@ -257,8 +266,57 @@ def _decode_recompute(decoder: nn.Module, params, buf_BL, pad_B, key_data, stop_
 
     carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool))
     end, buf_BL, _ = jax.lax.while_loop(cond, body, carry)
-    return _replicate(buf_BL, replicated), _replicate(end, replicated)
+    return replicate(buf_BL, replicated), replicate(end, replicated)
 
 
-def _replicate(x: Array, replicated) -> Array:
-    return x if replicated is None else jax.lax.with_sharding_constraint(x, replicated)
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _decode_recurrent(decoder: nn.Module, params, buf_BL, pad_B, key_data, stop_S, P: int,
+                      total: int, sampling: SamplingParams, replicated):
+    """Decoding for a recurrent model: the prompt encoded once from the zero state (its left
+    padding passes the state through), then one token per step carrying the state."""
+    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
+    real_BP = jnp.arange(P, dtype=jnp.int32)[None, :] >= pad_B[:, None]
+    logits_BPV, state = decoder.apply({"params": params}, buf_BL[:, :P],
+                                      decoder.initial_carry(buf_BL.shape[0]), real_BP,
+                                      method="decode")
+
+    def cond(carry):
+        i, _, _, _, done_B = carry
+        return (i < total) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, state, logits_BV, buf_BL, done_B = carry
+        buf_BL, done_B, next_B = _sample_into(buf_BL, done_B, logits_BV, keys_N, i, stop_S,
+                                              sampling)
+        logits_B1V, state = decoder.apply({"params": params}, next_B[:, None], state,
+                                          method="decode")
+        return i + 1, state, logits_B1V[:, 0], buf_BL, done_B
+
+    carry = (jnp.int32(P), state, logits_BPV[:, -1], buf_BL, jnp.zeros(pad_B.shape, bool))
+    end, _, _, buf_BL, _ = jax.lax.while_loop(cond, body, carry)
+    return replicate(buf_BL, replicated), replicate(end, replicated)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _decode_recurrent_uncached(decoder: nn.Module, params, buf_BL, pad_B, key_data, stop_S,
+                               P: int, total: int, sampling: SamplingParams, replicated):
+    """A recurrent model's reference decoding: for every token the whole buffer is run through
+    the plain forward pass from the zero state (left padding a segment of its own, which the
+    state forgets where the prompt begins; what follows index i - 1 does not reach it)."""
+    keys_N = jax.random.split(jax.random.wrap_key_data(key_data), total)  # Key i: token i.
+
+    def cond(carry):
+        i, _, done_B = carry
+        return (i < total) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, buf_BL, done_B = carry
+        logits_BV = _recomputed_logits(decoder, params, buf_BL, pad_B, jnp.int32(0), i - 1,
+                                       buf_BL.shape[1])
+        buf_BL, done_B, _ = _sample_into(buf_BL, done_B, logits_BV, keys_N, i, stop_S, sampling)
+        return i + 1, buf_BL, done_B
+
+    carry = (jnp.int32(P), buf_BL, jnp.zeros(pad_B.shape, bool))
+    end, buf_BL, _ = jax.lax.while_loop(cond, body, carry)
+    return replicate(buf_BL, replicated), replicate(end, replicated)
+

@@ -4,6 +4,9 @@
 Loads the run's tokenizer and the parameters of one checkpoint (the newest by default,
 `--checkpoint=best` for the lowest val loss, or a step number), then samples with the KV cache.
 A prompt longer than the model's context is fine: the sampler slides its window over it.
+For a sequence-pair run (model.arch=seq2seq) the prompt is a source: it prints the decoded
+target, by beam search with `--beam_size=K` (`--length_penalty`), greedily by default, or
+`--num_samples` draws with an explicit `--temperature`.
 
 A bad invocation (a flag, a folder that is no run, a damaged checkpoint or tokenizer.json) ends
 with one `error:` line that names the problem and the fix, and exit status 1; nothing is written.
@@ -48,6 +51,10 @@ def _define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).", **into)
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).", **into)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", **into)
+    flags.DEFINE_integer("beam_size", 1, "A sequence-pair (seq2seq) run: beams of the beam "
+                         "search (1: greedy, or sampling with an explicit --temperature).", **into)
+    flags.DEFINE_float("length_penalty", 0.6, "A seq2seq run's beam search ranks by log p / "
+                       "((5 + length) / 6)^alpha (GNMT; 0 = none).", **into)
     flags.DEFINE_string("stop", None, "Stop a sample when it emits the first token of this text "
                         "(e.g. a newline); a token that merges it with more text does not stop it.",
                         **into)
@@ -60,6 +67,8 @@ _RANGES = {
     "temperature": (lambda v: v >= 0, "a number ≥ 0 (0 = greedy)"),
     "top_k": (lambda v: v >= 0, "an integer ≥ 0 (0 = off)"),
     "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "beam_size": (lambda v: v >= 1, "an integer ≥ 1 (1 = greedy)"),
+    "length_penalty": (lambda v: v >= 0, "a number ≥ 0 (0 = none)"),
 }
 _HELP = f"{COMMAND} --helpshort"
 
@@ -201,6 +210,17 @@ def main(argv: list[str]) -> None:
         cli.quiet_orbax_reads()
         tokenizer, model, params, step = load_run(FLAGS.workdir, FLAGS.checkpoint)
         vocab = model.cfg.vocab_size
+        from gpt_jax.models import registry
+
+        if registry.arch_of(model.cfg).reads_pairs:
+            check_source_flags()
+            prompt = encode_prompt(tokenizer, text, vocab)
+            translate_source(tokenizer, model, params, step, prompt)
+            return
+        for name in ("beam_size", "length_penalty"):
+            if FLAGS[name].present:
+                raise RunError(f"--{name} is for sequence-pair (seq2seq) runs; this one is a "
+                               f"language model ({model_name(model)}): leave it out.")
         prompt = encode_prompt(tokenizer, text, vocab)
         try:
             stop = [] if FLAGS.stop is None else tokenizer.encode(FLAGS.stop)[:1].tolist()
@@ -230,6 +250,72 @@ def main(argv: list[str]) -> None:
         print(f"warning: the model drew {unknown} token id(s) that tokenizer.json lacks (it has "
               f"{tokenizer.vocab_size} tokens, the model {vocab}); they show as \ufffd.",
               file=sys.stderr)
+
+
+def model_name(model: nn.Module) -> str:
+    """`model.arch=NAME` of a built model, for messages."""
+    from gpt_jax.models import registry
+
+    return f"model.arch={registry.arch_of(model.cfg).name}"
+
+
+def check_source_flags() -> None:
+    """RunError for a flag that a sequence-pair run cannot honour: it decodes one best target
+    (greedy or beam search) unless --temperature asks for draws."""
+    sampled = FLAGS["temperature"].present and FLAGS.temperature > 0
+    if FLAGS.stop is not None:
+        raise RunError("--stop does not apply to a seq2seq run: its targets end at their "
+                       "end-of-sequence token; leave it out.")
+    if FLAGS.beam_size > 1 and sampled:
+        raise RunError(f"--beam_size={FLAGS.beam_size} searches for the best target; "
+                       f"--temperature={FLAGS.temperature} draws one: give one of them.")
+    if not sampled and (FLAGS.num_samples > 1 or FLAGS["top_k"].present
+                        or FLAGS["top_p"].present):
+        raise RunError("a seq2seq run decodes its one best target unless --temperature is "
+                       "given: add --temperature=T (> 0) to draw --num_samples with --top_k / "
+                       "--top_p, or leave those out.")
+    if not FLAGS["prompt"].present:
+        raise RunError("--prompt is missing: give the source to decode, e.g. --prompt=12+34.")
+
+
+def translate_source(tokenizer: tokenizers.Tokenizer, model: nn.Module, params: dict, step: int,
+                     source: np.ndarray) -> None:
+    """A sequence-pair run: prints the decoding of the prompt as a source — the beam search's
+    best with --beam_size > 1; else greedy, or --num_samples draws at an explicit --temperature."""
+    import jax
+
+    from gpt_jax import translate
+    from gpt_jax.data import pairs
+    from gpt_jax.generate import SamplingParams
+    from gpt_jax.training import memory
+
+    cfg = model.cfg
+    if len(source) > cfg.max_source_len:
+        print(f"warning: the source has {len(source)} tokens; the model reads the first "
+              f"{cfg.max_source_len} (data.source_len).", file=sys.stderr)
+        source = source[:cfg.max_source_len]
+    max_new_tokens = min(FLAGS.max_new_tokens, cfg.max_seq_len)
+    if FLAGS["max_new_tokens"].present and max_new_tokens < FLAGS.max_new_tokens:
+        print(f"warning: targets are at most {cfg.max_seq_len} tokens (data.seq_len of the "
+              f"run); --max_new_tokens={FLAGS.max_new_tokens} decodes that many.", file=sys.stderr)
+    eos_id = pairs.eos_and_vocab(tokenizer)[0]
+    sampled = FLAGS["temperature"].present and FLAGS.temperature > 0
+    sampling = (SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p) if sampled
+                else SamplingParams(temperature=0.0))
+    try:
+        outs = translate.translate(
+            model, params, [source] * (FLAGS.num_samples if sampled else 1), bos_id=eos_id,
+            eos_id=eos_id, max_new_tokens=max_new_tokens, beam_size=FLAGS.beam_size,
+            length_penalty=FLAGS.length_penalty, sampling=sampling,
+            key=jax.random.key(FLAGS.seed), batch_size=FLAGS.num_samples if sampled else 1)
+    except jax.errors.JaxRuntimeError as e:
+        if not memory.is_out_of_memory(e):
+            raise
+        raise RunError(f"out of device memory decoding with --beam_size={FLAGS.beam_size} "
+                       f"({cli.brief(e)}); lower --beam_size or --num_samples.") from None
+    print(f"# {FLAGS.workdir}, checkpoint step {step}", file=sys.stderr)
+    for out in outs:
+        print(tokenizer.decode(out[out < tokenizer.vocab_size]), flush=True)
 
 
 def run_main() -> None:

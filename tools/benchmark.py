@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -46,6 +46,7 @@ PRESETS = {
     "quickstart": ("quickstart.py", None, {}),
     "shakespeare_char:cpu": ("shakespeare_char.py", "cpu", {"model.vocab_size": 65}),
     "shakespeare_char:gpu": ("shakespeare_char.py", "gpu", {"model.vocab_size": 65}),
+    "seq2seq:addition": ("seq2seq.py", "addition", {"model.vocab_size": 12}),
     "gpt2:small": ("gpt2.py", "small", {"train.batch_size": 16, "train.grad_accum_steps": 1}),
     "gpt2:xl": ("gpt2.py", "xl", {"train.batch_size": 8, "train.grad_accum_steps": 1,
                                   "model.scan_layers": True, "model.remat": "full"}),
@@ -156,8 +157,14 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
             return result
 
         rng = np.random.default_rng(0)
-        batches = [lm_batch(rng.integers(0, r.hparams.vocab_size, (B, T + 1), dtype=np.int32))
-                   for _ in range(4)]
+        if r.arch.reads_pairs:  # Random sources and targets, every position weighted.
+            spec = build.abstract_batch(r)
+            batches = [{k: np.ones(a.shape, a.dtype) if k in ("weights", "source_mask") else
+                        rng.integers(0, r.hparams.vocab_size, a.shape, dtype=np.int32)
+                        for k, a in spec.items()} for _ in range(4)]
+        else:
+            batches = [lm_batch(rng.integers(0, r.hparams.vocab_size, (B, T + 1), dtype=np.int32))
+                       for _ in range(4)]
         state = init_state()
 
         def one(i):
@@ -197,7 +204,10 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
         result["peak_device_memory_gb"] = (stats["peak_bytes_in_use"] / 1e9
                                            if "peak_bytes_in_use" in stats else None)
         result["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        if decode_tokens > 0:
+        if decode_tokens > 0 and r.arch.reads_pairs:
+            logging.info("decode figures skipped: model.arch=%s decodes sources "
+                         "(gpt_jax/translate.py), not prompts.", r.arch.name)
+        elif decode_tokens > 0:
             prompt = [np.zeros(1, np.int32)]
             for use_cache, field in ((True, "decode_tokens_per_sec"),
                                      (False, "decode_tokens_per_sec_uncached")):

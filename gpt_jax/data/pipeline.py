@@ -190,7 +190,7 @@ class RandomWindowSource:
         return f"RandomWindowSource({self._windows!r}, key={self._key:016x}, length={self._len})"
 
 
-def _shuffle_seed(seed: int | tuple[int, ...]) -> int:
+def shuffle_seed(seed: int | tuple[int, ...]) -> int:
     """Returns a 32-bit shuffle seed that scrambles `seed`.
 
     Grain's shuffle seeds epoch e with (seed + e), so raw seeds s and s + 1 would share all but one
@@ -220,7 +220,7 @@ def _windows(tokens: TokenStream, seq_len: int, batch_size: int, seed: int, samp
             "lower data.seq_len or train.batch_size, or use a bigger corpus."
         )
     # shuffle before repeat: Grain reseeds the shuffle per epoch from the index's epoch number.
-    return grain.MapDataset.source(source).shuffle(seed=_shuffle_seed(seed)).repeat(None)
+    return grain.MapDataset.source(source).shuffle(seed=shuffle_seed(seed)).repeat(None)
 
 
 def train_dataset(
@@ -253,11 +253,7 @@ def train_dataset(
     stream holds each dataset's share to within a window. `iter()` of the result supports
     get_state/set_state.
     """
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count}).")
-    if batch_size % shard_count:
-        raise ValueError(f"train.batch_size={batch_size} does not split over {shard_count} "
-                         "processes; make it a multiple of the process count.")
+    check_shard(batch_size, shard_index, shard_count)
     if sampling not in SAMPLINGS:
         raise ValueError(f"data.sampling={sampling!r} is not one of {SAMPLINGS}.")
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
@@ -271,10 +267,29 @@ def train_dataset(
                           f"the train split of mixture dataset {i}")
                  for i, t in enumerate(tokens)]
         ds = grain.MapDataset.mix(parts, [float(w) for w in weights])
+    return local_batches(ds, batch_size, shard_index, shard_count).map(lm_batch).to_iter_dataset(
+        read)
+
+
+def check_shard(batch_size: int, shard_index: int, shard_count: int) -> None:
+    """ValueError unless process `shard_index` of `shard_count` can take an equal share of a
+    global batch of `batch_size` rows."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count}).")
+    if batch_size % shard_count:
+        raise ValueError(f"train.batch_size={batch_size} does not split over {shard_count} "
+                         "processes; make it a multiple of the process count.")
+
+
+def local_batches(ds: grain.MapDataset, batch_size: int, shard_index: int, shard_count: int
+                  ) -> grain.MapDataset:
+    """This process's rows of each global batch of `batch_size` consecutive records of `ds`:
+    every process walks the same global order, and batching and slicing are lazy (a record is
+    read only when this process's batch asks for it)."""
     ds = ds.batch(batch_size // shard_count, drop_remainder=True)
     if shard_count > 1:  # Global batch b is local batches b·count … b·count + count − 1.
         ds = ds[shard_index::shard_count]
-    return ds.map(lm_batch).to_iter_dataset(read)
+    return ds
 
 
 def _check_split(tokens: TokenStream, seq_len: int, batch_size: int) -> None:

@@ -13,6 +13,13 @@ Command line, for corpora of any size (streamed, parallel, resumable; prepare_st
         [--val_fraction=0.1 --num_workers=N --text_field=text --split=train] [--verify]
     python -m gpt_jax.data.prepare --verify --out=DIR    # check a prepared folder's sha256s
 
+Sequence pairs (model.arch=seq2seq; the format is gpt_jax/data/pairs.py's):
+
+    python -m gpt_jax.data.prepare --pairs --source=FILE.jsonl [--source_field=source
+        --target_field=target] --tokenizer=char|byte|bpe|gpt2|hf:PATH --out=DIR
+    python -m gpt_jax.data.prepare --pairs --task=addition|sort|docsig [--task_examples=N
+        --task_seed=S] --tokenizer=char --out=DIR
+
 A bad invocation ends with one `error:` line naming the problem and its fix (gpt_jax/cli.py),
 and changes nothing that was there before (prepare_stream's module doc).
 """
@@ -32,7 +39,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from gpt_jax import cli
-from gpt_jax.data import prepare_stream, shards, tokenizers
+from gpt_jax.data import pairs, prepare_stream, shards, tokenizers
 from gpt_jax.data.corpora import Corpus
 
 # Bump when the in-process folders' layout or tokenization changes: the key hashes it, so old
@@ -186,6 +193,14 @@ def _define_flags() -> None:
     flags.DEFINE_integer("bpe_sample_mb", tokenizers.BPE_SAMPLE_BYTES >> 20, "bpe trains on the "
                          "first this many MiB of the source.")
     flags.DEFINE_bool("progress", True, "Show a progress bar (MB/s, tokens/s) on stderr.")
+    flags.DEFINE_bool("pairs", False, "Prepare sequence pairs (model.arch=seq2seq) from a JSONL "
+                      "--source or a built-in --task, into a pairs folder.")
+    flags.DEFINE_string("source_field", "source", "--pairs: the JSONL field of the source text.")
+    flags.DEFINE_string("target_field", "target", "--pairs: the JSONL field of the target text.")
+    flags.DEFINE_string("task", None, "--pairs: a built-in task (addition | sort | docsig) "
+                        "instead of --source.")
+    flags.DEFINE_integer("task_examples", 20000, "--pairs --task: train examples (val: a tenth).")
+    flags.DEFINE_integer("task_seed", 0, "--pairs --task: the examples' seed.")
     flags.DEFINE_bool("verify", False, "Check every shard and tokenizer.json of --out against "
                       "its sha256 in meta.json (a full read): after preparing (or reusing) it, "
                       "or, with --out alone, of an existing prepared folder.")
@@ -227,6 +242,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: the prepare command takes only "
                  "--flags (e.g. --source=FILE --tokenizer=bpe --out=DIR); see --helpshort.")
+    if f.pairs:
+        _prepare_pairs(f)
+        return
     # An empty value counts as missing: --out= would be the current folder.
     missing = [f"--{name}" for name in ("source", "tokenizer", "out") if not f[name].value]
     if f.verify and missing == ["--source", "--tokenizer"]:  # Check an existing folder only.
@@ -259,6 +277,31 @@ def main(argv: list[str]) -> None:
     print(_summary(prepared))
     if verified is not None:
         print(_verified(prepared.dir, verified))
+
+
+def _prepare_pairs(f: flags.FlagValues) -> None:
+    """--pairs: the JSONL --source or the --task into a pairs folder; prints a summary."""
+    from gpt_jax.data import tasks
+
+    if bool(f.source) == bool(f.task) or not f.tokenizer or not f.out:
+        cli.fail("--pairs needs one of --source=FILE.jsonl or --task=addition|sort|docsig, and "
+                 "--tokenizer=char|byte|bpe|gpt2|hf:PATH and --out=DIR.")
+    if f.task and (given := [f"--{n}" for n in ("val_fraction", "source_field", "target_field")
+                             if f[n].present]):
+        cli.fail(f"{', '.join(given)} apply to a --source file; --task={f.task} makes its own "
+                 "split and fields: leave them out.")
+    with _one_line_errors():
+        tokenizers.check_name(f.tokenizer)
+        if f.task:
+            train, val = tasks.make(f.task, f.task_examples, f.task_seed)
+            description = f"task {f.task} ({f.task_examples} examples, seed {f.task_seed})"
+        else:
+            records = pairs.read_jsonl(f.source, f.source_field, f.target_field)
+            train, val = pairs.split_records(records, f.val_fraction)
+            description = f"{f.source} ({f.source_field} → {f.target_field})"
+        out = pairs.prepare(train, val, f.tokenizer, f.out, description, f.vocab_size)
+        data = pairs.open_folder(out)
+    print(f"{out}: {pairs.describe(data)}; from {description}.")
 
 
 def run_main() -> None:

@@ -275,6 +275,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     one_of(m.remat, "model.remat", REMAT_POLICIES)
     for field in ("dropout", "attention_dropout"):
         check(0.0 <= m[field] < 1.0, f"model.{field}={m[field]} must be in [0, 1).")
+    # Fields of the encoder–decoder that a GPT would silently ignore.
+    check(m.norm_position == "pre", f"model.norm_position={m.norm_position!r} is for model.arch="
+                                    "seq2seq; a GPT is pre-norm: leave it at 'pre'.")
+    for field in ("encoder_layers", "max_source_len"):
+        check(m[field] is None, f"model.{field}={m[field]} is for model.arch=seq2seq; a GPT has "
+                                "no encoder: leave it unset.")
     if m.max_seq_len is not None and m.positions == "learned":
         check(config.data.seq_len <= m.max_seq_len,
               f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} "

@@ -15,7 +15,11 @@ hyperparameters in its `cfg` attribute, and they have a `max_seq_len`: the conte
   attends only within its segment (when given), and positions default to 0 … T-1;
   with `split_head`, also `method="hidden"` (→ [B, T, D]) and `method="head"` (hidden → logits),
   used by the chunked cross-entropy; with `decoding == "kv_cache"`, `decode=DecodeState` and
-  `mutable=["cache"]` as gpt_jax/generate.py uses them.
+  `mutable=["cache"]` as gpt_jax/generate.py uses them; with `decoding == "recurrent"`,
+  `initial_carry(B)` (a zero state) and `method="decode"`: (inputs_BT, carry, real_BT=None) →
+  (logits [B, T, V'], the carry after the tokens), the state unchanged where real_BT is False.
+  An architecture that `reads_pairs` (seq2seq) also takes `source_BS` and `source_mask_BS`
+  [B, S] (gpt_jax/data/pairs.py).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-DECODINGS = ("kv_cache", "recompute")
+# kv_cache | recompute: gpt_jax/generate.py; recurrent: generate.py carries the model's state
+# (`method="decode"`'s carry argument and result) from token to token; encoder_decoder:
+# gpt_jax/translate.py.
+DECODINGS = ("kv_cache", "recompute", "recurrent", "encoder_decoder")
 # The architecture of `model` groups saved before model.arch existed (checkpoints, HF configs).
 PRE_REGISTRY_ARCH = "gpt"
 
@@ -62,7 +69,9 @@ class Architecture:
     # that two ways of writing the same shapes compare equal.
     normalize: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda model: model
     function_fields: tuple[str, ...] = ()  # Same shapes, another function (warned on init_from).
-    decoding: str = "recompute"  # kv_cache (DecodeState + a `cache` collection) | recompute.
+    # kv_cache (DecodeState + a `cache` collection) | recompute | recurrent (initial_carry +
+    # method="decode") | encoder_decoder (gpt_jax/translate.py).
+    decoding: str = "recompute"
     split_head: bool = False  # Has `hidden` and `head` methods (chunked cross-entropy).
     # Logical axis names its parameters and activations use (each needs a mesh.rules entry).
     logical_axes: tuple[str, ...] = ("batch", "length", "embed", "vocab")
@@ -81,6 +90,12 @@ class Architecture:
         if missing := [f for f in (*self.shape_fields, *self.function_fields) if f not in names]:
             raise ValueError(f"{self.name}: {missing} are not fields of "
                              f"{self.config_class.__name__}.")
+
+    @property
+    def reads_pairs(self) -> bool:
+        """Whether it trains on sequence pairs (gpt_jax/data/pairs.py: a source beside each
+        target) rather than on a token stream."""
+        return self.decoding == "encoder_decoder"
 
     def hyperparameters(self, model: Mapping[str, Any]) -> Any:
         """The frozen dataclass from a resolved `model` group (vocab_size and max_seq_len set):
@@ -165,8 +180,9 @@ def get(name: str) -> Architecture:
 
 def resolve(config: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
     """A copy of `config` whose model.vocab_size (the tokenizer's `vocab_size` unless the config
-    fixes a larger one) and model.max_seq_len (None → data.seq_len) are filled in: what
-    config.json records and what `hyperparameters` reads."""
+    fixes a larger one), model.max_seq_len (None → data.seq_len) and model.max_source_len
+    (None → data.source_len) are filled in: what config.json records and what `hyperparameters`
+    reads."""
     m = config.model
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         from gpt_jax.config import ConfigError  # Config imports this module lazily too.
@@ -178,6 +194,8 @@ def resolve(config: ml_collections.ConfigDict, vocab_size: int) -> ml_collection
     config.model.vocab_size = m.vocab_size if m.vocab_size is not None else vocab_size
     if config.model.max_seq_len is None:
         config.model.max_seq_len = config.data.seq_len
+    if get(_arch_name(config.model)).reads_pairs and config.model.max_source_len is None:
+        config.model.max_source_len = config.data.source_len
     return config
 
 
@@ -223,7 +241,7 @@ def arch_of(hparams: Any) -> Architecture:
 def _load_builtin() -> None:
     # The built-in architectures register themselves on import; imported here, not at the top,
     # because they import this module.
-    from gpt_jax.models import gpt  # noqa: F401
+    from gpt_jax.models import gpt, lstm, seq2seq  # noqa: F401
 
 
 def count_params(params: Any) -> int:

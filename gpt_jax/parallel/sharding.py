@@ -176,6 +176,20 @@ def global_batch(local: Any, sharding: NamedSharding, batch_size: int) -> Any:
         sharding, a, (batch_size, *a.shape[1:])), local)
 
 
+def replicated_like(params: Any) -> NamedSharding | None:
+    """Whole-on-every-device placement on the mesh of `params` (the training run's), for a
+    decoder's inputs and outputs, so that every process can read the result; None for params
+    that are on no mesh (numpy, or a single device's)."""
+    first = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return (NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding)
+            else None)
+
+
+def replicate(x: jax.Array, replicated: NamedSharding | None) -> jax.Array:
+    """`x` constrained to `replicated` inside a jitted decoder (unchanged when None)."""
+    return x if replicated is None else jax.lax.with_sharding_constraint(x, replicated)
+
+
 def put_replicated_host(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host array every process holds whole (e.g. a fixed eval batch)."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

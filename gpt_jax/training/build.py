@@ -18,7 +18,7 @@ from absl import logging
 
 from gpt_jax import config as config_lib
 from gpt_jax.data import batch as batch_lib
-from gpt_jax.data import corpora, prepare, training_data
+from gpt_jax.data import corpora, pairs, prepare, training_data
 from gpt_jax.models import registry
 from gpt_jax.parallel import distributed, sharding
 from gpt_jax.parallel import mesh as mesh_lib
@@ -33,7 +33,7 @@ class Run:
     # Where the run writes its files: the workdir, or for a URL workdir its local mirror's folder
     # (set by loop.run on entering the mirror). None (and data None) from setup_without_data.
     workdir: pathlib.Path | None
-    data: training_data.TrainingData | None
+    data: training_data.TrainingData | pairs.PairData | None
     model: nn.Module
     hparams: Any  # The model's hyperparameters (its architecture's frozen dataclass).
     mesh: jax.sharding.Mesh
@@ -89,7 +89,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     mesh, rules = _mesh_and_rules(config, devices)
     data = load_data(config)
     try:
-        data.tokenizer.encode(config.sample.prompt)  # Fail now, not after training.
+        if not isinstance(data, pairs.PairData):  # Pairs sample val sources instead.
+            data.tokenizer.encode(config.sample.prompt)  # Fail now, not after training.
     except ValueError as e:
         raise config_lib.ConfigError(f"sample.prompt: {e}") from e
     mirror = None
@@ -99,7 +100,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     else:
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-    r = _assemble(config, data.tokenizer.vocab_size, mesh, rules, workdir, data)
+    vocab_size = data.vocab_size if isinstance(data, pairs.PairData) else data.tokenizer.vocab_size
+    r = _assemble(config, vocab_size, mesh, rules, workdir, data)
     r.mirror = mirror
     return r
 
@@ -120,10 +122,14 @@ def _assemble(config, vocab_size: int, mesh, rules, workdir, data) -> Run:
                state_sh)
 
 
-def load_data(config: ml_collections.ConfigDict) -> training_data.TrainingData:
+def load_data(config: ml_collections.ConfigDict) -> training_data.TrainingData | pairs.PairData:
     """The run's data: the data.prepared folder(s), or data.corpus / data.path tokenized into
-    the cache (by process 0; the others then read its files). Problems are ConfigErrors."""
+    the cache (by process 0; the others then read its files); for an architecture that reads
+    sequence pairs, the pairs of data.prepared, data.task or data.path. Problems are
+    ConfigErrors."""
     d = config.data
+    if registry.get(config.model.arch).reads_pairs:
+        return _load_pairs(config)
     folders = config_lib.prepared_folders(config)
     try:
         if folders:  # Already tokenized: every process only opens the files.
@@ -155,6 +161,23 @@ def load_data(config: ml_collections.ConfigDict) -> training_data.TrainingData:
     return data
 
 
+def _load_pairs(config: ml_collections.ConfigDict) -> pairs.PairData:
+    d = config.data
+    data = None
+    try:
+        for turn in ("primary", "others"):  # Process 0 prepares; the others read its folder.
+            if (turn == "primary") == distributed.is_primary():
+                data = pairs.load(d.task, d.path, d.prepared, d.tokenizer, d.cache_dir,
+                                  d.val_fraction, d.task_examples, d.task_seed, d.source_field,
+                                  d.target_field, d.vocab_size if d.tokenizer == "bpe" else None)
+            distributed.barrier(f"prepared pairs: {turn}")
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(str(e)) from e
+    assert data is not None
+    logging.info("data: %s.", pairs.describe(data))
+    return data
+
+
 def _mesh_and_rules(config: ml_collections.ConfigDict,
                     devices: list[jax.Device] | None) -> tuple[jax.sharding.Mesh, sharding.Rules]:
     if warning := mesh_lib.unused_accelerator():
@@ -173,7 +196,9 @@ def batch_sharding(r: Run) -> jax.sharding.NamedSharding:
 
 def abstract_batch(r: Run) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes, dtypes and shardings of one global training batch (for AOT lowering)."""
-    spec = batch_lib.lm_batch_spec(r.config.train.batch_size, r.config.data.seq_len)
+    B, T = r.config.train.batch_size, r.config.data.seq_len
+    spec = (pairs.batch_spec(B, T, r.config.data.source_len) if r.arch.reads_pairs
+            else batch_lib.lm_batch_spec(B, T))
     batch_sh = batch_sharding(r)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
             for k, (shape, dtype) in spec.items()}
@@ -189,7 +214,10 @@ def vocab_size_without_data(config: ml_collections.ConfigDict) -> int:
     if folders and (size := training_data.prepared_vocab_size(folders[0])) is not None:
         return size
     if config.data.tokenizer in training_data.FIXED_VOCAB_SIZES:
-        return training_data.FIXED_VOCAB_SIZES[config.data.tokenizer]
+        size = training_data.FIXED_VOCAB_SIZES[config.data.tokenizer]
+        # Sequence pairs add an end-of-sequence id to a tokenizer without one (pairs.py).
+        extra = registry.get(config.model.arch).reads_pairs and config.data.tokenizer == "byte"
+        return size + int(extra)
     raise config_lib.ConfigError(
         f"the vocabulary of data.tokenizer={config.data.tokenizer!r} depends on the corpus; set "
         "--config.model.vocab_size (or data.prepared to a prepared folder) to build the model "
@@ -214,7 +242,12 @@ def build_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.s
 
     def init_params():  # Parameters boxed with their logical axis names.
         tokens_BT = jnp.zeros((1, config.data.seq_len), jnp.int32)
-        return model.init(init_key, tokens_BT, deterministic=True)["params"]
+        source = {}
+        if registry.arch_of(model.cfg).reads_pairs:
+            shape = (1, config.data.source_len)
+            source = {"source_BS": jnp.zeros(shape, jnp.int32),
+                      "source_mask_BS": jnp.ones(shape, jnp.int32)}
+        return model.init(init_key, tokens_BT, deterministic=True, **source)["params"]
 
     def init() -> step.TrainState:  # The state holds plain arrays; the shardings say where.
         return step.new_train_state(model.apply, nn.meta.unbox(init_params()), tx, dropout_key)

@@ -19,12 +19,12 @@ from absl import logging
 
 from gpt_jax import cli
 from gpt_jax import config as config_lib
-from gpt_jax.data import pipeline, tokenizers
+from gpt_jax.data import pairs, pipeline, tokenizers
 from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.models.registry import count_params
 from gpt_jax.parallel import distributed, sharding
 from gpt_jax.parallel import mesh as mesh_lib
-from gpt_jax.training import build, checkpoint, lock, memory, remote, resume
+from gpt_jax.training import build, checkpoint, decoded, lock, memory, remote, resume
 from gpt_jax.training.metrics import MetricsWriter, TrainLogger, peak_flops_per_device, show_bar
 from gpt_jax.training.preemption import PreemptionGuard
 
@@ -95,14 +95,22 @@ class Loop:
         self.batch_sh = build.batch_sharding(r)
         shard_index, shard_count = sharding.process_rows(
             self.batch_sh, (t.batch_size, config.data.seq_len))
-        self.val_tokens = r.data.val_tokens()
+        d = config.data
+        self.pairs = isinstance(r.data, pairs.PairData)
+        self.val_tokens = None if self.pairs else r.data.val_tokens()
         try:  # A split too short for one window or batch: the fix is in data.* / train.*.
-            self.train_it = iter(pipeline.train_dataset(
-                r.data.train_tokens(), config.data.seq_len, t.batch_size, t.seed, shard_index,
-                shard_count, config.data.num_threads, config.data.prefetch, config.data.sampling,
-                r.data.weights))
-            fixed = pipeline.eval_batches(self.val_tokens, config.data.seq_len, t.batch_size,
-                                          t.eval_batches, t.seed)
+            if self.pairs:
+                self.train_it = iter(pairs.train_dataset(
+                    r.data, d.source_len, d.seq_len, t.batch_size, t.seed, shard_index,
+                    shard_count, d.num_threads, d.prefetch))
+                self.val_pairs = pairs.val_source(r.data, d.source_len, d.seq_len)
+                fixed = list(pairs.eval_batches(self.val_pairs, t.batch_size, t.eval_batches))
+            else:
+                self.train_it = iter(pipeline.train_dataset(
+                    r.data.train_tokens(), d.seq_len, t.batch_size, t.seed, shard_index,
+                    shard_count, d.num_threads, d.prefetch, d.sampling, r.data.weights))
+                fixed = pipeline.eval_batches(self.val_tokens, d.seq_len, t.batch_size,
+                                              t.eval_batches, t.seed)
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from e
         resume.check(r)  # A refused resume or init_from: now, not after the compile.
@@ -235,16 +243,28 @@ class Loop:
             logging.error("the newest checkpoint save also failed: %s", e)
 
     def run_eval(self, step_num: int, full: bool) -> dict:
-        """val/loss on the fixed batches, or (full) on every val token; logged and returned."""
-        seq_len, batch_size = self.config.data.seq_len, self.t.batch_size
-        batches = (map(self._to_device, pipeline.full_eval_batches(
-            self.val_tokens, seq_len, batch_size)) if full else self.fixed_val)
+        """val/loss on the fixed batches, or (full) on every val token; for sequence pairs
+        also the metrics of decoded val examples (train.eval_decode of them, all if full);
+        logged and returned."""
+        d, batch_size = self.config.data, self.t.batch_size
+        if not full:
+            batches = self.fixed_val
+        elif self.pairs:
+            batches = map(self._to_device, pairs.eval_batches(self.val_pairs, batch_size, None))
+        else:
+            batches = map(self._to_device, pipeline.full_eval_batches(
+                self.val_tokens, d.seq_len, batch_size))
         m = evaluate(self.eval_step, self.state.params, batches)
         m["val/split"] = "full" if full else "batches"
+        if self.pairs and self.t.eval_decode > 0:
+            m.update(decoded_val_metrics(self.r, self.state.params, self.val_pairs,
+                                         None if full else self.t.eval_decode))
         self.writer.write(step_num, m)
         if self.primary:
+            extra = "".join(f", {k.removeprefix('val/')} {m[k]:.4g}" for k in (
+                "val/exact_match", "val/token_acc", "val/bleu", "val/chrf") if k in m)
             self.bar.write(f"step {step_num}: val/loss {m['val/loss']:.4f} ({m['val/split']}, "
-                           f"{m['val/tokens']:,} tokens)")
+                           f"{m['val/tokens']:,} tokens){extra}")
         self.logger.restart_clock(step_num)
         return m
 
@@ -287,9 +307,40 @@ class Loop:
             f"{self.r.checkpoints}, then run the same command to resume.")
 
 
+def decoded_val_metrics(r: build.Run, params: Any, val: pairs.PairSource, limit: int | None
+                        ) -> dict[str, float]:
+    """gpt_jax/training/decoded.py's metrics of the first `limit` examples of `val` (None: all),
+    decoded greedily."""
+    from gpt_jax import translate
+
+    examples = pairs.examples(val, limit)
+    predictions = translate.translate(
+        r.model, params, [s for s, _ in examples], bos_id=r.data.eos_id, eos_id=r.data.eos_id,
+        max_new_tokens=r.config.data.seq_len, beam_size=1, length_penalty=0.0,
+        batch_size=r.config.train.batch_size)
+    return decoded.decoded_metrics(predictions, [t for _, t in examples], r.data.decode)
+
+
 def print_samples(r: build.Run, params: Any) -> None:
-    """Prints `sample.num_samples` continuations of `sample.prompt`, decoded with the run's tokenizer."""
+    """Prints `sample.num_samples` continuations of `sample.prompt`, decoded with the run's
+    tokenizer; for sequence pairs, the decoding of that many val sources (sample.beam_size)."""
     s = r.config.sample
+    if isinstance(r.data, pairs.PairData):
+        from gpt_jax import translate
+
+        d = r.config.data
+        examples = pairs.examples(pairs.val_source(r.data, d.source_len, d.seq_len),
+                                  s.num_samples)
+        out = translate.translate(
+            r.model, params, [src for src, _ in examples], bos_id=r.data.eos_id,
+            eos_id=r.data.eos_id, max_new_tokens=d.seq_len, beam_size=s.beam_size,
+            length_penalty=s.length_penalty, batch_size=r.config.train.batch_size)
+        if distributed.is_primary():
+            for (src, ref), pred in zip(examples, out, strict=True):
+                print(f"{'-' * 40}\nsource:    {r.data.tokenizer.decode(src)}\n"
+                      f"decoded:   {r.data.decode(pred)}\nreference: {r.data.decode(ref)}",
+                      flush=True)
+        return
     prompts = [r.data.tokenizer.encode(s.prompt)] * s.num_samples
     out = generate(r.model, params, prompts, s.max_new_tokens, jax.random.key(s.seed),
                    SamplingParams(s.temperature, s.top_k, s.top_p))

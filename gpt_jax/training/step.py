@@ -1,7 +1,8 @@
 """The jitted train and eval steps, and the loss they share.
 
 A batch is a dict (see gpt_jax/data/batch.py): `inputs`, `targets`, `weights`, and optionally
-`segment_ids` and `positions`, all [B, T]. Shapes: B batch, T time, D d_model, V vocabulary,
+`segment_ids` and `positions`, all [B, T]; for sequence pairs also `source` and `source_mask`
+[B, S] (gpt_jax/data/pairs.py). Shapes: B batch, T time, D d_model, V vocabulary,
 C loss chunk, A accumulation steps.
 """
 
@@ -113,6 +114,8 @@ def model_loss(params, model: nn.Module, batch: Batch, dropout_key: Array | None
         kwargs["segment_ids_BT"] = segment_ids_BT
     if batch.get("positions") is not None:
         kwargs["positions_BT"] = batch["positions"]
+    if "source" in batch:  # Sequence pairs (gpt_jax/data/pairs.py): the encoder's input.
+        kwargs["source_BS"], kwargs["source_mask_BS"] = batch["source"], batch["source_mask"]
     if loss_chunk == 0:
         logits_BTV = model.apply(variables, inputs_BT, **kwargs)
         return cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss)

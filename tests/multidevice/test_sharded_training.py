@@ -31,6 +31,7 @@ VARIANTS = {  # name: model.* overrides (tests/test_variants.py checks their num
               "model.num_kv_heads": 2, "model.qk_norm": True, "model.bias": False},
     "additive": {"model.attention": "additive", "model.positions": "alibi",
                  "model.num_kv_heads": 4, "model.additive_chunk": 8},
+    "lstm": {"model.arch": "lstm", "model.lstm_hidden": 32},  # Tied: a 32 → 64 projection.
 }
 
 
@@ -99,7 +100,8 @@ def one_step(corpus, workdir, mesh, devices, accum, scan, variant):
                          [(n, 1, False, "gpt2") for n in MESHES]
                          + [("dp_fsdp_tp", 2, False, "gpt2"), ("fsdp_tp", 1, True, "gpt2"),
                             ("fsdp_tp", 1, False, "llama"), ("tp", 1, False, "llama"),
-                            ("dp_fsdp_tp", 1, True, "additive")])
+                            ("dp_fsdp_tp", 1, True, "additive"), ("dp", 1, False, "lstm"),
+                            ("dp_fsdp_tp", 2, False, "lstm")])
 def test_sharded_step_equals_one_device(stepped, name, accum, scan, variant):
     _, init1, loss1, params1 = stepped("one", accum, scan, variant)
     _, init8, loss8, params8 = stepped(name, accum, scan, variant)
