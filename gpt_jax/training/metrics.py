@@ -20,9 +20,25 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
-from tensorboardX import summary
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2
+
+
+def _import_tensorboardx() -> None:
+    """Imports tensorboardX without torch: its writer module imports torch, when installed, only
+    to accept torch tensors, which nothing here passes. That import costs every command 1–2 s at
+    start; hidden for this import (an ImportError to tensorboardX), torch stays importable."""
+    if "torch" in sys.modules:  # Already paid for.
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
+_import_tensorboardx()
+from tensorboardX import summary  # noqa: E402 — after the import above.
+from tensorboardX.event_file_writer import EventsWriter  # noqa: E402
+from tensorboardX.proto import event_pb2  # noqa: E402
 
 # Dense bf16 peak FLOP/s per device, by the substring jax reports in `device_kind`. The first match
 # wins, so more specific names come first. Override with log.peak_flops.
