@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     # model.arch=seq2seq: pre (norm before each sublayer, a final norm; stable, the default) |
     # post (norm after each residual add, as in "Attention is all you need").
     m.norm_position = "pre"
+    # model.arch=seq2seq: one token embedding table for source and target (their vocabulary is
+    # one tokenizer's); False gives the encoder a table of its own.
+    m.share_embeddings = True
     # model.arch=seq2seq: learned source positions; None → data.source_len.
     m.max_source_len = config_dict.placeholder(int)
 

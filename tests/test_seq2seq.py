@@ -592,3 +592,31 @@ def test_learns_to_reverse_and_decodes_what_it_learned(fields):
                          beam_size=beam_size)
         exact = np.mean([o.tolist() == s[::-1].tolist() for o, s in zip(outs, sources, strict=True)])
         assert exact >= 0.9, (beam_size, exact)
+
+
+@pytest.mark.slow  # Two inits and three applies to compile (~8 s).
+def test_separate_embeddings_give_the_encoder_its_own_table():
+    shared = registry.build(registry.hyperparameters(config(), V))
+    own = registry.build(registry.hyperparameters(config(share_embeddings=False), V))
+    tokens_BT, source_BS = jnp.ones((1, 3), jnp.int32), jnp.arange(1, 5)[None]
+    p_shared, p_own = (nn.meta.unbox(m.init(jax.random.key(0), tokens_BT,
+                                            source_BS=source_BS)["params"]) for m in (shared, own))
+    assert "wte_source" in p_own and "wte_source" not in p_shared
+    n_shared, n_own = registry.count_params(p_shared), registry.count_params(p_own)
+    assert n_own - n_shared == V_PADDED * 32
+    arch = registry.arch_of(own.cfg)
+    assert arch.flops_per_token(own.cfg, n_own, T_MAX) == pytest.approx(
+        arch.flops_per_token(shared.cfg, n_shared, T_MAX))  # A lookup: no FLOPs.
+    assert arch.mismatch(registry.model_fields(shared.cfg),
+                         registry.model_fields(own.cfg)) == "share_embeddings"
+
+    def logits(params):
+        return own.apply({"params": params}, tokens_BT, source_BS=source_BS)
+
+    moved = {**p_own, "wte_source": {"embedding": p_own["wte_source"]["embedding"] + 1.0}}
+    assert not np.allclose(logits(p_own), logits(moved))  # The encoder reads its own table …
+    memory = own.apply({"params": p_own}, source_BS, method="encode")
+    memory_moved_target = own.apply(
+        {"params": {**p_own, "wte": {"embedding": p_own["wte"]["embedding"] + 1.0}}},
+        source_BS, method="encode")
+    np.testing.assert_array_equal(memory, memory_moved_target)  # … and not the target's.

@@ -2,8 +2,9 @@
 a bidirectional encoder over the source, a causal decoder over the target that cross-attends to
 the encoder's output, and an LM head over the target vocabulary.
 
-Source and target share one tokenizer, one vocabulary and one embedding table `wte` (shared
-embeddings, as in Vaswani et al. §3.4); with model.tie_embeddings the head is that table too.
+Source and target share one tokenizer and one vocabulary, and by default one embedding table
+`wte` (shared embeddings, as in Vaswani et al. §3.4; model.share_embeddings=False gives the
+encoder its own `wte_source`); with model.tie_embeddings the head is the target's table too.
 Sources are right-padded: `source_mask_BS` is 1 on real tokens, 0 on padding, and no real token's
 output depends on the padding (the encoder's keys and the decoder's cross-attention keys are
 masked to real tokens; positions count from the first token, so padding after it moves nothing).
@@ -91,6 +92,7 @@ class Seq2SeqConfig:
     attention_dropout: float
     bias: bool
     tie_embeddings: bool
+    share_embeddings: bool  # One token table for source and target; False: the encoder's own.
     activation: str
     norm_eps: float
     init_std: float
@@ -353,8 +355,9 @@ class Decoder(nn.Module):
 
 
 class Seq2Seq(nn.Module):
-    """Shared token embeddings (+ positions) → encoder over the source; shared embeddings (+
-    positions) → decoder over the target inputs, cross-attending to the encoder → LM head.
+    """Token embeddings (+ positions) → encoder over the source; token embeddings (+ positions)
+    → decoder over the target inputs, cross-attending to the encoder → LM head. One token table
+    serves both sides unless model.share_embeddings=False gives the encoder its own.
 
     `__call__` is the teacher-forced forward pass the train and eval steps take: float32 logits
     over the padded vocabulary for every decoder input (padded ids get finfo.min, as GPT.head).
@@ -366,9 +369,15 @@ class Seq2Seq(nn.Module):
     def setup(self) -> None:
         cfg = self.cfg
         emb_init = nn.initializers.normal(cfg.init_std)
-        self.wte = nn.Embed(
-            cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-            embedding_init=nn.with_logical_partitioning(emb_init, ("vocab", "embed")))
+        def tokens() -> nn.Embed:
+            return nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                            param_dtype=jnp.float32,
+                            embedding_init=nn.with_logical_partitioning(emb_init,
+                                                                        ("vocab", "embed")))
+
+        self.wte = tokens()  # The target's (and the tied head's); the source's when shared.
+        if not cfg.share_embeddings:
+            self.wte_source = tokens()
         if cfg.positions == "learned":
             def table(rows: int) -> nn.Embed:
                 return nn.Embed(rows, cfg.d_model, dtype=cfg.compute_dtype,
@@ -420,7 +429,8 @@ class Seq2Seq(nn.Module):
         keep_BS = constrain(keep_BS, ("batch", "length"))
         positions_BS = positions.sequence_positions(S)
         x_BSD = self._embed(source_BS, positions_BS, self.wpe_source if cfg.positions == "learned"
-                            else None, deterministic)
+                            else None, deterministic,
+                            self.wte if cfg.share_embeddings else self.wte_source)
         return self.encoder(x_BSD, keep_BS, positions_BS, deterministic)
 
     def decode(self, inputs_BT: Array, memory_BSD: Array | None,
@@ -440,16 +450,17 @@ class Seq2Seq(nn.Module):
             positions_BT = positions.sequence_positions(T)
         keep_BS = None if source_mask_BS is None else source_mask_BS.astype(bool)
         x_BTD = self._embed(inputs_BT, positions_BT,
-                            self.wpe if cfg.positions == "learned" else None, deterministic)
+                            self.wpe if cfg.positions == "learned" else None, deterministic,
+                            self.wte)
         x_BTD = self.decoder(x_BTD, memory_BSD, keep_BS, positions_BT, deterministic, decode_slot)
         return self._head(x_BTD)
 
     def _embed(self, tokens_BT: Array, positions_BT: Array, table: nn.Embed | None,
-               deterministic: bool) -> Array:
-        """Shared token embeddings (× √D with scale_embeddings) + learned or sinusoidal
-        positions, then embedding dropout."""
+               deterministic: bool, token_table: nn.Embed) -> Array:
+        """Token embeddings from `token_table` (× √D with scale_embeddings) + learned or
+        sinusoidal positions, then embedding dropout."""
         cfg = self.cfg
-        x_BTD = self.wte(tokens_BT)
+        x_BTD = token_table(tokens_BT)
         if cfg.scale_embeddings:  # Vaswani et al.'s √d_model.
             x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), x_BTD.dtype)
         if table is not None:
@@ -521,6 +532,8 @@ def flops_per_token(cfg: Seq2SeqConfig, num_params: int, seq_len: int) -> float:
         n -= (cfg.max_seq_len + cfg.max_source_len) * D
     if not cfg.tie_embeddings:  # The table is only looked up; the head's matmul counts.
         n -= cfg.padded_vocab_size * D
+    if not cfg.share_embeddings:  # The source's own table: a lookup too.
+        n -= cfg.padded_vocab_size * D
     n_source = encoder_params(cfg) + cross_kv_params(cfg)
     attention = 12 * cfg.num_heads * cfg.head_dim * (
         cfg.num_layers * T + cfg.num_layers * S + cfg.n_encoder_layers * S * S / T)
@@ -591,7 +604,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 SHAPE_FIELDS = ("num_layers", "encoder_layers", "num_heads", "num_kv_heads", "d_model", "mlp_dim",
                 "mlp", "norm", "norm_position", "positions", "vocab_size", "vocab_multiple",
-                "max_seq_len", "max_source_len", "bias", "tie_embeddings")
+                "max_seq_len", "max_source_len", "bias", "tie_embeddings", "share_embeddings")
 
 
 def normalized(model: Mapping[str, Any]) -> dict[str, Any]:
