@@ -22,9 +22,11 @@ from gpt_jax.models import positions, registry
 from gpt_jax.models.layers import (
     ACTIVATIONS,
     DTYPES,
+    AttentionShapes,
     Block,
     DecodeState,
     ScannedBlock,
+    mask_padded_vocab,
     norm,
 )
 from gpt_jax.parallel.sharding import constrain
@@ -39,7 +41,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(AttentionShapes):
     """Hyperparameters of a GPT; each field is the `model.*` config field of the same name
     (configs/base.py documents them), vocab_size and max_seq_len resolved."""
 
@@ -74,33 +76,6 @@ class GPTConfig:
     remat: str
     scan_layers: bool
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads: num_kv_heads, or num_heads when it is None."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def hidden_dim(self) -> int:
-        """The MLP's hidden width F (model.mlp_dim, or its default; see configs/base.py)."""
-        if self.mlp_dim is not None:
-            return self.mlp_dim
-        if self.mlp == "swiglu":  # ⅔ of the width: three matrices, two's parameters (Llama).
-            m = self.mlp_multiple
-            return m * math.ceil(2 * self.mlp_ratio * self.d_model / 3 / m)
-        return self.mlp_ratio * self.d_model
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.vocab_multiple
-        return int(math.ceil(self.vocab_size / m) * m)
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
 
 
 class GPT(nn.Module):
@@ -207,9 +182,7 @@ class GPT(nn.Module):
         logits_BTV = logits_BTV.astype(jnp.float32)
         if cfg.logit_softcap > 0:  # Bounded logits, smooth near 0 (Gemma 2).
             logits_BTV = cfg.logit_softcap * jnp.tanh(logits_BTV / cfg.logit_softcap)
-        if cfg.padded_vocab_size != cfg.vocab_size:
-            valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-            logits_BTV = jnp.where(valid_V, logits_BTV, jnp.finfo(jnp.float32).min)
+        logits_BTV = mask_padded_vocab(logits_BTV, cfg)
         return logits_BTV
 
 

@@ -30,6 +30,68 @@ if TYPE_CHECKING:  # gpt.py imports this module.
 Array = jax.Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype → compute dtype.
 
+
+class VocabAndDtype:
+    """What every architecture's hyperparameters derive the same way (a mixin of their frozen
+    dataclasses, which have the fields vocab_size, vocab_multiple and dtype)."""
+
+    vocab_size: int
+    vocab_multiple: int
+    dtype: str
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocabulary rounded up to model.vocab_multiple (the padded ids are masked)."""
+        m = self.vocab_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def compute_dtype(self):
+        """model.dtype as a jnp dtype."""
+        return DTYPES[self.dtype]
+
+
+class AttentionShapes(VocabAndDtype):
+    """The derived widths of a Transformer's hyperparameters (GPT, encoder–decoder): a mixin of
+    dataclasses with d_model, num_heads, num_kv_heads, mlp, mlp_dim, mlp_ratio, mlp_multiple."""
+
+    d_model: int
+    num_heads: int
+    num_kv_heads: int | None
+    mlp: str
+    mlp_dim: int | None
+    mlp_ratio: int
+    mlp_multiple: int
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: d_model / num_heads."""
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or num_heads when it is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width F (model.mlp_dim, or its default; see configs/base.py)."""
+        if self.mlp_dim is not None:
+            return self.mlp_dim
+        if self.mlp == "swiglu":  # ⅔ of the width: three matrices, two's parameters (Llama).
+            m = self.mlp_multiple
+            return m * math.ceil(2 * self.mlp_ratio * self.d_model / 3 / m)
+        return self.mlp_ratio * self.d_model
+
+
+def mask_padded_vocab(logits_BTV: Array, cfg: VocabAndDtype) -> Array:
+    """Float32 logits [B, T, V] with the padded ids (past vocab_size) at finfo.min: never in the
+    loss's normaliser's way, never sampled."""
+    if cfg.padded_vocab_size == cfg.vocab_size:
+        return logits_BTV
+    valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+    return jnp.where(valid_V, logits_BTV, jnp.finfo(jnp.float32).min)
+
 # Activations named in config → functions. nanoGPT uses the exact (erf) GELU; GPT-2 / Hugging Face
 # use the tanh approximation ("gelu_new").
 ACTIVATIONS = {

@@ -34,7 +34,6 @@ Shapes are named in suffixes: B batch, T time, D d_model, H lstm_hidden, F a lay
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +44,7 @@ import ml_collections
 
 from gpt_jax.config import check, one_of
 from gpt_jax.models import registry
-from gpt_jax.models.layers import DTYPES
+from gpt_jax.models.layers import DTYPES, VocabAndDtype, mask_padded_vocab
 from gpt_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -57,7 +56,7 @@ EMBEDDING_STD = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
-class LSTMConfig:
+class LSTMConfig(VocabAndDtype):
     """Hyperparameters of an LSTM LM; each field is the `model.*` config field of the same name
     (configs/base.py documents them), vocab_size and max_seq_len resolved."""
 
@@ -81,15 +80,6 @@ class LSTMConfig:
     def projects(self) -> bool:
         """Whether the head projects H → D before the tied embedding matrix."""
         return self.tie_embeddings and self.hidden != self.d_model
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.vocab_multiple
-        return int(math.ceil(self.vocab_size / m) * m)
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
 
 
 class _Cell(nn.RNNCellBase):
@@ -235,9 +225,7 @@ class LSTM(nn.Module):
                 name="lm_head",
             )(x_BTH)
         logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab")).astype(jnp.float32)
-        if cfg.padded_vocab_size != cfg.vocab_size:
-            valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-            logits_BTV = jnp.where(valid_V, logits_BTV, jnp.finfo(jnp.float32).min)
+        logits_BTV = mask_padded_vocab(logits_BTV, cfg)
         return logits_BTV, tuple(new_carry)
 
 

@@ -50,9 +50,11 @@ from gpt_jax.models.layers import (
     ACTIVATIONS,
     DTYPES,
     MLP,
+    AttentionShapes,
     attention_implementation,
     bias_init,
     dense_init,
+    mask_padded_vocab,
     norm,
 )
 from gpt_jax.parallel.sharding import constrain
@@ -65,7 +67,7 @@ POSITIONS = tuple(p for p in positions.POSITIONS if p != "alibi")
 
 
 @dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig:
+class Seq2SeqConfig(AttentionShapes):
     """Hyperparameters of the encoder–decoder; each field is the `model.*` config field of the
     same name (configs/base.py documents them): vocab_size, max_seq_len (target positions; None →
     data.seq_len) and max_source_len (source positions; None → data.source_len) resolved."""
@@ -110,33 +112,6 @@ class Seq2SeqConfig:
         """Encoder blocks: encoder_layers, or num_layers when it is None."""
         return self.num_layers if self.encoder_layers is None else self.encoder_layers
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads: num_kv_heads, or num_heads when it is None."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def hidden_dim(self) -> int:
-        """The MLP's hidden width F (model.mlp_dim, or its default; as GPTConfig.hidden_dim)."""
-        if self.mlp_dim is not None:
-            return self.mlp_dim
-        if self.mlp == "swiglu":
-            m = self.mlp_multiple
-            return m * math.ceil(2 * self.mlp_ratio * self.d_model / 3 / m)
-        return self.mlp_ratio * self.d_model
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.vocab_multiple
-        return int(math.ceil(self.vocab_size / m) * m)
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
 
 
 # --- Attention. Keys and values have K heads; each serves N / K query heads (GQA). ---
@@ -475,9 +450,7 @@ class Seq2Seq(nn.Module):
         cfg = self.cfg
         logits_BTV = self.wte.attend(x_BTD) if cfg.tie_embeddings else self.lm_head(x_BTD)
         logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab")).astype(jnp.float32)
-        if cfg.padded_vocab_size != cfg.vocab_size:
-            valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-            logits_BTV = jnp.where(valid_V, logits_BTV, jnp.finfo(jnp.float32).min)
+        logits_BTV = mask_padded_vocab(logits_BTV, cfg)
         return logits_BTV
 
 
