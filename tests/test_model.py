@@ -14,7 +14,7 @@ import pytest
 
 from configs import base, gpt2
 from gpt_jax.models import gpt, registry
-from gpt_jax.models.layers import MLP, CausalSelfAttention
+from gpt_jax.models.layers import MLP, CausalSelfAttention, Embed
 from gpt_jax.training import step
 
 
@@ -286,6 +286,24 @@ def test_bfloat16_compute_stays_within_bfloat16_tolerance_of_float32(tiny_gpt):
     assert bf16.dtype == jnp.float32  # Logits leave the model in float32 for the loss.
     np.testing.assert_allclose(bf16, f32, atol=5e-2)
     assert not np.array_equal(bf16, f32)  # The bf16 path really computed in bf16.
+
+
+def test_bfloat16_embedding_gradient_sums_repeated_ids_in_float32():
+    """Embed's values are nn.Embed's bitwise; its table gradient is the float32 sum of the rows'
+    cotangents (nn.Embed's bfloat16 scatter-add rounds after every add, and is slow on GPUs)."""
+    ids = jnp.array([[0, 0, 0, 1, 0, 2, 0, 0]] * 4, jnp.int32)  # Skewed, as real text's ids are.
+    table = jax.random.normal(jax.random.key(0), (3, 8), jnp.float32)
+    cot = jax.random.normal(jax.random.key(1), (4, 8, 8), jnp.float32).astype(jnp.bfloat16)
+    ours, ref = Embed(3, 8, dtype=jnp.bfloat16), nn.Embed(3, 8, dtype=jnp.bfloat16)
+    params = {"params": {"embedding": table}}
+    assert jnp.array_equal(ours.apply(params, ids), ref.apply(params, ids))
+    grad = jax.grad(lambda t: jnp.vdot(ours.apply({"params": {"embedding": t}}, ids)
+                                       .astype(jnp.float32), cot.astype(jnp.float32)))(table)
+    want = np.zeros((3, 8))
+    np.add.at(want, np.asarray(ids).ravel(), np.asarray(cot, np.float64).reshape(-1, 8))
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="must be integers"):
+        ours.apply(params, ids.astype(jnp.float32))
 
 
 def test_auto_attention_is_xla_off_cuda_and_cudnn_is_checked_before_compiling(tiny_gpt):

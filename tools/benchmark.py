@@ -5,13 +5,12 @@
 
 A preset is a config from configs/ plus the overrides that make it a single-device benchmark.
 The step is the real training step (same code, shardings and donation as `gpt_jax.train`) fed
-with random tokens prepared on the host and put on the device each step as the loop does; the
-Grain pipeline is not part of the figure. Reported:
+with random tokens, Zipf-distributed as text's are (`--tokens`), prepared on the host and put on
+the device each step as the loop does; the Grain pipeline is not part of the figure. Reported:
 
 - compile time (lower + compile of the train step);
 - the median of per-step times after warm-up, each step waited for (`block_until_ready`), and
-  the pipelined time per step (steps dispatched back to back, one wait at the end). On a GPU a
-  short burst can beat the steady state (docs/performance.md, H200): `--steps=300` for the latter;
+  the pipelined time per step (steps dispatched back to back, one wait at the end);
 - from the median step: tokens/s, model FLOP/s (6N + 12·L·H·Q·T per token, as metrics.py),
   and MFU against the peak table in gpt_jax/training/metrics.py (or --peak_flops); on CPU,
   where no peak is known, the fraction of this machine's measured float32 matmul throughput;
@@ -61,6 +60,8 @@ flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU; 0: the ta
                    lower_bound=0.0)
 flags.DEFINE_integer("decode_tokens", 500, "Tokens to sample for the decode figures (0: skip).",
                      lower_bound=0)
+flags.DEFINE_enum("tokens", "zipf", ["zipf", "uniform", "repeated"],
+                  "Token ids fed to the step: Zipf-distributed as text's, uniform, or one id.")
 flags.DEFINE_string("out", "runs/benchmarks", "Folder for the JSON and markdown results.")
 flags.DEFINE_multi_string("set", [], "Extra override GROUP.FIELD=VALUE (Python literal or text).")
 FLAGS = flags.FLAGS
@@ -118,8 +119,23 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def token_ids(rng, kind: str, vocab_size: int, shape: tuple[int, ...]):
+    """Random token ids: `zipf` draws them from a Zipf law over a random ranking of the
+    vocabulary, as real text's are (a few ids very frequent); `uniform` uniformly; `repeated`
+    is one id everywhere. Some kernels' speed depends on how often ids repeat (the embedding
+    gradient's scatter-add, docs/performance.md 2026-12-01)."""
+    import numpy as np
+
+    if kind == "uniform":
+        return rng.integers(0, vocab_size, shape, dtype=np.int32)
+    if kind == "repeated":
+        return np.full(shape, rng.integers(vocab_size), np.int32)
+    rank = np.minimum(rng.zipf(1.1, shape), vocab_size) - 1
+    return rng.permutation(vocab_size).astype(np.int32)[rank]
+
+
 def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, peak_override: float,
-              decode_tokens: int) -> dict:
+              decode_tokens: int, tokens: str = "zipf") -> dict:
     """Runs the benchmark of one preset; returns its figures."""
     import jax
     import numpy as np
@@ -140,7 +156,7 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
         "preset": name, "date": datetime.date.today().isoformat(),
         "device": f"{jax.device_count()} × {device.device_kind}", "backend": jax.default_backend(),
         "host": platform.processor() or platform.machine(), "jax": jax.__version__,
-        "batch": B, "seq_len": T, "dtype": config.model.dtype,
+        "batch": B, "seq_len": T, "dtype": config.model.dtype, "tokens": tokens,
         "remat": config.model.remat, "scan_layers": config.model.scan_layers,
     }
     with sharding.activation_context(mesh, rules):
@@ -163,7 +179,7 @@ def benchmark(name: str, config, steps: int, warmup: int, compile_only: bool, pe
                         rng.integers(0, r.hparams.vocab_size, a.shape, dtype=np.int32)
                         for k, a in spec.items()} for _ in range(4)]
         else:
-            batches = [lm_batch(rng.integers(0, r.hparams.vocab_size, (B, T + 1), dtype=np.int32))
+            batches = [lm_batch(token_ids(rng, tokens, r.hparams.vocab_size, (B, T + 1)))
                        for _ in range(4)]
         state = init_state()
 
@@ -250,7 +266,7 @@ def main(argv: list[str]) -> None:
     with cli.errors_as_one_line():
         config = preset_config(FLAGS.preset, FLAGS.set)
         r = benchmark(FLAGS.preset, config, FLAGS.steps, FLAGS.warmup, FLAGS.compile_only,
-                      FLAGS.peak_flops, FLAGS.decode_tokens)
+                      FLAGS.peak_flops, FLAGS.decode_tokens, FLAGS.tokens)
     stem = f"{FLAGS.preset.replace(':', '_')}{'_compile' if FLAGS.compile_only else ''}"
     table = markdown(r)
     with cli.errors_as_one_line():

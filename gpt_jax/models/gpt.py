@@ -25,6 +25,7 @@ from gpt_jax.models.layers import (
     AttentionShapes,
     Block,
     DecodeState,
+    Embed,
     ScannedBlock,
     mask_padded_vocab,
     norm,
@@ -92,7 +93,7 @@ class GPT(nn.Module):
     def setup(self) -> None:
         cfg = self.cfg
         emb_init = nn.initializers.normal(cfg.init_std)
-        self.wte = nn.Embed(
+        self.wte = Embed(
             cfg.padded_vocab_size,
             cfg.d_model,
             dtype=cfg.compute_dtype,
@@ -100,7 +101,7 @@ class GPT(nn.Module):
             embedding_init=nn.with_logical_partitioning(emb_init, ("vocab", "embed")),
         )
         if cfg.positions == "learned":
-            self.wpe = nn.Embed(
+            self.wpe = Embed(
                 cfg.max_seq_len,
                 cfg.d_model,
                 dtype=cfg.compute_dtype,

@@ -44,7 +44,7 @@ import ml_collections
 
 from gpt_jax.config import check, one_of
 from gpt_jax.models import registry
-from gpt_jax.models.layers import DTYPES, VocabAndDtype, mask_padded_vocab
+from gpt_jax.models.layers import DTYPES, Embed, VocabAndDtype, mask_padded_vocab
 from gpt_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -175,7 +175,7 @@ class LSTM(nn.Module):
         # flags or not (a static choice per call) with the same parameters.
         cfg = self.cfg
         normal = nn.initializers.normal(cfg.init_std)
-        wte = nn.Embed(
+        wte = Embed(
             cfg.padded_vocab_size,
             cfg.d_model,
             dtype=cfg.compute_dtype,

@@ -51,6 +51,7 @@ from gpt_jax.models.layers import (
     DTYPES,
     MLP,
     AttentionShapes,
+    Embed,
     attention_implementation,
     bias_init,
     dense_init,
@@ -344,8 +345,8 @@ class Seq2Seq(nn.Module):
     def setup(self) -> None:
         cfg = self.cfg
         emb_init = nn.initializers.normal(cfg.init_std)
-        def tokens() -> nn.Embed:
-            return nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+        def tokens() -> Embed:
+            return Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
                             param_dtype=jnp.float32,
                             embedding_init=nn.with_logical_partitioning(emb_init,
                                                                         ("vocab", "embed")))
@@ -354,8 +355,8 @@ class Seq2Seq(nn.Module):
         if not cfg.share_embeddings:
             self.wte_source = tokens()
         if cfg.positions == "learned":
-            def table(rows: int) -> nn.Embed:
-                return nn.Embed(rows, cfg.d_model, dtype=cfg.compute_dtype,
+            def table(rows: int) -> Embed:
+                return Embed(rows, cfg.d_model, dtype=cfg.compute_dtype,
                                 param_dtype=jnp.float32,
                                 embedding_init=nn.with_logical_partitioning(emb_init,
                                                                             (None, "embed")))
@@ -430,8 +431,8 @@ class Seq2Seq(nn.Module):
         x_BTD = self.decoder(x_BTD, memory_BSD, keep_BS, positions_BT, deterministic, decode_slot)
         return self._head(x_BTD)
 
-    def _embed(self, tokens_BT: Array, positions_BT: Array, table: nn.Embed | None,
-               deterministic: bool, token_table: nn.Embed) -> Array:
+    def _embed(self, tokens_BT: Array, positions_BT: Array, table: Embed | None,
+               deterministic: bool, token_table: Embed) -> Array:
         """Token embeddings from `token_table` (× √D with scale_embeddings) + learned or
         sinusoidal positions, then embedding dropout."""
         cfg = self.cfg
