@@ -153,6 +153,13 @@ def get_config() -> ml_collections.ConfigDict:
     # exact match, BLEU and chrF (sacrebleu); all of them at a full final eval. 0 = none.
     t.eval_decode = 500
     t.final_eval = "full"  # At the end: full (every val token, exact) | batches | none.
+    # Tasks scored by log-likelihood at every evaluation, logged as tasks/NAME/acc, acc_norm or
+    # exact_match (+ _stderr): comma-separated task JSONL files or built-in names
+    # (gpt_jax/eval/tasks.py, builtin_tasks.py). "" = none. Language models only.
+    t.eval_tasks = ""
+    t.eval_tasks_fewshot = 0  # Train examples in each task prompt (k-shot).
+    t.eval_tasks_limit = 200  # Test examples scored per task at each evaluation (0 = all).
+    t.eval_tasks_source = ""  # The text a built-in task is made from, where it needs one.
     # A non-finite loss or gradient: stop (a message naming the step; checkpoints untouched) |
     # skip (that update is dropped; train/nonfinite_steps counts them).
     t.on_nonfinite = "stop"

@@ -178,6 +178,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"passes, which model.arch={m.arch!r} does not have; set train.loss_chunk=0.")
     check(t.eval_every >= 1, f"train.eval_every={t.eval_every} must be ≥ 1.")
     check(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be ≥ 1.")
+    check(t.eval_tasks_fewshot >= 0,
+          f"train.eval_tasks_fewshot={t.eval_tasks_fewshot} must be ≥ 0.")
+    check(t.eval_tasks_limit == 0 or t.eval_tasks_limit >= 2,
+          f"train.eval_tasks_limit={t.eval_tasks_limit} must be 0 (all) or ≥ 2 (a standard "
+          "error needs two examples).")
+    check(not (t.eval_tasks and registry.get(config.model.arch).reads_pairs),
+          f"train.eval_tasks is for language models; model.arch={config.model.arch} reads "
+          "sequence pairs (its decoded val metrics are logged): set --config.train.eval_tasks=.")
     check(t.z_loss >= 0, f"train.z_loss={t.z_loss} must be ≥ 0 (0 = off; PaLM used 1e-4).")
     one_of(t.final_eval, "train.final_eval", FINAL_EVALS)
     one_of(t.on_nonfinite, "train.on_nonfinite", ON_NONFINITE)

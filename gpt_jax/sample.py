@@ -8,6 +8,10 @@ For a sequence-pair run (model.arch=seq2seq) the prompt is a source: it prints t
 target, by beam search with `--beam_size=K` (`--length_penalty`), greedily by default, or
 `--num_samples` draws with an explicit `--temperature`.
 
+Prompt learning (the task posed in the prompt, the model not trained on it): `--prompt=FILE:path`
+reads a few-shot prompt written by hand, and `--task=T --num_fewshot=k` puts k examples of a task
+(gpt_jax/eval/tasks.py) before the prompt, formatted as the task's scoring formats them.
+
 A bad invocation (a flag, a folder that is no run, a damaged checkpoint or tokenizer.json) ends
 with one `error:` line that names the problem and the fix, and exit status 1; nothing is written.
 """
@@ -55,6 +59,15 @@ def _define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          "search (1: greedy, or sampling with an explicit --temperature).", **into)
     flags.DEFINE_float("length_penalty", 0.6, "A seq2seq run's beam search ranks by log p / "
                        "((5 + length) / 6)^alpha (GNMT; 0 = none).", **into)
+    flags.DEFINE_string("task", None, "Prompt learning: put --num_fewshot examples of this task "
+                        "(a task JSONL file or built-in name, gpt_jax/eval/tasks.py) before the "
+                        "prompt, formatted as the task's examples are.", **into)
+    flags.DEFINE_integer("num_fewshot", 3, "With --task: examples drawn from its train split.",
+                         **into)
+    flags.DEFINE_string("task_source", None, "With --task: the text a built-in task is made "
+                        "from, where it needs one.", **into)
+    flags.DEFINE_integer("fewshot_seed", 1234, "With --task: the seed of the example draw.",
+                         **into)
     flags.DEFINE_string("stop", None, "Stop a sample when it emits the first token of this text "
                         "(e.g. a newline); a token that merges it with more text does not stop it.",
                         **into)
@@ -69,6 +82,7 @@ _RANGES = {
     "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
     "beam_size": (lambda v: v >= 1, "an integer ≥ 1 (1 = greedy)"),
     "length_penalty": (lambda v: v >= 0, "a number ≥ 0 (0 = none)"),
+    "num_fewshot": (lambda v: v >= 0, "an integer ≥ 0"),
 }
 _HELP = f"{COMMAND} --helpshort"
 
@@ -141,6 +155,22 @@ def load_run(workdir: str | pathlib.Path, which: str = "newest"
     from gpt_jax.models import registry
     from gpt_jax.training import weights
 
+    workdir, tokenizer = open_run(workdir, which)
+    _, hparams, params, step = weights.load_trained(workdir, checkpoint_choice(which))
+    return tokenizer, registry.build(hparams), params, step
+
+
+def checkpoint_choice(which: str) -> str | int:
+    """--checkpoint's value as weights.select_step takes it: newest, best or a step number."""
+    return int(which) if which.isdigit() else which
+
+
+def open_run(workdir: str | pathlib.Path, which: str = "newest"
+             ) -> tuple[Any, tokenizers.Tokenizer]:
+    """(the folder, its tokenizer) of a run with a checkpoint to read, checked before any array
+    is; RunError naming what is missing and the fix."""
+    from gpt_jax.training import weights
+
     workdir = run_folder(workdir)
     if which not in ("newest", "best") and not which.isdigit():
         raise RunError(f"--checkpoint={which!r}: use newest, best or a step number.")
@@ -155,10 +185,7 @@ def load_run(workdir: str | pathlib.Path, which: str = "newest"
         raise RunError(f"{workdir} has no checkpoints/ folder: its run saved no checkpoint; train "
                        "until it saves one (every checkpoint.every steps), or give another "
                        "--workdir.")
-    tokenizer = load_tokenizer(workdir)
-    _, hparams, params, step = weights.load_trained(workdir, which if not which.isdigit()
-                                                    else int(which))
-    return tokenizer, registry.build(hparams), params, step
+    return workdir, load_tokenizer(workdir)
 
 
 def read_prompt(arg: str) -> str:
@@ -181,6 +208,14 @@ def read_prompt(arg: str) -> str:
         raise RunError(f"--prompt={arg}: the file is empty; give a file holding at least one "
                        "character.")
     return text
+
+
+def fewshot_prompt(query: str) -> str:
+    """`query` after --num_fewshot examples of --task, formatted as the task formats them."""
+    from gpt_jax.eval import tasks
+
+    [task] = tasks.load_tasks([FLAGS.task], source=FLAGS.task_source)
+    return tasks.fewshot_text(task, query, FLAGS.num_fewshot, seed=FLAGS.fewshot_seed)
 
 
 def encode_prompt(tokenizer: tokenizers.Tokenizer, text: str, model_vocab: int) -> np.ndarray:
@@ -207,6 +242,11 @@ def main(argv: list[str]) -> None:
         check_flags()
         text = read_prompt(FLAGS.prompt)
         run_folder(FLAGS.workdir)  # Before jax and Orbax load.
+        if FLAGS.task is not None:
+            text = fewshot_prompt(text)
+        elif any(FLAGS[n].present for n in ("num_fewshot", "task_source", "fewshot_seed")):
+            raise RunError("--num_fewshot, --task_source and --fewshot_seed shape a --task's "
+                           "examples: give --task too, or leave them out.")
         cli.quiet_orbax_reads()
         tokenizer, model, params, step = load_run(FLAGS.workdir, FLAGS.checkpoint)
         vocab = model.cfg.vocab_size

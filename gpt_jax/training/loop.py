@@ -113,6 +113,11 @@ class Loop:
                                               t.eval_batches, t.seed)
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from e
+        self.task_metrics = None
+        if t.eval_tasks and not self.pairs:  # Imported only then: the scorer is not small.
+            from gpt_jax.training.task_metrics import TaskMetrics
+
+            self.task_metrics = TaskMetrics(r, r.data.tokenizer)
         resume.check(r)  # A refused resume or init_from: now, not after the compile.
         # Compiled before any state exists, so a step that cannot fit stops here, allocating
         # nothing and writing nothing.
@@ -259,10 +264,14 @@ class Loop:
         if self.pairs and self.t.eval_decode > 0:
             m.update(decoded_val_metrics(self.r, self.state.params, self.val_pairs,
                                          None if full else self.t.eval_decode))
+        if self.task_metrics:
+            m.update(self.task_metrics.metrics(self.state.params))
         self.writer.write(step_num, m)
         if self.primary:
             extra = "".join(f", {k.removeprefix('val/')} {m[k]:.4g}" for k in (
                 "val/exact_match", "val/token_acc", "val/bleu", "val/chrf") if k in m)
+            extra += "".join(f", {k.removeprefix('tasks/')} {v:.4g}" for k, v in m.items()
+                             if k.startswith("tasks/") and not k.endswith("_stderr"))
             self.bar.write(f"step {step_num}: val/loss {m['val/loss']:.4f} ({m['val/split']}, "
                            f"{m['val/tokens']:,} tokens){extra}")
         self.logger.restart_clock(step_num)

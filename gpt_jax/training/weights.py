@@ -8,6 +8,7 @@ apart from checkpoints/, so a training run in that workdir never resumes it by m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -162,6 +163,34 @@ def load_trained(path: str | pathlib.Path, which: int | str | None = None
     """(saved config, model hyperparameters, params on the default device, step) of checkpoint
     `which` (None/"newest", "best" or a step) of a run: a workdir, its checkpoints/ or params/
     folder, or one step's folder. Only the parameters are read. For sampling and export."""
+    saved = trained_config(path, which)
+    hparams = registry.hyperparameters(saved.config["model"])
+    return saved.config, hparams, saved.restore(abstract_params(hparams)), saved.step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedConfig:
+    """One checkpoint's saved config, read without its arrays; `restore` reads its parameters."""
+
+    config: dict
+    step: int
+    directory: Any
+    manager: ocp.CheckpointManager
+
+    def restore(self, abstract: Any) -> Any:
+        """The checkpoint's parameters, placed as `abstract` (ShapeDtypeStructs with shardings)
+        says; a one-line CheckpointError if they cannot be read."""
+        try:
+            return restore_params(self.directory, self.step, abstract)
+        except PermissionError:
+            raise
+        except Exception as e:
+            raise _unreadable("the parameters of", self.manager, self.step, e) from e
+
+
+def trained_config(path: str | pathlib.Path, which: int | str | None = None) -> TrainedConfig:
+    """The config saved with checkpoint `which` of `path` (as load_trained's), its vocab size and
+    context filled in for configs from before they were resolved."""
     directory, step = params_source(str(path))
     manager = open_to_read(directory)
     step = select_step(manager, which if step is None else step)
@@ -175,22 +204,12 @@ def load_trained(path: str | pathlib.Path, which: int | str | None = None
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
         raise _unreadable("the config saved with", manager, step, e) from e
     config = merge_saved_config(raw, step, manager.directory)
-    vocab_size = config["model"]["vocab_size"]
-    if vocab_size is None:  # Configs from before the vocab was resolved: the tokenizer decides.
+    if config["model"]["vocab_size"] is None:  # Configs from before the vocab was resolved.
         spec = json.loads((directory.parent / "tokenizer.json").read_text())  # Maybe gs://.
-        vocab_size = tokenizers.tokenizer_from_dict(spec).vocab_size
-        config["model"]["vocab_size"] = vocab_size
+        config["model"]["vocab_size"] = tokenizers.tokenizer_from_dict(spec).vocab_size
     if config["model"]["max_seq_len"] is None:  # Likewise: it was data.seq_len.
         config["model"]["max_seq_len"] = config["data"]["seq_len"]
-    hparams = registry.hyperparameters(config["model"])
-    target = abstract_params(hparams)
-    try:
-        params = restore_params(directory, step, target)
-    except PermissionError:
-        raise
-    except Exception as e:
-        raise _unreadable("the parameters of", manager, step, e) from e
-    return config, hparams, params, step
+    return TrainedConfig(config, step, directory, manager)
 
 
 def _unreadable(what: str, manager: ocp.CheckpointManager, step: int,
