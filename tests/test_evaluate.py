@@ -161,3 +161,30 @@ def test_sample_puts_a_tasks_examples_before_the_prompt(trained_run, tmp_path, b
     assert "def f9(x):" in r.stdout
     bad_invocation([*cmd, "--num_fewshot=2"], "--task")
     bad_invocation([*cmd, f"--task={task}", "--num_fewshot=9"], "at most 4")
+
+
+@pytest.mark.slow
+def test_a_mesh_of_four_devices_gives_the_single_device_numbers(trained_run, tmp_path):
+    """--config.mesh.* as in training: the same run scored on 2 (fsdp) × 2 (tensor) simulated
+    devices gives the single device's loss (to float32 summation order) and the same accuracy."""
+    import os
+
+    task = tmp_path / "consts.jsonl"
+    _write_task(task)
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run, workdir)
+    results = []
+    for devices, mesh in ((1, []), (4, ["--config.mesh.fsdp=2", "--config.mesh.tensor=2"])):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        out = tmp_path / f"{devices}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "gpt_jax.evaluate", f"--workdir={workdir}",
+                            f"--data={trained_run.parent / 'corpus.txt'}", "--split=val",
+                            f"--task={task}", f"--out={out}", *mesh],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert f"{devices} device(s)" in r.stdout
+        results.append(json.loads(out.read_text()))
+    one, four = results
+    assert four["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert four["text"][0]["loss"] == pytest.approx(one["text"][0]["loss"], rel=1e-6)
+    assert four["tasks"][0]["acc"] == one["tasks"][0]["acc"]

@@ -254,6 +254,7 @@ def reference_greedy(model, params, prompt, n, length):
 RAGGED = [np.array([3, 1, 4, 1, 5]), np.array([7]), np.array([2, 7, 1, 8, 2, 8, 1, 8, 2])]
 
 
+@pytest.mark.slow  # test_decode_in_pieces covers the recurrent decode by default.
 def test_stateful_generation_equals_recomputation_with_ragged_prompts():
     """generate() on an LSTM: one batch of prompts of different lengths, continued past
     max_seq_len (no window), token for token what recomputing the whole sequence gives, greedy

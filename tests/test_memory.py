@@ -27,6 +27,7 @@ def tiny_limit(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: (10**6, "a 1 MB test limit"))
 
 
+@pytest.mark.slow  # An end-to-end run.
 def test_a_run_that_cannot_fit_stops_before_writing_anything(tiny_config, tmp_path, tiny_limit):
     workdir = tmp_path / "run"
     with pytest.raises(memory.DoesNotFitError, match=r"per device, XLA's estimate, but there "

@@ -9,6 +9,7 @@ import pytest
 from gpt_jax.training import checkpoint, loop
 
 
+@pytest.mark.slow  # An end-to-end run.
 def test_a_failed_save_stops_the_run_and_earlier_checkpoints_resume(tiny_config, tmp_path,
                                                                       monkeypatch,
                                                                       metrics_rows):
