@@ -117,6 +117,10 @@ def _check_flags() -> str:
     if FLAGS.stride is not None and not 1 <= FLAGS.stride <= (FLAGS.seq_len or FLAGS.stride):
         raise EvalError(f"--stride={FLAGS.stride}: give 1 to --seq_len (the new tokens scored "
                         "per window).")
+    text_only = [f"--{n}" for n in ("split", "stride", "text_field") if FLAGS[n].present]
+    if FLAGS.task and FLAGS.data is None and text_only:
+        raise EvalError(f"{', '.join(text_only)} shape the scoring of --data, and only tasks are "
+                        "scored: give --data too, or leave them out.")
     if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
         raise EvalError(f"--batch_size={FLAGS.batch_size}: give at least 1.")
     return split
