@@ -164,7 +164,7 @@ def _score_tasks(run, loaded_tasks: list, show: bool) -> list[dict]:
                                 delimiter=FLAGS.target_delimiter, seed=FLAGS.fewshot_seed,
                                 limit=FLAGS.limit) for task in loaded_tasks]
     if show:
-        print("\n| task | shots | n | metric | value | stderr | chance | prompts cut |\n| --- |"
+        print("\n| task | shots | n | metric | value | stderr | chance | requests cut |\n| --- |"
               + " --- |" * 7)
         for m in rows:
             for metric in ("acc", "acc_norm", "exact_match"):

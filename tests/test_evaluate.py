@@ -188,3 +188,22 @@ def test_a_mesh_of_four_devices_gives_the_single_device_numbers(trained_run, tmp
     assert four["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
     assert four["text"][0]["loss"] == pytest.approx(one["text"][0]["loss"], rel=1e-6)
     assert four["tasks"][0]["acc"] == one["tasks"][0]["acc"]
+
+
+@pytest.mark.slow
+def test_a_distributed_mesh_is_joined_before_the_checkpoint_is_read(trained_run, tmp_path):
+    """--config.mesh.distributed=on: jax.distributed starts before Orbax touches jax (one
+    process here; its coordinator on a free port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "gpt_jax.evaluate", f"--workdir={trained_run}",
+                        f"--out={tmp_path / 'r.jsonl'}", "--config.mesh.distributed=on",
+                        f"--config.mesh.coordinator_address=127.0.0.1:{port}",
+                        "--config.mesh.num_processes=1", "--config.mesh.process_id=0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r.jsonl").read_text())["text"][0]["loss"] == (
+        _final_full_val_loss(trained_run))

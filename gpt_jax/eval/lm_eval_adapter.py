@@ -50,16 +50,22 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
-from lm_eval.api import model as lm_model
-from lm_eval.api import registry
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
+
+try:
+    from lm_eval.api import model as lm_model
+    from lm_eval.api import registry
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+except ModuleNotFoundError as e:  # The optional install.
+    raise ModuleNotFoundError(f"{e}: the lm-eval adapter needs lm-evaluation-harness: pip "
+                              "install -r requirements-lm-eval.txt") from e
 
 NAME = "gpt_jax"  # The name `--model` takes.
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default (HFLM).
@@ -372,6 +378,10 @@ def write_task(task: Any, folder: str | pathlib.Path) -> pathlib.Path:
     from gpt_jax.eval import tasks
 
     completion = task.kind == tasks.COMPLETION
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", task.name) or task.name.startswith("."):
+        raise ValueError(f"task name {task.name!r} cannot name lm-eval's task files; give the "
+                         "task a name of letters, digits, '_', '-' and '.' (its header's "
+                         "\"task\").")
     folder = pathlib.Path(folder).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -410,7 +420,8 @@ def write_task(task: Any, folder: str | pathlib.Path) -> pathlib.Path:
                                     "higher_is_better": True}])
     path = folder / f"{task.name}.yaml"
     # JSON is YAML: every string quoted, so delimiters such as " " and "\n\n" survive exactly.
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # ASCII escapes: YAML refuses some characters (control ones) written raw.
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -9,6 +9,7 @@ first). The evaluation may change what does not change a parameter's shape: the 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import pathlib
 from typing import Any
@@ -87,10 +88,12 @@ def load(workdir: str | pathlib.Path, checkpoint: str = "newest", *, seq_len: in
     from gpt_jax.parallel import distributed
 
     folder, tokenizer = sample.open_run(workdir, checkpoint)
+    # A multi-process mesh is joined before anything starts jax's backend (Orbax's reads do):
+    # its settings from config.json, where the run wrote one, and the overrides.
+    distributed.initialize(_mesh_settings(folder, overrides or {}))
     saved = weights.trained_config(folder, sample.checkpoint_choice(checkpoint))
     config = ml_collections.ConfigDict(saved.config)
     _apply(config, overrides or {})
-    distributed.initialize(config.mesh)  # A multi-process mesh: joined before any device use.
     arch = registry.get(config.model.arch)
     if arch.reads_pairs:
         raise EvalError(f"{folder} is a sequence-pair run (model.arch={config.model.arch}): "
@@ -109,6 +112,20 @@ def load(workdir: str | pathlib.Path, checkpoint: str = "newest", *, seq_len: in
     r = build.setup_without_data(config)
     return LoadedRun(folder, tokenizer, r, saved.restore(r.abstract_state.params), saved.step,
                      micro_batch)
+
+
+def _mesh_settings(folder: Any, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The mesh group: configs/base.py's, the run's config.json's values, then `overrides`."""
+    from gpt_jax import config as config_lib
+
+    config = config_lib.reference_config()
+    saved = cli.json_object(folder / "config.json")  # None where absent or unreadable.
+    for field, value in ((saved or {}).get("mesh") or {}).items():
+        if field in config.mesh:
+            with contextlib.suppress(TypeError, ValueError):  # A type this version reads apart.
+                config.mesh[field] = value
+    _apply(config, overrides)
+    return config.mesh
 
 
 def _set_context(config: ml_collections.ConfigDict, seq_len: int) -> None:
