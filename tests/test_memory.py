@@ -43,6 +43,7 @@ def test_memory_check_false_skips_the_check(tiny_config, tmp_path, tiny_limit):
     assert last["train/loss"] > 0
 
 
+@pytest.mark.slow  # An end-to-end run.
 def test_an_allocation_failure_at_run_time_is_one_line_and_keeps_checkpoints(
         tiny_config, tmp_path, monkeypatch):
     real, calls = sharding.global_batch, []

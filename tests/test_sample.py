@@ -40,6 +40,7 @@ def sample(workdir, *args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # A subprocess per sample; the library calls are tested by default.
 def test_cli_samples_with_the_runs_tokenizer(workdir, tmp_path):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("def f1")
