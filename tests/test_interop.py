@@ -221,6 +221,7 @@ def test_cli_export_then_import_round_trip(run_config, tmp_path, capsys):
     np.testing.assert_array_equal(hf_logits(a, toks), hf_logits(b, toks))
 
 
+@pytest.mark.slow  # Two training starts; the conversions are tested in process by default.
 def test_init_from_hf_and_from_an_imported_workdir(run_config, tmp_path):
     hf = hf_model(seed=1)
     hf.save_pretrained(tmp_path / "hf")  # transformers' own writer.
@@ -303,6 +304,7 @@ def hf_folder(tmp_path):
     return tmp_path / "hf", model, tokenizer
 
 
+@pytest.mark.slow  # The import's logits are checked by default (test_hf_model_imports_with_equal_logits).
 def test_an_imported_workdir_computes_and_samples_as_transformers(hf_folder, tmp_path):
     """Issue 13: float32 unless --dtype says otherwise, and the HF tokenizer made the workdir's
     own (held whole, so a moved workdir still decodes), through the paths sampling takes."""
@@ -552,8 +554,7 @@ EXPORT_ROWS = [
     ("missing-flag", lambda run, t: ["export", f"--workdir={run}"],
      ["required: --out", "--help"]),
 ]
-EXPORT_DEFAULT = {"out-is-the-workdir", "out-other-files", "step-not-a-number", "no-subcommand",
-                  "workdir-not-a-run"}
+EXPORT_DEFAULT = {"out-is-the-workdir", "workdir-not-a-run"}  # The rest with --runslow.
 
 
 @pytest.mark.parametrize("setup,words", _rows(EXPORT_ROWS, EXPORT_DEFAULT))

@@ -201,6 +201,7 @@ def test_bad_invocations_are_refused_in_one_line(argv, words, trained_run, tmp_p
             (tmp_path / "run").chmod(0o755)  # So that pytest can remove it.
 
 
+@pytest.mark.slow  # test_generate's test_cache_slides_past_the_context_limit covers the window by default.
 def test_a_prompt_longer_than_the_context_is_sampled(trained_run):
     """The model has 16 positions; the sampler slides its window over a longer prompt."""
     r = subprocess.run(_sample_argv(trained_run, f"--prompt={LONG}", "--max_new_tokens=8",

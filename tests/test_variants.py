@@ -587,7 +587,8 @@ def test_zero_z_loss_leaves_the_train_step_bitwise_unchanged():
     jax.tree.map(np.testing.assert_array_equal, grads0, grads)
 
 
-@pytest.mark.parametrize("loss_chunk", [0, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.mark.slow  # Seconds of compiles; z-loss off (the default) is every other test.
+@pytest.mark.parametrize("loss_chunk", [0, 8])
 def test_z_loss_gradient_and_reported_loss(loss_chunk):
     """The step descends CE + z·mean(logsumexp²): its gradient is the model's vector-Jacobian
     product with the float64 NumPy gradient of that loss with respect to the logits,
