@@ -58,7 +58,7 @@ def reference_greedy(model, params, prompt, n, window="crop"):
 RAGGED = [np.array([3, 1, 4, 1, 5]), np.array([7]), np.array([2, 7, 1, 8, 2, 8, 1, 8, 2])]
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cached_greedy_equals_recomputation_with_ragged_prompts(model_and_params, scan_layers):
     model, params = model_and_params(scan_layers=scan_layers)
     outs = generate(model, params, RAGGED, 7, jax.random.key(0), GREEDY)  # 9 + 7 = W: no slide.

@@ -78,7 +78,7 @@ PLAN_ROWS = [
                  id="json-under-a-file"),
     # jax imported (~2 s each): refused by the config's checks before anything is compiled.
     pytest.param(_plan(_Q, "--config.data.tokenizer=char", "--json={tmp}/out.json"),
-                 ("the vocabulary",), id="corpus-dependent-vocab"),
+                 ("the vocabulary",), id="corpus-dependent-vocab", marks=pytest.mark.slow),
     pytest.param(_plan(_Q, "--config.mesh.fsdp=3", "--num_devices=2", "--json={tmp}/out.json"),
                  ("not a multiple of 3", "choose sizes"), id="mesh-does-not-divide"),
 ]

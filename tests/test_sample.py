@@ -162,7 +162,7 @@ SAMPLE_ROWS = [
                  marks=pytest.mark.slow),
     pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(damaged.truncate_arrays)),
                  ("parameters of checkpoint step 4", "cannot be read", "choose another of its steps: 2"),
-                 id="arrays-truncated"),
+                 id="arrays-truncated", marks=pytest.mark.slow),
     pytest.param(lambda run, tmp, damaged: _sample_argv(damaged(_write("checkpoints/4/config/metadata",
                                                                        "{garbage"))),
                  ("config saved with checkpoint step 4", "cannot be read", "choose another of its steps: 2"),

@@ -405,6 +405,7 @@ def test_sampling_is_seeded_and_stays_in_the_vocabulary(sharded):
     assert all(0 <= t < V and t != EOS for row in first for t in row)
 
 
+@pytest.mark.slow  # Three decoding programs; the exhaustive test below checks beam search.
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
 def test_beam_one_is_greedy(sharded, alpha):
     """Whatever the length penalty, a beam of 1 takes the argmax and stops at its EOS."""
