@@ -122,6 +122,11 @@ def get_config() -> ml_collections.ConfigDict:
     d.task_seed = 0  # Seed of the built-in task's examples (not of training).
     # Source tokens per example: longer sources are cut to this (counted in the log).
     d.source_len = 64
+    # Supervised fine-tuning (a folder `python -m gpt_jax.data.prepare --sft` made, named by
+    # data.prepared): padded (one example per row, cut to data.seq_len + 1 tokens, the rest
+    # padding of weight 0) | packed (whole examples one after another in a row, each attending
+    # only to itself, positions counted from each example's start; the rest padding).
+    d.sft_packing = "padded"
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3  # Peak learning rate (AdamW).
@@ -163,6 +168,24 @@ def get_config() -> ml_collections.ConfigDict:
     # A non-finite loss or gradient: stop (a message naming the step; checkpoints untouched) |
     # skip (that update is dropped; train/nonfinite_steps counts them).
     t.on_nonfinite = "stop"
+    # Progressive stacking (Gong et al. 2019): steps after which the model grows, comma-separated
+    # ascending (e.g. "500,1000"); "" = never. Each growth multiplies the depth by
+    # train.grow_factor, so the run starts at model.num_layers / grow_factor^(number of growths)
+    # layers and ends at model.num_layers (which must divide evenly).
+    t.grow_at = ""
+    t.grow_factor = 2  # Depth multiplier at each growth.
+    # How the grown model's layers copy the trained ones: stacked (1..L, then 1..L again) |
+    # interleaved (each layer repeated grow_factor times in place).
+    t.grow_mode = "stacked"
+    # The optimizer state of the copied parameters: carry (each copy takes its source's Adam
+    # moments) | reset (zero moments and Adam's count for every parameter, as at a fresh start;
+    # the step count and lr schedule go on).
+    t.grow_optimizer = "carry"
+    # What a repeated layer starts as: preserve (a copy whose residual outputs, attn/out and
+    # mlp/proj, are zero, so the grown model computes exactly the trained one's function: no
+    # loss spike; Shen et al. 2022) | copy (a full copy, Gong et al. 2019: another function, the
+    # loss jumps at the growth and recovers over some steps).
+    t.grow_init = "preserve"
     # Keep XLA:CPU temporaries in glibc's heap between steps (~30% faster small CPU models; see
     # gpt_jax/training/allocator.py). Off if host memory is tight.
     t.tune_host_malloc = True
@@ -215,6 +238,25 @@ def get_config() -> ml_collections.ConfigDict:
     # hub name) or Llama folder, converted on the fly. A new run from parameters: no optimizer
     # state, step 0.
     ck.init_from = "auto"
+
+    # Parameter-efficient fine-tuning of a GPT from checkpoint.init_from (gpt_jax/finetune/):
+    # with LoRA or a soft prompt, only the adapters train; the base parameters stay frozen (no
+    # gradients, no optimizer state) and checkpoints hold the adapters and a reference to the base.
+    c.finetune = ft = ml_collections.ConfigDict()
+    # LoRA (Hu et al. 2021) rank r; 0 = off. Each target projection W gains (alpha / r) · A B,
+    # A [in, r] random, B [r, out] zero, so step 0 computes exactly the base model.
+    ft.lora_rank = 0
+    ft.lora_alpha = 16.0  # LoRA scale numerator: the update is (lora_alpha / lora_rank) · A B.
+    # The projections LoRA adapts, comma-separated: q, k, v, out (attention), fc, gate, proj
+    # (MLP; gate only with model.mlp=swiglu); "attention" and "mlp" name each group.
+    ft.lora_targets = "attention,mlp"
+    # Soft-prompt tuning (Lester et al. 2021): this many trainable embeddings before every
+    # sequence, initialised from the embeddings of random vocabulary tokens; 0 = off.
+    ft.prompt_tokens = 0
+    # The checkpoint the adapters apply to (a step folder or hf:PATH). None → resolved from
+    # checkpoint.init_from when the run starts and recorded, so a resume, sample and evaluate
+    # find the same base even if its run has since saved newer checkpoints.
+    ft.base = config_dict.placeholder(str)
 
     c.log = lg = ml_collections.ConfigDict()
     lg.every = 10  # Steps between train rows in metrics.jsonl / TensorBoard (and plain lines).

@@ -25,7 +25,9 @@ import logging as std_logging
 import os
 import pathlib
 import re
+import shutil
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn
@@ -183,6 +185,55 @@ def write_atomically(files: dict[pathlib.Path, str]) -> None:
         for tmp in temporary:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(out: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A new folder beside `out` to write into. When the block ends, it is renamed to `out` (an
+    existing `out`, empty or an earlier export, is moved aside first and removed after); if the
+    block or the rename fails, it and the parent folders made for it are removed and `out` is as
+    it was. So `out` is never half-written."""
+    out = out.resolve()  # A symbolic link's target is what the user means (and gets).
+    made = []  # Parent folders created here, innermost first: removed again on failure.
+    tmp = None
+    try:
+        for folder in reversed(missing_folders(out.parent)):
+            folder.mkdir()
+            made.insert(0, folder)
+        try:
+            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
+                                                dir=out.parent))
+        except OSError as e:  # Name the folder, not the temporary one inside it.
+            raise OSError(e.errno, e.strerror, str(out.parent)) from e
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # A plain folder's mode, not mkdtemp's private 0o700.
+        yield tmp
+        if out.exists():
+            aside = tmp.with_name(tmp.name + ".old")
+            os.rename(out, aside)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(aside, out)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
+        raise
+
+
+def checkpoint_arg(value: str) -> int | str:
+    """An argparse type for --checkpoint: newest, best or a step number."""
+    if value in ("newest", "best"):
+        return value
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not newest, best or a step number")
+    return int(value)
 
 
 def json_object(path: pathlib.Path) -> dict[str, Any] | None:

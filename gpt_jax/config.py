@@ -20,6 +20,9 @@ import ml_collections
 FINAL_EVALS = ("full", "batches", "none")
 ON_NONFINITE = ("stop", "skip")
 PROGRESS = ("auto", "bar", "lines")
+GROW_MODES = ("stacked", "interleaved")  # train.grow_mode.
+GROW_OPTIMIZERS = ("carry", "reset")  # train.grow_optimizer.
+GROW_INITS = ("preserve", "copy")  # train.grow_init.
 
 
 class ConfigError(ValueError):
@@ -51,6 +54,21 @@ def mixture_weights(config: ml_collections.ConfigDict) -> list[float] | None:
            f"data.mixture_weights={text!r} must all be positive; drop a folder from "
            "data.prepared instead of giving it weight 0.")
     return weights
+
+
+def grow_steps(config: ml_collections.ConfigDict) -> list[int]:
+    """The steps train.grow_at names (after each, the model grows), ascending; [] when empty."""
+    text = config.train.grow_at.strip()
+    if not text:
+        return []
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"train.grow_at={text!r} is not comma-separated step numbers; write "
+                          "e.g. '500,1000', or '' for no growth.") from None
+    check(steps[0] >= 1 and steps == sorted(set(steps)),
+          f"train.grow_at={text!r} must be ascending steps ≥ 1, each named once.")
+    return steps
 
 
 def check(ok: bool, msg: str) -> None:
@@ -112,6 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every value that would otherwise fail late (or silently) in compilation or training."""
     from gpt_jax.data.corpora import CORPORA
     from gpt_jax.data.pipeline import SAMPLINGS
+    from gpt_jax.data.sft import PACKINGS as SFT_PACKINGS
     from gpt_jax.data.tokenizers import check_name as check_tokenizer
     from gpt_jax.models import registry
 
@@ -122,6 +141,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     arch.validate(config)
+    from gpt_jax.finetune import adapters
+
+    adapters.validate(config)
     for axis in arch.logical_axes:  # Else that axis would silently stay unsharded.
         check(axis in config.mesh.rules,
                f"model.arch={m.arch!r} names the logical axis {axis!r}, which mesh.rules does not "
@@ -137,6 +159,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(f"data.tokenizer={d.tokenizer!r}: {e}.") from None
     one_of(d.sampling, "data.sampling", SAMPLINGS)
+    one_of(d.sft_packing, "data.sft_packing", SFT_PACKINGS)  # Read with an SFT folder only.
     folders, weights = prepared_folders(config), mixture_weights(config)
     if folders:
         check(d.path is None, f"data.prepared={d.prepared!r} and data.path={d.path!r} are both "
@@ -189,6 +212,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(t.z_loss >= 0, f"train.z_loss={t.z_loss} must be ≥ 0 (0 = off; PaLM used 1e-4).")
     one_of(t.final_eval, "train.final_eval", FINAL_EVALS)
     one_of(t.on_nonfinite, "train.on_nonfinite", ON_NONFINITE)
+    _validate_growth(config)
     ck = config.checkpoint
     check(ck.every >= 1, f"checkpoint.every={ck.every} must be ≥ 1.")
     check(ck.keep >= 1, f"checkpoint.keep={ck.keep} must be ≥ 1.")
@@ -215,6 +239,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(s.num_samples == 0 or len(s.prompt) > 0,
            "sample.prompt is empty; give at least one character (e.g. a newline) or set "
            "sample.num_samples=0.")
+
+
+def _validate_growth(config: ml_collections.ConfigDict) -> None:
+    """train.grow_* (progressive stacking, gpt_jax/finetune/grow.py)."""
+    t, m = config.train, config.model
+    one_of(t.grow_mode, "train.grow_mode", GROW_MODES)
+    one_of(t.grow_optimizer, "train.grow_optimizer", GROW_OPTIMIZERS)
+    one_of(t.grow_init, "train.grow_init", GROW_INITS)
+    check(t.grow_factor >= 2, f"train.grow_factor={t.grow_factor} must be ≥ 2 (the depth "
+                              "multiplier at each growth).")
+    growths = grow_steps(config)
+    if not growths:
+        return
+    check(m.arch == "gpt", f"train.grow_at grows a GPT's layers; model.arch={m.arch!r} has none "
+                           "to copy: set --config.train.grow_at= (empty).")
+    # With adapters, finetune/adapters.py's validate refuses growth (grow the base instead).
+    scale = t.grow_factor ** len(growths)
+    check(m.num_layers % scale == 0,
+          f"model.num_layers={m.num_layers} (the final depth) is not divisible by "
+          f"train.grow_factor^{len(growths)}={scale} ({len(growths)} growth(s) in "
+          f"train.grow_at={t.grow_at!r}), so the first depth is not whole; make "
+          f"model.num_layers a multiple of {scale}, or grow fewer times.")
 
 
 def _validate_pairs(config: ml_collections.ConfigDict) -> None:

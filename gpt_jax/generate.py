@@ -108,6 +108,9 @@ def generate(
     arch = registry.arch_of(model.cfg)
     cfg = arch.for_inference(model.cfg)
     decoder = registry.build(cfg)  # Same parameters.
+    soft = getattr(cfg, "prompt_tokens", 0)
+    if soft:
+        prompts = _after_soft_prompt(cfg, prompts, max_new_tokens)
     tokens_BP, pad_B = _left_pad(prompts)
     B, P = tokens_BP.shape
     W = cfg.max_seq_len
@@ -138,8 +141,27 @@ def generate(
     for b in range(B):
         new = buf_BL[b, P:end].tolist()
         cut = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
-        outs.append(np.concatenate([tokens_BP[b, pad_B[b]:], np.asarray(new[:cut], np.int32)]))
+        prompt = tokens_BP[b, pad_B[b] + soft:]  # Without the soft prompt's ids.
+        outs.append(np.concatenate([prompt, np.asarray(new[:cut], np.int32)]))
     return outs
+
+
+def _after_soft_prompt(cfg, prompts: Sequence[np.ndarray], max_new_tokens: int
+                       ) -> list[np.ndarray]:
+    """The prompts a soft-prompted GPT decodes: each after the soft prompt's ids
+    (gpt.prompt_ids), which decoding reads as its embeddings and the KV cache holds like tokens.
+    The window must not slide, or the soft prompt would drop out of the context."""
+    from gpt_jax.models.gpt import prompt_ids
+
+    room = cfg.max_seq_len - cfg.prompt_tokens
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > room:
+        raise ValueError(f"a model with a soft prompt of {cfg.prompt_tokens} embeddings decodes "
+                         f"at most {room} tokens (model.max_seq_len {cfg.max_seq_len} minus "
+                         f"them), and this asks {longest} + {max_new_tokens}; ask fewer new "
+                         "tokens or give a shorter prompt.")
+    ids = np.asarray(prompt_ids(cfg))
+    return [np.concatenate([ids, np.asarray(p, np.int32)]) if len(p) else p for p in prompts]
 
 
 def _window(decoder: nn.Module, params, cache, buf_BL: Array, pad_B: Array, start: Array,

@@ -122,6 +122,35 @@ def tiny_config(corpus, tmp_path):
     return make
 
 
+def small_run_config(root: pathlib.Path, **overrides):
+    """A config for a 6-step, 2-layer, d 32 char run on TEXT (written to root/corpus.txt), its
+    schedule fixed (optim.decay_steps=10) so a shorter run is a prefix of a longer one, saving
+    every 3 steps; overrides are "group.field" → value."""
+    from configs import base
+
+    corpus = root / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(TEXT)
+    c = base.get_config()
+    c.data.path, c.data.cache_dir = str(corpus), str(root / "cache")
+    c.data.tokenizer, c.data.seq_len = "char", 16
+    c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 2, 32
+    c.train.batch_size, c.train.num_steps, c.train.eval_every, c.train.eval_batches = 4, 6, 3, 1
+    c.checkpoint.every = 3
+    c.optim.warmup_steps, c.optim.decay_steps, c.optim.lr = 1, 10, 1e-2
+    c.log.progress, c.log.tensorboard, c.sample.num_samples = "lines", False, 0
+    for key, value in overrides.items():
+        group, field = key.split(".")
+        c[group][field] = value
+    return c
+
+
+@pytest.fixture(scope="session")
+def small_run():
+    """small_run_config, as a fixture (module-scoped fixtures of runs build on it)."""
+    return small_run_config
+
+
 @pytest.fixture
 def tiny_gpt():
     """make(vocab_size=50, seq_len=16, **model_fields) → (hyperparameters, module, params) of a

@@ -110,7 +110,7 @@ def test_unknown_config_keys_name_the_closest_group_or_field():
     assert unknown_config_key("model.num_head") == _FIELD_TYPO.removeprefix("error: ")
     assert unknown_config_key("mesh.rules.embedd").startswith(
         'unknown config field: \'mesh.rules.embedd\'. Did you mean "embed"?')
-    assert "The groups are checkpoint, data, log" in unknown_config_key("zzz.a")
+    assert "The groups are checkpoint, data, finetune, log" in unknown_config_key("zzz.a")
     assert "'model.num_layers' is a value, not a group" in unknown_config_key("model.num_layers.x")
 
 

@@ -32,7 +32,7 @@ def test_eight_device_equivalence_and_shardings():
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           "--runslow", str(REPO / "tests" / "multidevice")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout
 

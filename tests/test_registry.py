@@ -132,7 +132,11 @@ def test_hyperparameters_take_each_field_of_the_model_group(tiny_config):
     assert (h.num_layers, h.d_model, h.num_heads, h.vocab_size, h.max_seq_len) == (3, 48, 3, 37, 32)
     assert registry.model_fields(h)["arch"] == "gpt"
     fields = {f.name for f in dataclasses.fields(h)}
-    assert fields <= set(c.model), "every hyperparameter is a model.* config field"
+    assert fields <= set(c.model) | set(registry.FINETUNE_FIELDS), (
+        "every hyperparameter is a model.* config field, or an adapter's finetune.* one")
+    assert set(registry.FINETUNE_FIELDS) <= set(c.finetune)
+    adapted = registry.hyperparameters(tiny_config(**{"finetune.lora_rank": 8}), vocab_size=37)
+    assert adapted.lora_rank == 8 and h.lora_rank == 0
 
 
 def test_compatibility_names_the_first_differing_shape_field():

@@ -29,14 +29,10 @@ invocation ends with one `error:` line naming the problem and the fix (gpt_jax/c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import pathlib
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # Run from anywhere.
 
@@ -126,7 +122,7 @@ def import_hf(source: str, workdir: str | pathlib.Path, scan_layers: bool = Fals
     params = interop.params_from_hf(state_dict, cfg)
     config_json = config_lib.to_json(config)
     written = []
-    with _staged(out) as tmp:
+    with cli.staged_folder(out) as tmp:
         weights.save_params(tmp, params, config_json)
         (tmp / "config.json").write_text(config_json + "\n")
         if hf_files:
@@ -161,11 +157,18 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path,
     if registry.arch_of(cfg).name != "gpt":
         raise hf_gpt2.InteropError(f"{workdir} holds a model.arch={registry.arch_of(cfg).name!r} "
                                    "model; only GPT-2 (model.arch=gpt) models export.")
+    if cfg.lora_rank:
+        raise hf_gpt2.InteropError(f"{workdir} holds LoRA adapters on a base model; merge them "
+                                   "first (python tools/merge_lora.py --from=… --to=NEW), then "
+                                   "export NEW.")
+    if cfg.prompt_tokens:
+        raise hf_gpt2.InteropError(f"{workdir} has a soft prompt, an input that no Hugging Face "
+                                   "model takes; export its base (finetune.base) instead.")
     params = jax.device_get(params)
     # A Llama block exports as LlamaForCausalLM; anything else must be a GPT-2 (its refusal
     # names the field that is not).
     interop = hf_llama if cfg.norm == "rmsnorm" and cfg.positions == "rope" else hf_gpt2
-    with _staged(out) as tmp:
+    with cli.staged_folder(out) as tmp:
         interop.save_hf(params, cfg, tmp)
         written = ["config.json", hf_gpt2.WEIGHTS_NAME, *_copy_tokenizers(run_dir, tmp)]
     print(f"exported step {step} of {run_dir} ({count_params(params):,} parameters) to {out}: "
@@ -267,59 +270,10 @@ def _names(names: list[str], most: int = 4) -> str:
 
 def _check_writable(out: pathlib.Path, flag: str) -> None:
     """Refuses `out` if the nearest folder that exists above it is a file or not writable: found
-    before the conversion's work, not after it. Its parent is what is written (_staged writes
-    beside `out` and renames), so an existing `out` need not be writable itself."""
+    before the conversion's work, not after it. Its parent is what is written (cli.staged_folder
+    writes beside `out` and renames), so an existing `out` need not be writable itself."""
     if problem := cli.output_problem(out, flag, out.resolve().parent):
         raise hf_gpt2.InteropError(problem)
-
-
-@contextlib.contextmanager
-def _staged(out: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A new folder beside `out` to write into. When the block ends, it is renamed to `out` (an
-    existing `out`, empty or an earlier export, is moved aside first and removed after); if the
-    block or the rename fails, it and the parent folders made for it are removed and `out` is as
-    it was. So `out` is never half-written."""
-    out = out.resolve()  # A symbolic link's target is what the user means (and gets).
-    made = []  # Parent folders created here, innermost first: removed again on failure.
-    tmp = None
-    try:
-        for folder in reversed(cli.missing_folders(out.parent)):
-            folder.mkdir()
-            made.insert(0, folder)
-        try:
-            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial",
-                                                dir=out.parent))
-        except OSError as e:  # Name the folder, not the temporary one inside it.
-            raise OSError(e.errno, e.strerror, str(out.parent)) from e
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # A plain folder's mode, not mkdtemp's private 0o700.
-        yield tmp
-        if out.exists():
-            aside = tmp.with_name(tmp.name + ".old")
-            os.rename(out, aside)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(aside, out)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        cli.remove_empty(made)
-        raise
-
-
-def _checkpoint_arg(value: str) -> int | str:
-    if value in ("newest", "best"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not newest, best or a step number") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -341,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="a training or imported workdir, its checkpoints/ or one step's folder")
     exp.add_argument("--out", required=True,
                      help="the HF folder to write: new, empty or an earlier export (replaced)")
-    exp.add_argument("--checkpoint", type=_checkpoint_arg, default="newest",
+    exp.add_argument("--checkpoint", type=cli.checkpoint_arg, default="newest",
                      help="newest (default), best (lowest val loss) or a step number")
     return parser
 

@@ -20,6 +20,14 @@ Sequence pairs (model.arch=seq2seq; the format is gpt_jax/data/pairs.py's):
     python -m gpt_jax.data.prepare --pairs --task=addition|sort|docsig [--task_examples=N
         --task_seed=S] --tokenizer=char --out=DIR
 
+Supervised fine-tuning (data.prepared for a fine-tuning run; the format is gpt_jax/data/sft.py's):
+
+    python -m gpt_jax.data.prepare --sft --source=FILE.jsonl [--prompt_field=prompt
+        --completion_field=completion --messages_field=messages --val_fraction=0.1]
+        --tokenizer_from=BASE_WORKDIR|--tokenizer=NAME --out=DIR
+    python -m gpt_jax.data.prepare --sft --task=addition|sort|docsig [--task_examples=N
+        --task_seed=S] --tokenizer_from=BASE_WORKDIR|--tokenizer=NAME --out=DIR
+
 A bad invocation ends with one `error:` line naming the problem and its fix (gpt_jax/cli.py),
 and changes nothing that was there before (prepare_stream's module doc).
 """
@@ -197,10 +205,21 @@ def _define_flags() -> None:
                       "--source or a built-in --task, into a pairs folder.")
     flags.DEFINE_string("source_field", "source", "--pairs: the JSONL field of the source text.")
     flags.DEFINE_string("target_field", "target", "--pairs: the JSONL field of the target text.")
-    flags.DEFINE_string("task", None, "--pairs: a built-in task (addition | sort | docsig) "
-                        "instead of --source.")
-    flags.DEFINE_integer("task_examples", 20000, "--pairs --task: train examples (val: a tenth).")
-    flags.DEFINE_integer("task_seed", 0, "--pairs --task: the examples' seed.")
+    flags.DEFINE_string("task", None, "--pairs / --sft: a built-in task (addition | sort | "
+                        "docsig) instead of --source.")
+    flags.DEFINE_integer("task_examples", 20000, "--pairs / --sft --task: train examples (val: a "
+                         "tenth, at least 100).")
+    flags.DEFINE_integer("task_seed", 0, "--pairs / --sft --task: the examples' seed.")
+    flags.DEFINE_bool("sft", False, "Prepare supervised fine-tuning data (prompt/completion or "
+                      "chat records) from a JSONL --source or a built-in --task, into an SFT "
+                      "folder.")
+    flags.DEFINE_string("prompt_field", "prompt", "--sft: the JSONL field of the prompt text.")
+    flags.DEFINE_string("completion_field", "completion", "--sft: the JSONL field of the "
+                        "completion text.")
+    flags.DEFINE_string("messages_field", "messages", "--sft: the JSONL field of a chat record's "
+                        'messages ([{"role", "content"}, …]).')
+    flags.DEFINE_string("tokenizer_from", None, "--sft: the base run's workdir, whose "
+                        "tokenizer.json the data is tokenized with (instead of --tokenizer).")
     flags.DEFINE_bool("verify", False, "Check every shard and tokenizer.json of --out against "
                       "its sha256 in meta.json (a full read): after preparing (or reusing) it, "
                       "or, with --out alone, of an existing prepared folder.")
@@ -242,6 +261,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {' '.join(argv[1:])!r}: the prepare command takes only "
                  "--flags (e.g. --source=FILE --tokenizer=bpe --out=DIR); see --helpshort.")
+    if f.sft:
+        _prepare_sft(f)
+        return
+    if given := [f"--{n}" for n in _SFT_FLAGS if f[n].present]:
+        cli.fail(f"{', '.join(given)}: only --sft takes them; add --sft or leave them out.")
     if f.pairs:
         _prepare_pairs(f)
         return
@@ -302,6 +326,44 @@ def _prepare_pairs(f: flags.FlagValues) -> None:
         out = pairs.prepare(train, val, f.tokenizer, f.out, description, f.vocab_size)
         data = pairs.open_folder(out)
     print(f"{out}: {pairs.describe(data)}; from {description}.")
+
+
+_SFT_FLAGS = ("prompt_field", "completion_field", "messages_field", "tokenizer_from")
+
+
+def _prepare_sft(f: flags.FlagValues) -> None:
+    """--sft: the JSONL --source or the --task into an SFT folder; prints a summary."""
+    from gpt_jax.data import sft  # Grain's import (~0.7 s) only for SFT.
+
+    if f.pairs:
+        cli.fail("--pairs and --sft make different folders; give one of them.")
+    if bool(f.source) == bool(f.task) or bool(f.tokenizer) == bool(f.tokenizer_from) or not f.out:
+        cli.fail("--sft needs one of --source=FILE.jsonl or --task=addition|sort|docsig, one of "
+                 "--tokenizer_from=BASE_WORKDIR or --tokenizer=byte|char|bpe|gpt2|hf:PATH, and "
+                 "--out=DIR.")
+    only = ("val_fraction", "prompt_field", "completion_field", "messages_field") if f.task else (
+        "task_examples", "task_seed")
+    if given := [f"--{n}" for n in only if f[n].present]:
+        cli.fail(f"--task={f.task} makes its own split and prompts: leave out {', '.join(given)}."
+                 if f.task else f"{', '.join(given)} set up a built-in --task, and --source="
+                 f"{f.source} is a file of records: leave them out.")
+    with _one_line_errors():
+        if f.task:
+            train, val = sft.task_records(f.task, f.task_examples, f.task_seed)
+            description = f"task {f.task} ({f.task_examples} examples, seed {f.task_seed})"
+        else:
+            records = sft.read_jsonl(f.source, f.prompt_field, f.completion_field,
+                                     f.messages_field)
+            train, val = sft.split_records(records, f.val_fraction)
+            description = str(f.source)
+        out = sft.prepare(train, val, f.out, description, f.tokenizer or None,
+                          f.tokenizer_from or None, f.vocab_size)
+        data = sft.open_folder(out)
+    task = sft.read_meta(out)["task"]
+    left_out = (f", {task['excluded']} val example(s) left out (their target tokenizes "
+                "otherwise in the task harness)" if task.get("excluded") else "")
+    print(f"{out}: {sft.describe(data)}; from {description}; task file {data.task_file}"
+          f"{left_out}.")
 
 
 def run_main() -> None:

@@ -99,8 +99,8 @@ def _describe(p: shards.PreparedShards) -> str:
 def prepared_vocab_size(folder: str) -> int | None:
     """The vocabulary size of the prepared folder `folder` from its meta.json alone (no token
     file opened), or None if it cannot be read."""
-    from gpt_jax.data import pairs  # A folder of sequence pairs has the model's vocab too.
+    from gpt_jax.data import pairs, sft  # Pairs and SFT folders record the model's vocab too.
 
     path = pathlib.Path(folder).expanduser()
-    meta = shards.read_meta(path) or pairs.read_meta(path)
+    meta = shards.read_meta(path) or pairs.read_meta(path) or sft.read_meta(path)
     return None if meta is None else int(meta["vocab_size"])

@@ -149,7 +149,9 @@ class GptJaxLM(lm_model.TemplateLM):
         self.batch_size = _batch_size(batch_size)
         if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
             raise ValueError(f"max_gen_toks={max_gen_toks!r}: give a number of tokens ≥ 1.")
-        self._max_length = model.cfg.max_seq_len if max_length is None else int(max_length)
+        # A soft prompt (finetune.prompt_tokens) takes the first positions of the context.
+        room = model.cfg.max_seq_len - getattr(model.cfg, "prompt_tokens", 0)
+        self._max_length = room if max_length is None else int(max_length)
         if self._max_length < 1:
             raise ValueError(f"max_length={max_length}: give at least 1 token of context.")
         self.tokenizer, self.model, self.params, self.step = tokenizer, model, params, step

@@ -163,9 +163,11 @@ class Scorer:
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"max_len ({max_len}) and batch_size ({batch_size}) must be positive.")
         cfg = arch.for_inference(model.cfg)
-        if getattr(cfg, "positions", None) == "learned" and max_len > cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} exceeds the model's {cfg.max_seq_len} learned "
-                             "positions; pass max_len ≤ model.max_seq_len.")
+        soft = getattr(cfg, "prompt_tokens", 0)  # A soft prompt takes the first positions.
+        if getattr(cfg, "positions", None) == "learned" and max_len + soft > cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's {cfg.max_seq_len - soft} "
+                             "learned positions (model.max_seq_len, less a soft prompt's); pass "
+                             "a max_len that fits.")
         if (mesh is None) != (rules is None):
             raise ValueError("give mesh and rules together (the run's mesh and mesh.rules), or "
                              "neither for the default device.")

@@ -27,7 +27,7 @@ import pathlib
 
 import numpy as np
 
-from gpt_jax.data import corpora, pipeline, shards, tokenizers, training_data
+from gpt_jax.data import corpora, pipeline, sft, shards, tokenizers, training_data
 from gpt_jax.data.pipeline import TokenStream
 from gpt_jax.eval import scoring
 from gpt_jax.eval.loaded import EvalError, LoadedRun
@@ -122,6 +122,10 @@ def read_splits(loaded: LoadedRun, data: str | None, split: str, text_field: str
             d = build.load_data(loaded.config)
         except ValueError as e:
             raise EvalError(f"the run's own data cannot be read ({e}); give --data.") from e
+        if isinstance(d, sft.SftData):  # Examples, not a token stream: no windows to slide.
+            raise EvalError(f"the run fine-tuned on the SFT folder {d.folder}, whose val split "
+                            "is examples, not text (training logged its val/loss); score them "
+                            f"with --task={d.task_file}, or give --data.")
         streams = {"train": d.train[0], "val": d.val}
         return [TextSplit(n, streams[n], _num_bytes(tok, streams[n])) for n in names]
     path = pathlib.Path(data).expanduser()

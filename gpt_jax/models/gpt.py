@@ -2,7 +2,8 @@
 config the variants the literature names (positions, norms, MLPs, grouped-query attention, QK-norm,
 additive attention, logit soft-capping), so that they can be ablated against each other.
 
-Shapes are named in suffixes: B batch, T time, D d_model, V padded vocabulary.
+Shapes are named in suffixes: B batch, T time, D d_model, V padded vocabulary, P soft-prompt
+embeddings (finetune.prompt_tokens).
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class GPTConfig(AttentionShapes):
     attention_impl: str
     remat: str
     scan_layers: bool
+    # Adapters (the finetune group; gpt_jax/finetune/): LoRA rank (0 = none), its alpha and
+    # target projections, and soft-prompt embeddings (0 = none).
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: str
+    prompt_tokens: int
 
 
 
@@ -125,6 +132,10 @@ class GPT(nn.Module):
         else:
             self.h = [block(cfg) for _ in range(cfg.num_layers)]  # Named h_0, h_1, …
         self.ln_f = norm(cfg)
+        if cfg.prompt_tokens:  # Soft-prompt tuning (Lester et al. 2021); gpt_jax/finetune/.
+            self.soft_prompt = self.param(
+                "soft_prompt", nn.with_logical_partitioning(emb_init, (None, "embed")),
+                (cfg.prompt_tokens, cfg.d_model), jnp.float32)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
                 cfg.padded_vocab_size,
@@ -149,14 +160,29 @@ class GPT(nn.Module):
         Positions: `positions_BT` if given ([B, T] or [1, T]), else 0 … T-1; with `decode`, keys
         and values go to the KV cache (apply with mutable=["cache"]) and positions count from
         each row's first token. With `segment_ids_BT` [B, T] (packed documents), attention stays
-        inside each segment."""
-        T = tokens_BT.shape[1]
+        inside each segment.
+
+        With a soft prompt of P embeddings, every row is read after them: they take positions
+        0 … P-1 and the tokens' positions move up by P; the output is the tokens' only. Decoding
+        instead feeds them as ids V … V+P-1 (`prompt_ids`) in front of each prompt, so that they
+        sit in the KV cache like tokens."""
+        T, P = tokens_BT.shape[1], self.cfg.prompt_tokens
         if decode is not None:
             positions_BT = positions.decode_positions(decode.slot, decode.first_B, T,
                                                       self.cfg.max_seq_len)
         elif positions_BT is None:
             positions_BT = positions.sequence_positions(T)
-        x_BTD = self.wte(tokens_BT)
+        if P and decode is None:
+            if segment_ids_BT is not None:
+                raise ValueError("a soft prompt serves one sequence per row, and this batch has "
+                                 "segments; use data.sft_packing=padded, data.document_mask=False.")
+            B = tokens_BT.shape[0]
+            tokens_BT = jnp.concatenate(
+                [jnp.broadcast_to(prompt_ids(self.cfg)[None], (B, P)), tokens_BT], axis=1)
+            prefix_BP = jnp.broadcast_to(jnp.arange(P, dtype=positions_BT.dtype)[None],
+                                         (positions_BT.shape[0], P))
+            positions_BT = jnp.concatenate([prefix_BP, positions_BT + P], axis=1)
+        x_BTD = self._embed(tokens_BT)
         if self.cfg.scale_embeddings:  # Vaswani et al.'s √d_model.
             x_BTD = x_BTD * jnp.asarray(math.sqrt(self.cfg.d_model), x_BTD.dtype)
         if self.cfg.positions == "learned":
@@ -173,7 +199,19 @@ class GPT(nn.Module):
         else:
             for block in self.h:
                 x_BTD = block(x_BTD, deterministic, decode, segment_ids_BT, positions_BT)
+        if P and decode is None:
+            x_BTD = x_BTD[:, P:]
         return self.ln_f(x_BTD)
+
+    def _embed(self, tokens_BT: Array) -> Array:
+        """Token embeddings [B, T, D]; with a soft prompt, ids from V on are its rows."""
+        P, V = self.cfg.prompt_tokens, self.cfg.padded_vocab_size
+        if not P:
+            return self.wte(tokens_BT)
+        is_prompt_BT = tokens_BT >= V
+        x_BTD = self.wte(jnp.where(is_prompt_BT, 0, tokens_BT))
+        rows_BTD = jnp.take(self.soft_prompt, jnp.clip(tokens_BT - V, 0, P - 1), axis=0)
+        return jnp.where(is_prompt_BT[..., None], rows_BTD.astype(x_BTD.dtype), x_BTD)
 
     def head(self, x_BTD: Array) -> Array:
         """LM head: hidden states [B, T, D] → float32 logits [B, T, padded_vocab]."""
@@ -185,6 +223,12 @@ class GPT(nn.Module):
             logits_BTV = cfg.logit_softcap * jnp.tanh(logits_BTV / cfg.logit_softcap)
         logits_BTV = mask_padded_vocab(logits_BTV, cfg)
         return logits_BTV
+
+
+def prompt_ids(cfg: GPTConfig) -> Array:
+    """The ids [P] that stand for the soft prompt's embeddings when decoding: V … V+P-1, past
+    the padded vocabulary (the head never predicts them)."""
+    return cfg.padded_vocab_size + jnp.arange(cfg.prompt_tokens, dtype=jnp.int32)
 
 
 def flops_per_token(cfg: GPTConfig, num_params: int, seq_len: int) -> float:

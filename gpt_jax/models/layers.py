@@ -111,6 +111,59 @@ def bias_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
+# finetune.lora_targets: the projections by name, and the names that stand for several.
+LORA_TARGETS = ("q", "k", "v", "out", "fc", "gate", "proj")
+LORA_GROUPS = {"attention": ("q", "k", "v", "out"), "mlp": ("fc", "gate", "proj")}
+
+
+def lora_targets(cfg: GPTConfig) -> frozenset[str]:
+    """The projections LoRA adapts in `cfg`'s model (none when lora_rank is 0): the names of
+    lora_targets, a group standing for those of its projections the model has (gate only with
+    mlp=swiglu). Models without adapter fields (the encoder–decoder shares the MLP) have none."""
+    if not getattr(cfg, "lora_rank", 0):
+        return frozenset()
+    names: set[str] = set()
+    for name in (n.strip() for n in cfg.lora_targets.split(",")):
+        if name in LORA_GROUPS:
+            names.update(n for n in LORA_GROUPS[name] if n != "gate" or cfg.mlp == "swiglu")
+        elif name:
+            names.add(name)
+    return frozenset(names)
+
+
+class LoRA(nn.Module):
+    """The low-rank update (alpha / r) · (x A) B of one projection (Hu et al. 2021), added to its
+    output: A [in…, r] uniform in ±1/√fan_in (PEFT's and loralib's init), B [r, out…] zero, so a
+    fresh adapter adds exactly 0. Computed on the activations, never as a [in, out] matrix, so
+    the backward pass costs O(r), not a weight gradient of the frozen projection.
+
+    `in_axes` name the logical axes of the trailing dimensions of x it contracts (their number
+    is how many), `out_axes` those of `out_features`."""
+
+    cfg: GPTConfig
+    in_axes: tuple[str | None, ...]
+    out_features: tuple[int, ...]
+    out_axes: tuple[str | None, ...]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, n_in, r = self.cfg, len(self.in_axes), self.cfg.lora_rank
+        in_shape = x.shape[-n_in:]
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+
+        def a_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        a = self.param("a", nn.with_logical_partitioning(a_init, (*self.in_axes, None)),
+                       (*in_shape, r), jnp.float32)
+        b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                         (None, *self.out_axes)),
+                       (r, *self.out_features), jnp.float32)
+        dt = cfg.compute_dtype
+        xa = jnp.tensordot(x, a.astype(dt), axes=n_in)  # [..., r]
+        return jnp.tensordot(xa, b.astype(dt), axes=1) * jnp.asarray(cfg.lora_alpha / r, dt)
+
+
 class Embed(nn.Embed):
     """`nn.Embed` that gathers from its float32 table and casts the rows to `dtype` after.
 
@@ -242,6 +295,9 @@ class CausalSelfAttention(nn.Module):
             bias_init=bias_init(("embed",)),
             name="out",
         )(out_BTNH)
+        if "out" in lora_targets(cfg):
+            y_BTD = y_BTD + LoRA(cfg, ("heads", "kv"), (cfg.d_model,), ("embed",),
+                                 name="lora_out")(out_BTNH)
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
     def _project(self, x_BTD: Array) -> tuple[Array, Array, Array]:
@@ -259,11 +315,26 @@ class CausalSelfAttention(nn.Module):
         if K == N:
             qkv_BT3NH = dense((3, N, H), (None, "heads", "kv"), "qkv")
             qkv_BT3NH = constrain(qkv_BT3NH, ("batch", "length", None, "heads", "kv"))
-            return qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1], qkv_BT3NH[:, :, 2]
-        q_BTNH = constrain(dense((N, H), ("heads", "kv"), "q"), ("batch", "length", "heads", "kv"))
-        kv_BT2KH = dense((2, K, H), (None, "heads", "kv"), "kv")
-        kv_BT2KH = constrain(kv_BT2KH, ("batch", "length", None, "heads", "kv"))
-        return q_BTNH, kv_BT2KH[:, :, 0], kv_BT2KH[:, :, 1]
+            q_BTNH, k_BTKH, v_BTKH = qkv_BT3NH[:, :, 0], qkv_BT3NH[:, :, 1], qkv_BT3NH[:, :, 2]
+        else:
+            q_BTNH = constrain(dense((N, H), ("heads", "kv"), "q"),
+                               ("batch", "length", "heads", "kv"))
+            kv_BT2KH = dense((2, K, H), (None, "heads", "kv"), "kv")
+            kv_BT2KH = constrain(kv_BT2KH, ("batch", "length", None, "heads", "kv"))
+            k_BTKH, v_BTKH = kv_BT2KH[:, :, 0], kv_BT2KH[:, :, 1]
+        targets = lora_targets(cfg)  # Each of q, k, v its own adapter, fused kernel or not.
+        for name in ("q", "k", "v") if targets else ():
+            if name in targets:
+                heads = N if name == "q" else K
+                delta = LoRA(cfg, ("embed",), (heads, H), ("heads", "kv"), name=f"lora_{name}")(
+                    x_BTD)
+                if name == "q":
+                    q_BTNH = q_BTNH + delta
+                elif name == "k":
+                    k_BTKH = k_BTKH + delta
+                else:
+                    v_BTKH = v_BTKH + delta
+        return q_BTNH, k_BTKH, v_BTKH
 
     def _cache(self, k_BTKH: Array, v_BTKH: Array, decode: DecodeState
                ) -> tuple[Array, Array, Array, Array]:
@@ -356,6 +427,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: Array, deterministic: bool = True) -> Array:
         cfg = self.cfg
+        targets = lora_targets(cfg)
 
         def up(name: str) -> Array:
             h_BTF = nn.Dense(
@@ -367,6 +439,9 @@ class MLP(nn.Module):
                 bias_init=bias_init(("mlp",)),
                 name=name,
             )(x_BTD)
+            if name in targets:
+                h_BTF = h_BTF + LoRA(cfg, ("embed",), (cfg.hidden_dim,), ("mlp",),
+                                     name=f"lora_{name}")(x_BTD)
             return constrain(h_BTF, ("batch", "length", "mlp"))
 
         h_BTF = up("fc")
@@ -385,6 +460,8 @@ class MLP(nn.Module):
             bias_init=bias_init(("embed",)),
             name="proj",
         )(h_BTF)
+        if "proj" in targets:
+            y_BTD = y_BTD + LoRA(cfg, ("mlp",), (cfg.d_model,), ("embed",), name="lora_proj")(h_BTF)
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
 

@@ -40,6 +40,12 @@ DECODINGS = ("kv_cache", "recompute", "recurrent", "encoder_decoder")
 PRE_REGISTRY_ARCH = "gpt"
 
 
+# Hyperparameters of a model that live in the `finetune` config group (adapters added to a trained
+# model: LoRA and a soft prompt; gpt_jax/finetune/), with the values that mean "none".
+FINETUNE_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "prompt_tokens")
+ADAPTERS_OFF = {"lora_rank": 0, "lora_alpha": 16.0, "lora_targets": "", "prompt_tokens": 0}
+
+
 class IncompatibleModelError(ValueError):
     """Parameters made for one model that another cannot take; the message names the field."""
 
@@ -97,14 +103,20 @@ class Architecture:
         target) rather than on a token stream."""
         return self.decoding == "encoder_decoder"
 
-    def hyperparameters(self, model: Mapping[str, Any]) -> Any:
+    def hyperparameters(self, model: Mapping[str, Any],
+                        finetune: Mapping[str, Any] | None = None) -> Any:
         """The frozen dataclass from a resolved `model` group (vocab_size and max_seq_len set):
-        each of its fields takes the group's value of the same name."""
+        each of its fields takes the group's value of the same name; the adapter fields
+        (FINETUNE_FIELDS: LoRA, soft prompt) come from the `finetune` group, 0/off without one."""
         names = [f.name for f in dataclasses.fields(self.config_class)]
-        if missing := [n for n in names if n not in model]:
+        adapters = {**ADAPTERS_OFF, **{k: v for k, v in (finetune or {}).items()
+                                      if k in FINETUNE_FIELDS}}
+        values = {n: model[n] if n in model else adapters[n] for n in names
+                  if n in model or n in adapters}
+        if missing := [n for n in names if n not in values]:
             raise ValueError(f"model.arch={self.name!r} needs model.{missing[0]}, which the config "
                              "lacks; every field is in configs/base.py.")
-        return self.config_class(**{n: model[n] for n in names})
+        return self.config_class(**values)
 
     def mismatch(self, theirs: Mapping[str, Any], ours: Mapping[str, Any],
                  fields: tuple[str, ...] | None = None) -> str | None:
@@ -202,21 +214,28 @@ def resolve(config: ml_collections.ConfigDict, vocab_size: int) -> ml_collection
 def hyperparameters(config: ml_collections.ConfigDict | Mapping[str, Any],
                     vocab_size: int | None = None) -> Any:
     """The hyperparameters of `config`'s model.arch. `config` is a whole config (resolved here
-    with `vocab_size`), or an already resolved `model` group (a dict, e.g. a checkpoint's)."""
+    with `vocab_size`), a whole resolved config as a dict (e.g. a checkpoint's), or an already
+    resolved `model` group (then without adapters: the finetune group is not in it)."""
+    finetune = None
     if isinstance(config, ml_collections.ConfigDict) and "model" in config:
         vocab_size = config.model.vocab_size if vocab_size is None else vocab_size
         if vocab_size is None:
             raise ValueError("the model's vocabulary size is unknown: set model.vocab_size or "
                              "pass the tokenizer's.")
-        model = resolve(config, vocab_size).model.to_dict()
+        resolved = resolve(config, vocab_size)
+        model = resolved.model.to_dict()
+        finetune = resolved.finetune.to_dict() if "finetune" in resolved else None
     else:
-        model = dict(config)
+        if "model" in config:
+            model, finetune = dict(config["model"]), config.get("finetune")
+        else:
+            model = dict(config)
         if vocab_size is not None:
             model["vocab_size"] = vocab_size
     if missing := [f for f in ("vocab_size", "max_seq_len") if model.get(f) is None]:
         raise ValueError(f"model.{missing[0]} is not resolved; build the hyperparameters from a "
                          "whole config (registry.resolve fills it in).")
-    return get(_arch_name(model)).hyperparameters(model)
+    return get(_arch_name(model)).hyperparameters(model, finetune)
 
 
 def build(hparams: Any) -> nn.Module:

@@ -11,6 +11,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -76,6 +77,14 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.process_allgather(jax.numpy.int32(flag)).any())
+
+
+def primary_int(value: int) -> int:
+    """Process 0's `value` on every process (a choice all must share, e.g. a checkpoint step
+    read while its run may still be saving)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 def must_sync_each_step() -> bool:

@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -101,13 +100,30 @@ def param_shardings(boxed_params: Any, mesh: jax.sharding.Mesh, rules: Rules) ->
     return out
 
 
-def state_shardings(abstract_state: Any, param_sh: Any, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh) -> Any:
+def state_shardings(abstract_state: Any, param_sh: Any, mesh: jax.sharding.Mesh) -> Any:
     """Shardings of a TrainState: the optimizer's per-parameter moments follow their parameter;
-    counters, the step and keys are replicated."""
+    counters, the step and keys are replicated.
+
+    A moment is matched to its parameter by tree path (the dict keys that end its path in the
+    optimizer state) and shape, not with optax.tree_map_params, which cannot follow the masked
+    trees of optax.multi_transform (frozen parameters, gpt_jax/finetune/)."""
     replicated = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    flat = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+    params = {tuple(k.key for k in path): leaf for path, leaf in flat}
+    shardings = dict(zip(params, jax.tree.leaves(param_sh), strict=True))
+
+    def follow(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        keys: list[Any] = []
+        for k in reversed(path):  # The trailing dict keys: a parameter's path, if any.
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, k.key)
+        param = params.get(tuple(keys))
+        if param is not None and tuple(param.shape) == tuple(leaf.shape):
+            return shardings[tuple(keys)]
+        return replicated
+
+    opt_sh = jax.tree_util.tree_map_with_path(follow, abstract_state.opt_state)
     rest = {f: replicated for f in ("step", "dropout_key", "first_nonfinite_step")}
     return abstract_state.replace(params=param_sh, opt_state=opt_sh, **rest)
 

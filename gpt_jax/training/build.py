@@ -18,7 +18,8 @@ from absl import logging
 
 from gpt_jax import config as config_lib
 from gpt_jax.data import batch as batch_lib
-from gpt_jax.data import corpora, pairs, prepare, training_data
+from gpt_jax.data import corpora, pairs, prepare, sft, training_data
+from gpt_jax.finetune import adapters
 from gpt_jax.models import registry
 from gpt_jax.parallel import distributed, sharding
 from gpt_jax.parallel import mesh as mesh_lib
@@ -42,6 +43,9 @@ class Run:
     abstract_state: Any  # Shapes, dtypes and shardings of the state (restore, AOT lowering).
     state_shardings: Any
     mirror: remote.Mirror | None = None  # A URL workdir's local copy of its small files.
+    # With adapters (gpt_jax/finetune/adapters.py): a tree of bools like the params, True where
+    # a parameter trains; None = every parameter trains.
+    trainable: Any = None
 
     @property
     def where(self) -> str:
@@ -119,18 +123,21 @@ def _assemble(config, vocab_size: int, mesh, rules, workdir, data) -> Run:
     model = registry.build(hparams)
     init_state, abstract_state, state_sh = build_state(config, model, mesh, rules)
     return Run(config, workdir, data, model, hparams, mesh, rules, init_state, abstract_state,
-               state_sh)
+               state_sh, trainable=adapters.trainable_mask(abstract_state.params, hparams))
 
 
-def load_data(config: ml_collections.ConfigDict) -> training_data.TrainingData | pairs.PairData:
+def load_data(config: ml_collections.ConfigDict
+              ) -> training_data.TrainingData | pairs.PairData | sft.SftData:
     """The run's data: the data.prepared folder(s), or data.corpus / data.path tokenized into
     the cache (by process 0; the others then read its files); for an architecture that reads
-    sequence pairs, the pairs of data.prepared, data.task or data.path. Problems are
-    ConfigErrors."""
+    sequence pairs, the pairs of data.prepared, data.task or data.path; an SFT folder
+    (gpt_jax/data/sft.py) as data.prepared, its examples. Problems are ConfigErrors."""
     d = config.data
     if registry.get(config.model.arch).reads_pairs:
         return _load_pairs(config)
     folders = config_lib.prepared_folders(config)
+    if any(sft.read_meta(f) is not None for f in folders):
+        return _load_sft(config, folders)
     try:
         if folders:  # Already tokenized: every process only opens the files.
             data = training_data.open_folders(folders, config_lib.mixture_weights(config),
@@ -178,6 +185,28 @@ def _load_pairs(config: ml_collections.ConfigDict) -> pairs.PairData:
     return data
 
 
+def _load_sft(config: ml_collections.ConfigDict, folders: list[str]) -> sft.SftData:
+    if len(folders) > 1:
+        raise config_lib.ConfigError(
+            f"data.prepared={config.data.prepared!r} names several folders, one of them SFT "
+            "data, which is read alone (no mixtures); give one folder.")
+    if config.data.document_mask:
+        raise config_lib.ConfigError(
+            "data.document_mask=True masks documents in a token stream; an SFT folder's examples "
+            "are kept apart by data.sft_packing=packed instead: set data.document_mask=False.")
+    if config.finetune.prompt_tokens and config.data.sft_packing == "packed":
+        raise config_lib.ConfigError(
+            f"finetune.prompt_tokens={config.finetune.prompt_tokens}: a soft prompt serves one "
+            "example per row, and data.sft_packing=packed puts several in a row; set "
+            "data.sft_packing=padded.")
+    try:
+        data = sft.open_folder(folders[0])
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(str(e)) from e
+    logging.info("data: %s.", sft.describe(data))
+    return data
+
+
 def _mesh_and_rules(config: ml_collections.ConfigDict,
                     devices: list[jax.Device] | None) -> tuple[jax.sharding.Mesh, sharding.Rules]:
     if warning := mesh_lib.unused_accelerator():
@@ -197,8 +226,12 @@ def batch_sharding(r: Run) -> jax.sharding.NamedSharding:
 def abstract_batch(r: Run) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes, dtypes and shardings of one global training batch (for AOT lowering)."""
     B, T = r.config.train.batch_size, r.config.data.seq_len
-    spec = (pairs.batch_spec(B, T, r.config.data.source_len) if r.arch.reads_pairs
-            else batch_lib.lm_batch_spec(B, T))
+    if r.arch.reads_pairs:
+        spec = pairs.batch_spec(B, T, r.config.data.source_len)
+    elif isinstance(r.data, sft.SftData):  # Packed rows add segment_ids and positions.
+        spec = sft.batch_spec(B, T, r.config.data.sft_packing)
+    else:
+        spec = batch_lib.lm_batch_spec(B, T)
     batch_sh = batch_sharding(r)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
             for k, (shape, dtype) in spec.items()}
@@ -255,7 +288,7 @@ def build_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.s
     with sharding.activation_context(mesh, rules):
         param_sh = sharding.param_shardings(jax.eval_shape(init_params), mesh, rules)
         abstract = jax.eval_shape(init)
-    state_sh = sharding.state_shardings(abstract, param_sh, tx, mesh)
+    state_sh = sharding.state_shardings(abstract, param_sh, mesh)
     init_state = jax.jit(init, out_shardings=state_sh)
     return init_state, sharding.with_shardings(abstract, state_sh), state_sh
 
@@ -270,7 +303,8 @@ def compile_steps(r: Run, eot_id: int | None = None) -> tuple[Callable, Callable
     use_dropout = r.arch.uses_dropout(r.hparams)
     train_step = jax.jit(
         step.make_train_step(r.model, optim.make_schedule(config), config.train.grad_accum_steps,
-                             use_dropout, config.train.loss_chunk, eot_id, config.train.z_loss),
+                             use_dropout, config.train.loss_chunk, eot_id, config.train.z_loss,
+                             r.trainable),
         in_shardings=(r.state_shardings, batch_sh),
         out_shardings=(r.state_shardings, replicated),
         donate_argnums=0,

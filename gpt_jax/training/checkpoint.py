@@ -144,7 +144,7 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 # Fields whose change makes a resumed run differ from an uninterrupted one (warned about).
-TRAINING_FIELDS = ("data", "optim", "train")
+TRAINING_FIELDS = ("data", "optim", "train", "finetune")
 
 
 def check_structure(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:

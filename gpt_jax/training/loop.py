@@ -19,7 +19,8 @@ from absl import logging
 
 from gpt_jax import cli
 from gpt_jax import config as config_lib
-from gpt_jax.data import pairs, pipeline, tokenizers
+from gpt_jax.data import pairs, pipeline, sft, tokenizers
+from gpt_jax.finetune import adapters, grow
 from gpt_jax.generate import SamplingParams, generate
 from gpt_jax.models.registry import count_params
 from gpt_jax.parallel import distributed, sharding
@@ -54,7 +55,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                 if distributed.is_primary():
                     r.mirror.start_uploading(held)
             try:
-                loop = Loop(r, started)  # Compiles, checks memory, then allocates the state.
+                # Compiles, checks memory, then allocates the state (at the depth the newest
+                # checkpoint has, with train.grow_at).
+                loop = Loop(grow.run_at_start(r), started, final=r)
             except jax.errors.JaxRuntimeError as e:
                 if memory.is_out_of_memory(e):  # E.g. with train.memory_check=False.
                     raise memory.out_of_memory("the start (state or eval batches)", e) from None
@@ -86,9 +89,11 @@ def evaluate(eval_step, params, batches: Iterable[dict]) -> dict:
 class Loop:
     """One training run's loop; `train()` runs it. Holds the state as it advances."""
 
-    def __init__(self, r: build.Run, started: float | None = None):
-        """`started`: the run's start (time.time()); now if None."""
-        self.r = r
+    def __init__(self, r: build.Run, started: float | None = None,
+                 final: build.Run | None = None):
+        """`started`: the run's start (time.time()); now if None. `final`: with train.grow_at,
+        the run at its final depth (`r` is it at the step it starts from); None: `r`."""
+        self.r, self.final = r, final or r
         config, t = r.config, r.config.train
         self.config, self.t = config, t
         self.primary = distributed.is_primary()
@@ -97,9 +102,16 @@ class Loop:
             self.batch_sh, (t.batch_size, config.data.seq_len))
         d = config.data
         self.pairs = isinstance(r.data, pairs.PairData)
-        self.val_tokens = None if self.pairs else r.data.val_tokens()
+        self.sft = isinstance(r.data, sft.SftData)
+        self.val_tokens = None if self.pairs or self.sft else r.data.val_tokens()
         try:  # A split too short for one window or batch: the fix is in data.* / train.*.
-            if self.pairs:
+            if self.sft:  # Loss on completions only (gpt_jax/data/sft.py).
+                self.train_it = iter(sft.train_dataset(
+                    r.data, d.seq_len, t.batch_size, t.seed, shard_index, shard_count,
+                    d.num_threads, d.prefetch, d.sft_packing))
+                self.val_rows = sft.val_rows(r.data, d.seq_len, d.sft_packing)
+                fixed = list(sft.eval_batches(self.val_rows, t.batch_size, t.eval_batches))
+            elif self.pairs:
                 self.train_it = iter(pairs.train_dataset(
                     r.data, d.source_len, d.seq_len, t.batch_size, t.seed, shard_index,
                     shard_count, d.num_threads, d.prefetch))
@@ -114,24 +126,17 @@ class Loop:
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from e
         self.task_metrics = None
-        if t.eval_tasks and not self.pairs:  # Imported only then: the scorer is not small.
+        # An SFT folder's own task (its val examples, exact match of greedy completions) is
+        # scored at every evaluation besides train.eval_tasks.
+        own_tasks = [r.data.task_file] if self.sft else []
+        if (t.eval_tasks or own_tasks) and not self.pairs:  # Imported only then: not small.
             from gpt_jax.training.task_metrics import TaskMetrics
 
-            self.task_metrics = TaskMetrics(r, r.data.tokenizer)
+            self.task_metrics = TaskMetrics(r, r.data.tokenizer, own_tasks)
         resume.check(r)  # A refused resume or init_from: now, not after the compile.
         # Compiled before any state exists, so a step that cannot fit stops here, allocating
         # nothing and writing nothing.
-        eot_id = r.data.eot_id if config.data.document_mask else None
-        self.train_step, self.eval_step = build.compile_steps(r, eot_id)
-        begin = time.perf_counter()
-        self.train_step = self.train_step.lower(r.abstract_state, build.abstract_batch(r)).compile()
-        need = memory.step_memory(self.train_step)
-        logging.info("train step compiled in %.1f s; it needs %s per device",
-                     time.perf_counter() - begin, memory.describe(need))
-        if t.memory_check:  # Every process stops if any cannot fit (else the others would hang).
-            problem = memory.fit_problem(need, jax.local_devices()[0])
-            if distributed.any_process(problem is not None):
-                raise memory.DoesNotFitError(problem or memory.ELSEWHERE)
+        self.compile()
         self.manager = checkpoint.make_manager(r.checkpoints, config.checkpoint.keep)
         self.state, self.start = resume.initial_state(r, self.manager, self.train_it)
         self.config_json = config_lib.to_json(config)
@@ -141,6 +146,7 @@ class Loop:
             # Whole or not at all: a full disk must not leave the run's config half-written.
             cli.write_atomically({r.workdir / "config.json": self.config_json + "\n"})
         num_params = count_params(self.state.params)
+        adapters.log_counts(self.state.params, r.trainable)
         logging.info("model: %s parameters; workdir %s; mesh %s", f"{num_params:,}", r.where,
                      mesh_lib.describe(r.mesh))
         self.fixed_val = [self._to_device(b) for b in fixed]
@@ -159,6 +165,45 @@ class Loop:
                                   t.num_steps, lines=self.primary and not bar)
         self.last_eval: dict = {}
 
+    def compile(self) -> None:
+        """Compiles the train and eval steps of self.r; stops if the train step cannot fit."""
+        r, config = self.r, self.r.config
+        eot_id = r.data.eot_id if config.data.document_mask else None
+        self.train_step, self.eval_step = build.compile_steps(r, eot_id)
+        begin = time.perf_counter()
+        self.train_step = self.train_step.lower(r.abstract_state, build.abstract_batch(r)).compile()
+        need = memory.step_memory(self.train_step)
+        logging.info("train step compiled in %.1f s; it needs %s per device",
+                     time.perf_counter() - begin, memory.describe(need))
+        # Every process stops if any cannot fit (else the others would hang).
+        if config.train.memory_check:
+            problem = memory.fit_problem(need, jax.local_devices()[0])
+            if distributed.any_process(problem is not None):
+                raise memory.DoesNotFitError(problem or memory.ELSEWHERE)
+
+    def grow(self, step_num: int) -> None:
+        """Grows the model after step `step_num` (train.grow_at; gpt_jax/finetune/grow.py): the
+        next depth's run and steps, the state grown into it, config.json rewritten."""
+        old, t = self.r, self.final.config.train
+        self.r = grow.phase_run(self.final, step_num + 1)
+        self.config = self.r.config
+        self.compile()
+        self.state = grow.grow_state(self.state, self.r, t.grow_mode, t.grow_optimizer,
+                                     t.grow_init)
+        self.config_json = config_lib.to_json(self.config)
+        if self.primary:
+            cli.write_atomically({self.r.workdir / "config.json": self.config_json + "\n"})
+        if self.task_metrics:
+            self.task_metrics.r = self.r
+        num_params = count_params(self.state.params)
+        self.logger.set_flops_per_step(self.t.batch_size * self.config.data.seq_len * (
+            self.r.arch.flops_per_token(self.r.hparams, num_params, self.config.data.seq_len)))
+        self.logger.restart_clock(step_num)  # The compile is not training time.
+        logging.info("grew the model after step %d: %d → %d layers (%s, %s; optimizer state "
+                     "%s); %s parameters", step_num, old.config.model.num_layers,
+                     self.config.model.num_layers, t.grow_mode, t.grow_init, t.grow_optimizer,
+                     f"{num_params:,}")
+
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         # Eval batches are whole on every process (they are small); each device takes its rows.
         return {k: sharding.put_replicated_host(v, self.batch_sh) for k, v in batch.items()}
@@ -173,6 +218,8 @@ class Loop:
                 if self.start == 0:
                     self.last_eval = self.run_eval(0, full=False)
                 for i in range(self.start + 1, t.num_steps + 1):
+                    if grow.grows_after(self.final.config, i - 1):
+                        self.grow(i - 1)
                     batch = sharding.global_batch(next(self.train_it), self.batch_sh, t.batch_size)
                     self.state, metrics = self.train_step(self.state, batch)
                     if sync_each_step:
@@ -213,17 +260,20 @@ class Loop:
             logging.info("first step done %.1f s after the loop started",
                          time.perf_counter() - begin)
             logger.restart_clock(i)
-        if i == 1 or i % self.config.log.every == 0 or i == t.num_steps:  # Same after a resume.
+        # A growth step (train.grow_at) ends a depth: logged, evaluated and saved there. The
+        # same steps log after a resume.
+        grows = grow.grows_after(self.final.config, i)
+        if i == 1 or i % self.config.log.every == 0 or i == t.num_steps or grows:
             logger.queue(i, metrics)
         self.bar.update(1)
         final = i == t.num_steps
-        if i % t.eval_every == 0 or final:
+        if i % t.eval_every == 0 or final or grows:
             logger.flush()
             self.check_finite()
             if not final or t.final_eval != "none":
                 full = final and t.final_eval == "full"
                 self.last_eval = {"step": i, **self.run_eval(i, full=full)}
-        if i % self.config.checkpoint.every == 0 or final:
+        if i % self.config.checkpoint.every == 0 or final or grows:
             logger.flush()
             self.save(i)
             logger.restart_clock(i)  # The save's host copy is not training time.
@@ -256,6 +306,8 @@ class Loop:
             batches = self.fixed_val
         elif self.pairs:
             batches = map(self._to_device, pairs.eval_batches(self.val_pairs, batch_size, None))
+        elif self.sft:
+            batches = map(self._to_device, sft.eval_batches(self.val_rows, batch_size, None))
         else:
             batches = map(self._to_device, pipeline.full_eval_batches(
                 self.val_tokens, d.seq_len, batch_size))
@@ -298,8 +350,8 @@ class Loop:
         if self.r.mirror:  # Metrics up to this checkpoint reach the URL before it does.
             self.r.mirror.try_upload(force=True)
         try:
-            checkpoint.save(self.manager, step_num, self.state, self.train_it, self.config_json,
-                            val_loss)
+            checkpoint.save(self.manager, step_num, adapters.saved(self.state, self.r.trainable),
+                            self.train_it, self.config_json, val_loss)
         except jax.errors.JaxRuntimeError:
             raise  # A device error (e.g. out of memory copying the state) is not a disk problem.
         except Exception as e:  # Disk full, a read-only or vanished folder, an earlier async save.

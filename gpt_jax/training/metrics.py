@@ -217,6 +217,10 @@ class TrainLogger:
         self.last: dict[str, Any] = {}
         self._throughputs: list[float] = []
 
+    def set_flops_per_step(self, flops_per_step: float) -> None:
+        """The FLOPs of one step from now on (MFU), e.g. after the model grew."""
+        self._flops_per_step = flops_per_step
+
     def median_tokens_per_sec(self) -> float | None:
         """Median of the logged training throughputs (None before two log lines)."""
         return float(np.median(self._throughputs)) if self._throughputs else None

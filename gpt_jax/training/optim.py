@@ -1,10 +1,13 @@
-"""Optimizer: AdamW (decay on matrices only), linear warmup + cosine decay, global-norm clipping."""
+"""Optimizer: AdamW (decay on matrices only), linear warmup + cosine decay, global-norm clipping;
+with adapters (gpt_jax/finetune/), for the adapters alone."""
 
 from __future__ import annotations
 
 import jax
 import ml_collections
 import optax
+
+from gpt_jax.finetune import adapters
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -21,8 +24,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on matrices (kernels, embeddings) only; never on biases or norm scales. By
-    name, not rank: a fused QKV bias is 3-D, and scan_layers stacks every parameter."""
+    """Weight decay on matrices (kernels, embeddings) only; never on biases or norm scales, nor
+    on adapters (LoRA's a and b, a soft prompt: finetune.*). By name, not rank: a fused QKV bias
+    is 3-D, and scan_layers stacks every parameter."""
     def decays(path, _) -> bool:
         return getattr(path[-1], "key", None) in ("kernel", "embedding")
 
@@ -41,6 +45,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         mask=decay_mask,
     )
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+    if adapters.active(config.finetune):  # Only adapters train: no state, no update for the base.
+        tx = optax.multi_transform({adapters.TRAIN: tx, adapters.FREEZE: optax.set_to_zero()},
+                                   adapters.labels)
     # A non-finite gradient leaves params and moments as they were (train.on_nonfinite decides
     # whether the run then stops or goes on). The error budget is unbounded: with a finite budget
     # optax would apply a non-finite update once it is spent.

@@ -127,6 +127,7 @@ def model_loss(params, model: nn.Module, batch: Batch, dropout_key: Array | None
 def make_train_step(
     model: nn.Module, schedule: optax.Schedule, grad_accum_steps: int, use_dropout: bool,
     loss_chunk: int = 0, eot_id: int | None = None, z_loss: float = 0.0,
+    trainable: Any | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Any]]]:
     """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated.
 
@@ -137,10 +138,15 @@ def make_train_step(
     all-ones weights and no accumulation this is exactly the mean token loss. `loss_chunk` > 0
     computes the cross-entropy that many positions at a time. With `eot_id`
     (data.document_mask), attention stays inside each document. `z_loss` > 0 adds PaLM's z-loss
-    to what is optimised and logged as train/loss.
+    to what is optimised and logged as train/loss. `trainable` (a tree of bools like the params;
+    None = all) freezes the others: no gradient flows into them (their gradients are zeros, so
+    XLA computes none) and the step returns them as they were, bitwise (gpt_jax/finetune/).
     """
 
     def loss_fn(params, micro: Batch, key: Array | None, inv_weight: Array) -> Array:
+        if trainable is not None:
+            params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                                  trainable)
         total, _ = model_loss(params, model, micro, key, loss_chunk, eot_id, z_loss)
         return total * inv_weight
 
@@ -178,6 +184,9 @@ def make_train_step(
             (state.first_nonfinite_step == 0) & ~finite, state.step + 1, state.first_nonfinite_step
         )
         new_state = state.apply_gradients(grads=grads).replace(first_nonfinite_step=first_bad)
+        if trainable is not None:  # The frozen ones as they came in (their update was zero).
+            new_state = new_state.replace(params=jax.tree.map(
+                lambda new, old, t: new if t else old, new_state.params, state.params, trainable))
         metrics = {
             "train/loss": loss,
             "grad_norm": grad_norm,

@@ -24,6 +24,7 @@ from etils import epath
 
 from gpt_jax import cli
 from gpt_jax.data import tokenizers
+from gpt_jax.finetune import adapters, lora
 from gpt_jax.models import registry
 from gpt_jax.parallel import sharding
 from gpt_jax.training import remote
@@ -102,16 +103,31 @@ def save_params(workdir: str | pathlib.Path, params: Any, config_json: str) -> p
     return directory
 
 
-def load_params(path: str, abstract_params: Any, hparams: Any) -> Any:
-    """Parameters to start a new run from (checkpoint.init_from), placed like `abstract_params`:
-    another run's checkpoint (a workdir, its checkpoints/ or one step folder; a folder holds
-    several: the newest), an imported workdir (params/), or `hf:PATH`, a Hugging Face GPT-2
+def load_params(path: str, target: Any, hparams: Any) -> Any:
+    """Parameters to start a new run from (checkpoint.init_from), placed like `target`
+    (ShapeDtypeStructs with shardings): another run's checkpoint (a workdir, its checkpoints/ or
+    one step folder; a folder holds several: the newest; a fine-tuned run's adapters come on
+    their base, LoRA merged), an imported workdir (params/), or `hf:PATH`, a Hugging Face GPT-2
     folder or hub name converted on the fly. The optimizer state, step and data position are not
     taken: this starts a new run from those weights."""
     if path.startswith(HF_PREFIX):
-        return _load_hf_params(path[len(HF_PREFIX):], abstract_params, hparams)
+        return _load_hf_params(path[len(HF_PREFIX):], target, hparams)
     directory, step = check_params_source(path, hparams)
-    return restore_params(directory, step, abstract_params)
+    manager = make_manager(directory, keep=1, read_only=True)
+    config = saved_config(manager, step)
+    if not adapters.active(config["finetune"]):
+        return restore_params(directory, step, target)
+    # A fine-tuned run's adapters on their base, LoRA folded in: the model it computes. A soft
+    # prompt is an input, not a weight of that model: it does not carry over.
+    theirs = registry.hyperparameters(config)
+    if theirs.prompt_tokens:
+        logging.warning("checkpoint.init_from=%s has a soft prompt, which this run does not "
+                        "take: it starts from that run's base (and LoRA) only.", path)
+    saved = TrainedConfig(config, step, directory, manager)
+    params, _ = lora.merge(saved.restore(abstract_params(theirs)), theirs)
+    params.pop("soft_prompt", None)
+    return jax.tree.map(lambda a, s: sharding.put_replicated_host(np.asarray(a), s.sharding),
+                        params, target)
 
 
 def check_params_source(path: str, hparams: Any) -> tuple[pathlib.Path, int]:
@@ -149,12 +165,12 @@ def _check_starts(saved_model: dict, hparams: Any, source: str) -> None:
 
 
 def abstract_params(hparams: Any) -> Any:
-    """The parameter tree of `hparams`' model as ShapeDtypeStructs on the default device
-    (nothing allocated): the target a checkpoint's parameters are restored into."""
+    """The parameter tree of `hparams`' model as ShapeDtypeStructs on this process's first
+    device (nothing allocated): the target a checkpoint's parameters are restored into."""
     model = registry.build(hparams)
     shapes = jax.eval_shape(lambda: nn.meta.unbox(
         model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
 
 
@@ -164,7 +180,7 @@ def load_trained(path: str | pathlib.Path, which: int | str | None = None
     `which` (None/"newest", "best" or a step) of a run: a workdir, its checkpoints/ or params/
     folder, or one step's folder. Only the parameters are read. For sampling and export."""
     saved = trained_config(path, which)
-    hparams = registry.hyperparameters(saved.config["model"])
+    hparams = registry.hyperparameters(saved.config)
     return saved.config, hparams, saved.restore(abstract_params(hparams)), saved.step
 
 
@@ -179,13 +195,29 @@ class TrainedConfig:
 
     def restore(self, abstract: Any) -> Any:
         """The checkpoint's parameters, placed as `abstract` (ShapeDtypeStructs with shardings)
-        says; a one-line CheckpointError if they cannot be read."""
+        says; a one-line CheckpointError if they cannot be read. A run with adapters saved only
+        them: its base (finetune.base) is read under them."""
+        mask = None
+        if adapters.active(self.config["finetune"]):
+            mask = adapters.trainable_mask(abstract, registry.hyperparameters(self.config))
         try:
-            return restore_params(self.directory, self.step, abstract)
+            params = restore_params(self.directory, self.step,
+                                    abstract if mask is None else adapters.split(abstract, mask)[0])
         except PermissionError:
             raise
         except Exception as e:
             raise _unreadable("the parameters of", self.manager, self.step, e) from e
+        if mask is None:
+            return params
+        base = self.config["finetune"]["base"]
+        try:
+            frozen = adapters.load_base(base, abstract, registry.hyperparameters(self.config),
+                                        mask)
+        except CheckpointError as e:
+            raise CheckpointError(f"the adapters of step {self.step} in {self.manager.directory} "
+                                  f"apply to the base model {base}, which cannot be read: "
+                                  f"{e}") from None
+        return adapters.join(params, frozen)
 
 
 def trained_config(path: str | pathlib.Path, which: int | str | None = None) -> TrainedConfig:

@@ -1,7 +1,7 @@
 """On 8 simulated CPU devices (run by tests/test_parallel.py with XLA_FLAGS set): one training step
-under DP, FSDP, TP, FSDP×TP and DP×FSDP×TP equals the 1-device step, for GPT-2 and for the
-architecture variants; the shardings are the ones the rules say; a run resumes on a different
-mesh."""
+under DP, FSDP, TP, FSDP×TP and DP×FSDP×TP equals the 1-device step, for GPT-2, for the
+architecture variants and for adapters (LoRA, a soft prompt); the shardings are the ones the
+rules say; a run resumes on a different mesh."""
 
 
 import jax
@@ -32,6 +32,10 @@ VARIANTS = {  # name: model.* overrides (tests/test_variants.py checks their num
     "additive": {"model.attention": "additive", "model.positions": "alibi",
                  "model.num_kv_heads": 4, "model.additive_chunk": 8},
     "lstm": {"model.arch": "lstm", "model.lstm_hidden": 32},  # Tied: a 32 → 64 projection.
+    # Adapters on a (here random) base: only they train (gpt_jax/finetune/).
+    "lora": {"finetune.lora_rank": 4, "finetune.base": "not read by one step"},
+    "prompt": {"finetune.prompt_tokens": 4, "finetune.base": "not read by one step",
+               "model.max_seq_len": 24},
 }
 
 
@@ -101,7 +105,8 @@ def one_step(corpus, workdir, mesh, devices, accum, scan, variant):
                          + [("dp_fsdp_tp", 2, False, "gpt2"), ("fsdp_tp", 1, True, "gpt2"),
                             ("fsdp_tp", 1, False, "llama"), ("tp", 1, False, "llama"),
                             ("dp_fsdp_tp", 1, True, "additive"), ("dp", 1, False, "lstm"),
-                            ("dp_fsdp_tp", 2, False, "lstm")])
+                            ("dp_fsdp_tp", 2, False, "lstm"), ("fsdp_tp", 1, False, "lora"),
+                            ("dp_fsdp_tp", 2, True, "lora"), ("fsdp_tp", 1, False, "prompt")])
 def test_sharded_step_equals_one_device(stepped, name, accum, scan, variant):
     _, init1, loss1, params1 = stepped("one", accum, scan, variant)
     _, init8, loss8, params8 = stepped(name, accum, scan, variant)
