@@ -4,6 +4,7 @@ keys going through the compiled steps."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gpt_jax.data.batch import lm_batch
 from gpt_jax.parallel import sharding
@@ -21,6 +22,7 @@ def test_setup_without_data_resolves_the_model_and_the_batch_spec(tiny_config):
         "weights": ((8, 32), jnp.float32)}
 
 
+@pytest.mark.slow  # Compiles both steps (~6 s); test_sft_data's packed rows cover it by default.
 def test_batches_with_segment_ids_and_positions_go_through_the_steps(tiny_config):
     r = build.setup_without_data(tiny_config(**{"model.vocab_size": 40}))
     with sharding.activation_context(r.mesh, r.rules):

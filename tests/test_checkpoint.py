@@ -82,6 +82,7 @@ def copy_of_trained(trained, tmp_path):
     return tmp_path / "w"
 
 
+@pytest.mark.slow  # End to end: trains, signals, saves, resumes (~11 s).
 def test_sigterm_in_process_saves_then_resume_is_exact(trained, tiny_config, tmp_path,
                                                         monkeypatch, metrics_rows):
     """SIGTERM mid-run (between checkpoint steps) saves the step and stops; the rerun resumes

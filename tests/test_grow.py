@@ -102,7 +102,9 @@ def test_grown_layers_copy_params_and_moments(trained_and_fresh, scan, mode):
     assert [x.sharding for x in jax.tree.leaves(grown)] == shardings
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+# Scanned by --runslow only: its logits compile (~4 s); the copy tests cover scanned trees.
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("mode", ["stacked", "interleaved"])
 def test_preserve_silences_the_repeats_outputs(trained_and_fresh, scan, mode):
     state, new = trained_and_fresh[scan]
@@ -314,16 +316,18 @@ def _lstm(saved):
     saved["model"]["arch"] = "lstm"
 
 
+# Two rows by default (each a process start); --runslow runs them all.
 @pytest.mark.parametrize("case,words", [
     ("to_not_empty", ["--to=", "not an empty folder"]),
-    ("to_inside_from", ["inside --from"]),
-    ("no_checkpoints", ["not a training workdir"]),
-    ("layers_not_more", ["--layers=1 must exceed the 1 layers"]),
+    pytest.param("to_inside_from", ["inside --from"], marks=pytest.mark.slow),
+    pytest.param("no_checkpoints", ["not a training workdir"], marks=pytest.mark.slow),
+    pytest.param("layers_not_more", ["--layers=1 must exceed the 1 layers"],
+                 marks=pytest.mark.slow),
     ("lora", ["grow the base instead"]),
-    ("lstm", ["model.arch='lstm'"]),
-    ("bad_step", ["no checkpoint of step 3"]),
-    ("bad_mode", ["--mode", "invalid choice"]),
-    ("bad_layers", ["--layers", "not a number of layers"]),
+    pytest.param("lstm", ["model.arch='lstm'"], marks=pytest.mark.slow),
+    pytest.param("bad_step", ["no checkpoint of step 3"], marks=pytest.mark.slow),
+    pytest.param("bad_mode", ["--mode", "invalid choice"], marks=pytest.mark.slow),
+    pytest.param("bad_layers", ["--layers", "not a number of layers"], marks=pytest.mark.slow),
 ])
 def test_bad_invocations_are_refused_in_one_line(case, words, trained_run, tmp_path,
                                                  bad_invocation):
