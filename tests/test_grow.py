@@ -250,9 +250,8 @@ def test_scheduled_growth_with_scanned_layers_and_reset(corpus, tmp_path):
 @pytest.mark.slow
 def test_tool_grows_a_run_that_then_trains_on(corpus, tmp_path, metrics_rows):
     loop.run(run_config(corpus, tmp_path, 2, 4), tmp_path / "small")
-    out = subprocess.run([sys.executable, str(TOOL), f"--from={tmp_path / 'small'}",
-                          f"--to={tmp_path / 'big'}", "--layers=4"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(TOOL), "--from=small", "--to=big", "--layers=4"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)  # Relative.
     assert out.returncode == 0, out.stderr[-3000:]
     assert "from 2 to 4 layers" in out.stdout
     small, big = final_params(tmp_path / "small"), final_params(tmp_path / "big")

@@ -104,7 +104,7 @@ def grow_workdir(source: pathlib.Path, out: pathlib.Path, layers: int, mode: str
     """Writes `out`, the grown copy of checkpoint `which` of the run in `source`; returns a
     line saying what was done."""
     _check_paths(source, out)
-    manager = checkpoint.open_to_read(source / "checkpoints")
+    manager = checkpoint.open_to_read(checkpoint.checkpoint_dir(source))  # Absolute: Orbax's.
     step_num = weights.select_step(manager, which)
     saved = ml_collections.ConfigDict(
         checkpoint.saved_config(manager, step_num))
