@@ -303,3 +303,16 @@ def test_a_base_of_another_tokenizer_is_refused(lora_runs, tmp_path, bad_invocat
     bad_invocation([sys.executable, "-m", "gpt_jax.train", *cli_flags(c),
                     f"--workdir={tmp_path / 'w'}"], "tokenizer", cwd=ROOT,
                    absent=[tmp_path / "w" / "checkpoints"])
+
+
+def test_the_base_is_pinned_to_a_step(trained_run, tmp_path):
+    """finetune.base records a step folder (absolute), which a resume accepts from that step or
+    its run's workdir (whatever the run saved since), and no other step."""
+    pinned = adapters.base_reference(str(trained_run))
+    assert pinned == str((trained_run / "checkpoints" / "4").resolve())
+    assert adapters.same_base(str(trained_run), pinned)
+    assert adapters.same_base(pinned, pinned)
+    assert not adapters.same_base(str(trained_run / "checkpoints" / "2"), pinned)
+    (tmp_path / "hf").mkdir()
+    assert adapters.base_reference(f"hf:{tmp_path / 'hf'}") == f"hf:{(tmp_path / 'hf').resolve()}"
+    assert adapters.base_reference("hf:gpt2") == "hf:gpt2"  # A hub name stays a name.

@@ -153,7 +153,7 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path,
     out = pathlib.Path(out)
     checkpoints, run_dir = _run_folders(workdir)
     _check_export_dir(out, run_dir, checkpoints)
-    _, cfg, params, step = weights.load_trained(workdir, which)
+    cfg = registry.hyperparameters(weights.trained_config(workdir, which).config)
     if registry.arch_of(cfg).name != "gpt":
         raise hf_gpt2.InteropError(f"{workdir} holds a model.arch={registry.arch_of(cfg).name!r} "
                                    "model; only GPT-2 (model.arch=gpt) models export.")
@@ -164,6 +164,7 @@ def export_hf(workdir: str | pathlib.Path, out: str | pathlib.Path,
     if cfg.prompt_tokens:
         raise hf_gpt2.InteropError(f"{workdir} has a soft prompt, an input that no Hugging Face "
                                    "model takes; export its base (finetune.base) instead.")
+    _, cfg, params, step = weights.load_trained(workdir, which)
     params = jax.device_get(params)
     # A Llama block exports as LlamaForCausalLM; anything else must be a GPT-2 (its refusal
     # names the field that is not).

@@ -102,14 +102,28 @@ def base_reference(init_from: str) -> str:
     as given. A workdir's newest step now, so the reference holds if its run saves more."""
     from gpt_jax.training import weights  # Imports the training stack.
 
-    if init_from.startswith(weights.HF_PREFIX):
-        return init_from
+    if init_from.startswith(weights.HF_PREFIX):  # A local folder: absolute; a hub name as is.
+        local = pathlib.Path(init_from[len(weights.HF_PREFIX):]).expanduser()
+        return weights.HF_PREFIX + str(local.resolve()) if local.is_dir() else init_from
     directory, step = weights.params_source(init_from)
     # Process 0's choice: the base run may save a newer step between two processes' reads.
     step = distributed.primary_int(weights.select_step(weights.open_to_read(directory), step))
     if remote.is_url(str(directory)):
         return str(directory / str(step))
     return str(pathlib.Path(directory).resolve() / str(step))
+
+
+def same_base(given: str, pinned: str) -> bool:
+    """Whether `given` (a finetune.base or init_from as written) names the pinned base: the same
+    step, or the workdir or checkpoints folder it is in (whatever that run has saved since)."""
+    from gpt_jax.training import weights
+
+    if given.startswith(weights.HF_PREFIX) or pinned.startswith(weights.HF_PREFIX):
+        return base_reference(given) == pinned
+    directory, step = weights.params_source(given)
+    where = str(directory) if remote.is_url(str(directory)) else str(
+        pathlib.Path(directory).resolve())
+    return pinned == f"{where}/{step}" if step is not None else pinned.startswith(where + "/")
 
 
 def load_base(reference: str, abstract_params: Any, hparams: Any, mask: Any) -> dict:

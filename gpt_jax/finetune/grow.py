@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from gpt_jax import config as config_lib
 from gpt_jax.models import registry
@@ -87,6 +88,11 @@ def run_at_start(r: build.Run) -> build.Run:
     next step, as an uninterrupted run does, so a resumed run equals one never stopped."""
     if not config_lib.grow_steps(r.config):
         return r
+    if late := [g for g in config_lib.grow_steps(r.config) if g >= r.config.train.num_steps]:
+        logging.warning("train.grow_at names steps %s, at or past train.num_steps=%d: this run "
+                        "ends at %d layers, not model.num_layers=%d (a longer run goes on).", late,
+                        r.config.train.num_steps, depth_at(r.config, r.config.train.num_steps),
+                        r.config.model.num_layers)
     directory = r.checkpoints
     steps = checkpoint.open_to_read(directory).all_steps() if directory.is_dir() else []
     return phase_run(r, max(steps, default=0))

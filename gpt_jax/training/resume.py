@@ -3,6 +3,7 @@ parameters or from those `checkpoint.init_from` names."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -45,7 +46,7 @@ def _pin_base(r: Run, saved: dict | None) -> None:
     if theirs is None:
         f.base = adapters.base_reference(f.base or r.config.checkpoint.init_from)
         return
-    if f.base is not None and adapters.base_reference(f.base) != theirs:
+    if f.base is not None and not adapters.same_base(f.base, theirs):
         raise config_lib.ConfigError(
             f"finetune.base={f.base} is not the base {theirs} that the adapters in {r.where} "
             "were trained on; leave finetune.base unset to resume on theirs, or start a new run "
@@ -63,7 +64,8 @@ def _check_source_tokenizer(r: Run, source: str) -> None:
         return  # check_params_source says what is wrong with the path.
     if not (where / "tokenizer.json").exists():
         return
-    theirs = tokenizers.load_tokenizer(where / "tokenizer.json")
+    spec = json.loads((where / "tokenizer.json").read_text())  # A URL workdir's too.
+    theirs = tokenizers.tokenizer_from_dict(spec)
     if theirs.to_dict() != r.data.tokenizer.to_dict():
         raise config_lib.ConfigError(
             f"checkpoint.init_from={source} was trained with another tokenizer ({theirs.name}, "

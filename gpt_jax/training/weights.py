@@ -126,8 +126,8 @@ def load_params(path: str, target: Any, hparams: Any) -> Any:
     saved = TrainedConfig(config, step, directory, manager)
     params, _ = lora.merge(saved.restore(abstract_params(theirs)), theirs)
     params.pop("soft_prompt", None)
-    return jax.tree.map(lambda a, s: sharding.put_replicated_host(np.asarray(a), s.sharding),
-                        params, target)
+    return jax.tree.map(lambda a, s: sharding.put_replicated_host(np.asarray(a, s.dtype),
+                                                                  s.sharding), params, target)
 
 
 def check_params_source(path: str, hparams: Any) -> tuple[pathlib.Path, int]:
