@@ -264,6 +264,12 @@ def get_config() -> ml_collections.ConfigDict:
     # loss, lr, tokens/s, MFU, elapsed, ETA: what a cluster log wants) | bar | lines.
     lg.progress = "auto"
     lg.tensorboard = True  # Write TensorBoard events to WORKDIR/tb (flushed at every row).
+    # Also log every row to Weights & Biases (pip install -r requirements-wandb.txt): offline
+    # (files under WORKDIR/wandb, no network; `wandb sync` uploads them) | online (needs a
+    # login). A resumed run continues its wandb run (its id is kept in WORKDIR/wandb_id).
+    lg.wandb = False
+    lg.wandb_mode = "offline"
+    lg.wandb_project = "gpt_jax"  # The wandb project the runs go to.
     # A workdir on cloud storage (gs://…): its metrics, TensorBoard events and config are written
     # locally and uploaded at most this often, before every checkpoint save and at the end (an
     # object cannot be appended to; see gpt_jax/training/remote.py). 0: at every row.

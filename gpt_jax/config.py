@@ -218,6 +218,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(ck.keep >= 1, f"checkpoint.keep={ck.keep} must be ≥ 1.")
     check(config.log.every >= 1, f"log.every={config.log.every} must be ≥ 1.")
     one_of(config.log.progress, "log.progress", PROGRESS)
+    one_of(config.log.wandb_mode, "log.wandb_mode", ("offline", "online"))
+    if config.log.wandb:
+        from gpt_jax.training.wandb_sink import missing_problem
+
+        check(missing_problem() is None, missing_problem() or "")
     check(config.log.upload_every_s >= 0,
           f"log.upload_every_s={config.log.upload_every_s} must be ≥ 0 (0: at every row).")
 

@@ -42,6 +42,9 @@ def _define_flags() -> None:
                          "non-overlapping windows).")
     flags.DEFINE_integer("batch_size", None, "Windows or task rows per step (default: the run's "
                          "train.batch_size).")
+    flags.DEFINE_boolean("per_position", False, "Also the mean loss at each position of the "
+                         "non-overlapping windows of --seq_len tokens (how loss falls with "
+                         "context), in the record as per_position.")
     flags.DEFINE_multi_string("task", [], "A task JSONL file or built-in name (repeatable).")
     flags.DEFINE_string("task_source", None, "The text a built-in task is made from, where it "
                         "needs one (shakespeare_cloze: Tiny Shakespeare).")
@@ -139,10 +142,19 @@ def _load_tasks(tokenizer) -> list:
 def _score_text(run, split: str, show: bool) -> list[dict]:
     from gpt_jax.eval import text
 
-    rows = [text.evaluate_split(run, s, FLAGS.stride)
-            for s in text.read_splits(run, FLAGS.data, split, FLAGS.text_field)]
+    splits = text.read_splits(run, FLAGS.data, split, FLAGS.text_field)
+    rows = [text.evaluate_split(run, s, FLAGS.stride) for s in splits]
     if split == "all":
         rows.append(text.total_row(rows))
+    if FLAGS.per_position:
+        from gpt_jax.eval import scoring
+
+        r = run.run
+        scorer = scoring.Scorer(r.model, run.params, max_len=r.config.data.seq_len,
+                                batch_size=run.micro_batch, mesh=r.mesh, rules=r.rules)
+        for row, s in zip(rows, splits, strict=False):  # Not the total row of "all".
+            losses, windows = scorer.position_losses(s.tokens)
+            row["per_position"], row["per_position_windows"] = losses.tolist(), windows
     if show:
         print(f"\n{FLAGS.data or 'the run’s own data'} (stride {FLAGS.stride or 'seq_len'})\n"
               "| split | loss | perplexity | bits per byte | tokens | bytes |\n| --- |"
@@ -150,6 +162,14 @@ def _score_text(run, split: str, show: bool) -> list[dict]:
         for r in rows:
             print(f"| {r['split']} | {r['loss']:.4f} | {r['ppl']:.3f} | "
                   f"{r['bits_per_byte']:.4f} | {r['tokens']:,} | {r['bytes']:,} |")
+        for r in rows:
+            if "per_position" in r:
+                at = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+                      if p <= len(r["per_position"])]
+                print(f"\n{r['split']}: loss by context length (tokens seen), "
+                      f"{r['per_position_windows']:,} windows\n| "
+                      + " | ".join(map(str, at)) + " |\n|" + " --- |" * len(at) + "\n| "
+                      + " | ".join(f"{r['per_position'][p - 1]:.4f}" for p in at) + " |")
     return rows
 
 

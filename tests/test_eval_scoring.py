@@ -254,3 +254,18 @@ def test_refuses_an_encoder_decoder_and_bad_settings():
         scoring.text_batches(np.zeros(1, np.int32), T, 2)
     with pytest.raises(ValueError, match="num_bytes"):
         scoring.bits_per_byte(1.0, 0)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_position_losses_average_each_position_over_whole_windows(arch):
+    model, params = tiny(arch)
+    text = ids(5 * T + 7, seed=11)  # 5 whole windows of T + 1 tokens; the partial one is left out.
+    want = -np.mean([logprobs(model, params, text[s : s + T + 1]) for s in range(0, 5 * T, T)],
+                    axis=0)
+    for scorer in (scoring.Scorer(model, params, max_len=T, batch_size=2),
+                   mesh_scorer(model, params)):
+        losses, windows = scorer.position_losses(np.asarray(text))
+        assert windows == 5 and losses.shape == (T,)
+        np.testing.assert_allclose(losses, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one window"):
+        scorer.position_losses(np.asarray(text[:T]))

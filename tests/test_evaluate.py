@@ -108,8 +108,16 @@ def test_command_prints_tables_and_appends_results(trained_run, tmp_path, bad_in
     bad_invocation([*cmd, "--stride=0"], "--stride", protect=[workdir])
     bad_invocation([*cmd, "--split=test"], "--split", protect=[workdir])
     out = tmp_path / "new" / "folder" / "results.jsonl"  # Made when the results are written.
-    r = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*cmd, f"--out={out}", "--per_position"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0 and len(out.read_text().splitlines()) == 1, r.stderr
+    (val,) = json.loads(out.read_text())["text"]
+    seq_len = json.loads((workdir / "config.json").read_text())["data"]["seq_len"]
+    assert len(val["per_position"]) == seq_len and val["per_position_windows"] > 0
+    # Whole windows, each position once: their mean is close to the split's loss (which also
+    # scores the last, partial window).
+    assert abs(sum(val["per_position"]) / seq_len - val["loss"]) < 0.1
+    assert "loss by context length" in r.stdout
     bad_invocation([sys.executable, "-m", "gpt_jax.evaluate"], "--workdir")
 
 

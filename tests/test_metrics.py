@@ -1,5 +1,5 @@
 """MFU's FLOP count against a hand count, peak lookup, the JSONL/TensorBoard writer (read back
-with TensorBoard's own EventAccumulator), and the train lines."""
+with TensorBoard's own EventAccumulator), its cumulative training FLOPs, and the train lines."""
 
 import io
 import json
@@ -70,7 +70,7 @@ def test_writer_jsonl_and_tensorboard(tmp_path):
     w.close()
     rows = read_rows(tmp_path / "metrics.jsonl")
     assert {k: v for k, v in rows[0].items() if k != "time"} == {
-        "step": 1, "train/loss": 2.5, "mfu": None, "lr": 1e-3, "tokens": 64}
+        "step": 1, "train/loss": 2.5, "mfu": None, "lr": 1e-3, "tokens": 64, "flops": 0.0}
     assert 5.0 <= rows[0]["time"] <= rows[1]["time"] < 60 and rows[1]["tokens"] == 128
     assert rows[1]["train/loss"] == "nan" and not math.isnan(rows[0]["train/loss"])
     tb = tensorboard_scalars(tmp_path / "tb")
@@ -177,3 +177,73 @@ def test_a_killed_run_keeps_every_logged_row_in_tensorboard(tiny_config, train_c
     text = log.read_text()
     assert "\r" not in text
     assert "step 5/5000: loss " in text and "tokens/s" in text and "eta" in text
+
+
+def test_flops_count_tokens_times_the_rate(tmp_path):
+    """One rate: a row's `flops` is tokens_per_step × FLOPs per token × step."""
+    w = MetricsWriter(tmp_path, tensorboard=False, tokens_per_step=64)
+    w.write(0, {"val/loss": 3.0})  # Before any rate is set: none counted.
+    w.set_flops_per_token(1000.0, 0)
+    for step in (1, 2, 5):
+        w.write(step, {"train/loss": 1.0})
+    w.close()
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["flops"]) for r in rows] == [(0, 0.0), (1, 64e3), (2, 128e3), (5, 320e3)]
+    assert all(isinstance(r["flops"], float) for r in rows)
+
+
+def test_a_new_flops_rate_counts_on_from_its_step(tmp_path):
+    """set_flops_per_token(new, k) (a model grown after step k): rows up to k keep the old rate,
+    rows after k add the new one to step k's count."""
+    w = MetricsWriter(tmp_path, tensorboard=False, tokens_per_step=10)
+    w.set_flops_per_token(100.0, 0)
+    for step in (1, 2, 4):
+        w.write(step, {"train/loss": 1.0})
+    w.set_flops_per_token(300.0, 4)
+    w.write(4, {"val/loss": 2.0})  # The eval at the growth step: still step 4's count.
+    for step in (5, 8):
+        w.write(step, {"train/loss": 1.0})
+    w.close()
+    flops = [(r["step"], r["flops"]) for r in read_rows(tmp_path / "metrics.jsonl")]
+    at_4 = 4 * 10 * 100.0
+    assert flops == [(1, 1e3), (2, 2e3), (4, at_4), (4, at_4), (5, at_4 + 3e3), (8, at_4 + 4 * 3e3)]
+
+
+def test_a_resume_counts_flops_on_from_the_last_kept_row(tmp_path):
+    """A writer with resume_after=N continues from the `flops` of the last row up to N (rows
+    after N, rolled back, do not count), at the rate set from N on."""
+    first = MetricsWriter(tmp_path, tensorboard=False, tokens_per_step=10)
+    first.set_flops_per_token(100.0, 0)
+    for step in range(1, 11):
+        first.write(step, {"train/loss": 1.0})
+    first.set_flops_per_token(1e9, 10)  # Grown after the checkpoint: rolled back with its rows.
+    first.write(11, {"train/loss": 1.0})
+    first.close()  # Killed after step 11; the newest checkpoint is step 6.
+    resumed = MetricsWriter(tmp_path, tensorboard=False, resume_after=6, tokens_per_step=10)
+    resumed.set_flops_per_token(200.0, 6)  # What the loop does: the resumed model's rate.
+    for step in (7, 8):
+        resumed.write(step, {"train/loss": 1.0})
+    resumed.close()
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["flops"]) for r in rows[5:]] == [(6, 6e3), (7, 6e3 + 2e3), (8, 6e3 + 4e3)]
+    assert [r["step"] for r in read_rows(tmp_path / "metrics.rolledback.jsonl")] == [7, 8, 9, 10, 11]
+    # A second writer without a rate set (a non-training writer): flops held at the kept row's.
+    again = MetricsWriter(tmp_path, tensorboard=False, resume_after=8, tokens_per_step=10)
+    again.write(9, {"val/loss": 1.0})
+    again.close()
+    assert read_rows(tmp_path / "metrics.jsonl")[-1]["flops"] == 10e3
+
+
+def test_a_resume_counts_the_steps_between_the_last_row_and_the_checkpoint(tmp_path):
+    """Rows every 5 steps, resumed from a checkpoint at step 8: steps 6–8 trained too."""
+    first = MetricsWriter(tmp_path, tensorboard=False, tokens_per_step=10)
+    first.set_flops_per_token(100.0, 0)
+    for step in (5, 10):
+        first.write(step, {"train/loss": 1.0})
+    first.close()
+    resumed = MetricsWriter(tmp_path, tensorboard=False, resume_after=8, tokens_per_step=10)
+    resumed.set_flops_per_token(100.0, 8)
+    resumed.write(9, {"train/loss": 1.0})
+    resumed.close()
+    last = read_rows(tmp_path / "metrics.jsonl")[-1]
+    assert (last["tokens"], last["flops"]) == (90, 9 * 10 * 100.0)

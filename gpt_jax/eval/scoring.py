@@ -234,6 +234,38 @@ class Scorer:
         totals, _, counts = self._score_rows(rows, len(texts))
         return [(float(t), int(n)) for t, n in zip(totals, counts, strict=True)]
 
+    def position_losses(self, tokens: Tokens) -> tuple[np.ndarray, int]:
+        """(mean negative log-likelihood at each position 0..max_len-1 [max_len] float64, number
+        of windows) over the non-overlapping windows of max_len + 1 tokens of `tokens`. Position
+        t predicts a window's token t + 1 from the t + 1 before it, so the curve shows how loss
+        falls with context. A last partial window is left out: every position averages the same
+        windows."""
+        text = as_stream(tokens)  # A prepared split is read window by window.
+        starts = range(0, len(text) - self.max_len, self.max_len)
+        if not starts:
+            raise ValueError(f"the text has {len(text)} tokens; per-position losses need at least "
+                             f"one window of max_len + 1 = {self.max_len + 1}.")
+        total_L = np.zeros(self.max_len, np.float64)
+        pending = []
+        context = (sharding.activation_context(self._mesh, self._rules) if self._mesh is not None
+                   else contextlib.nullcontext())
+        with context:
+            for b in range(0, len(starts), self.batch_size):
+                group = starts[b : b + self.batch_size]
+                inputs_BL = np.zeros((self.batch_size, self.max_len), np.int32)
+                targets_BL = np.zeros((self.batch_size, self.max_len), np.int32)
+                for row, start in enumerate(group):
+                    window = self._ids(text.read(start, start + self.max_len + 1), "the text")
+                    inputs_BL[row], targets_BL[row] = window[:-1], window[1:]
+                pending.append((len(group), _token_scores(
+                    self._model, self._params, self._put(inputs_BL), self._put(targets_BL),
+                    self._replicated, self._rules)[0]))
+                if self._sync:
+                    jax.block_until_ready(pending[-1][1])
+        for rows, logp_BL in pending:  # Padding rows (past `rows`) are left out.
+            total_L -= np.sum(np.asarray(jax.device_get(logp_BL))[:rows], axis=0, dtype=np.float64)
+        return total_L / len(starts), len(starts)
+
     def _ids(self, ids: Sequence[int], what: str) -> np.ndarray:
         """`ids` as a 1-D int32 array, checked against the model's vocabulary."""
         array = np.asarray(ids, dtype=np.int64)

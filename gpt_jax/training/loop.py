@@ -145,7 +145,7 @@ class Loop:
                 MetricsWriter.keep_previous(r.workdir, r.where)
             # Whole or not at all: a full disk must not leave the run's config half-written.
             cli.write_atomically({r.workdir / "config.json": self.config_json + "\n"})
-        num_params = count_params(self.state.params)
+        self.num_params = num_params = count_params(self.state.params)
         adapters.log_counts(self.state.params, r.trainable)
         logging.info("model: %s parameters; workdir %s; mesh %s", f"{num_params:,}", r.where,
                      mesh_lib.describe(r.mesh))
@@ -153,17 +153,28 @@ class Loop:
         tokens_per_step = t.batch_size * config.data.seq_len
         self.writer = MetricsWriter(r.workdir, config.log.tensorboard, resume_after=self.start,
                                     active=self.primary, tokens_per_step=tokens_per_step,
-                                    started=started)
+                                    started=started, wandb=self._wandb_sink())
         bar = show_bar(config.log.progress, self.primary)
         self.bar = tqdm.tqdm(initial=self.start, total=t.num_steps, unit="step", smoothing=0.1,
                              disable=not bar, mininterval=0.5)
         step_flops = r.arch.flops_per_token(r.hparams, num_params, config.data.seq_len)
+        self.writer.set_flops_per_token(step_flops, self.start)
         peak = peak_flops_per_device(jax.devices()[0], config.log.peak_flops)
         self.logger = TrainLogger(self.writer, self.bar, tokens_per_step,
                                   step_flops * tokens_per_step,
                                   None if peak is None else peak * jax.device_count(),
                                   t.num_steps, lines=self.primary and not bar)
         self.last_eval: dict = {}
+
+    def _wandb_sink(self):
+        """What makes the run's wandb sink (log.wandb), or None."""
+        lg = self.config.log
+        if not lg.wandb:
+            return None
+        from gpt_jax.training.wandb_sink import WandbSink
+
+        return lambda: WandbSink(self.r.workdir, lg.wandb_project, lg.wandb_mode,
+                                 config_lib.from_json(self.config_json).to_dict())
 
     def compile(self) -> None:
         """Compiles the train and eval steps of self.r; stops if the train step cannot fit."""
@@ -195,9 +206,12 @@ class Loop:
             cli.write_atomically({self.r.workdir / "config.json": self.config_json + "\n"})
         if self.task_metrics:
             self.task_metrics.r = self.r
-        num_params = count_params(self.state.params)
-        self.logger.set_flops_per_step(self.t.batch_size * self.config.data.seq_len * (
-            self.r.arch.flops_per_token(self.r.hparams, num_params, self.config.data.seq_len)))
+        self.num_params = num_params = count_params(self.state.params)
+        flops_per_token = self.r.arch.flops_per_token(self.r.hparams, num_params,
+                                                      self.config.data.seq_len)
+        self.logger.set_flops_per_step(self.t.batch_size * self.config.data.seq_len
+                                       * flops_per_token)
+        self.writer.set_flops_per_token(flops_per_token, step_num)
         self.logger.restart_clock(step_num)  # The compile is not training time.
         logging.info("grew the model after step %d: %d → %d layers (%s, %s; optimizer state "
                      "%s); %s parameters", step_num, old.config.model.num_layers,
@@ -313,6 +327,7 @@ class Loop:
                 self.val_tokens, d.seq_len, batch_size))
         m = evaluate(self.eval_step, self.state.params, batches)
         m["val/split"] = "full" if full else "batches"
+        m["params"] = self.num_params  # The model's size at this step (it changes if it grows).
         if self.pairs and self.t.eval_decode > 0:
             m.update(decoded_val_metrics(self.r, self.state.params, self.val_pairs,
                                          None if full else self.t.eval_decode))

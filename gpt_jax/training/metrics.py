@@ -106,16 +106,23 @@ class MetricsWriter:
     after N, written before the interruption, to metrics.rolledback.jsonl, so metrics.jsonl has
     each step once; TensorBoard hides its events after N the same way (purge_step). Every row gets
     `time`: seconds since `started` (this process's start, time.time()) plus the `time` of the
-    last row kept from earlier runs of this workdir; and `tokens`: step × `tokens_per_step`, or
+    last row kept from earlier runs of this workdir; `tokens`: step × `tokens_per_step`, or
     after a resume, the last kept row's `tokens` counted on by `tokens_per_step` per step (the
-    batch shape may have changed).
+    batch shape may have changed); and `flops`: the training FLOPs to that step, counted on from
+    the last kept row's at the rate `set_flops_per_token` gives (the model's, which changes when
+    it grows).
     """
 
     def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_after: int = 0,
-                 active: bool = True, tokens_per_step: int = 0, started: float | None = None):
-        """`active=False` (every process but 0 of a multi-process run) writes nothing."""
-        self._file, self._tb = None, None
+                 active: bool = True, tokens_per_step: int = 0, started: float | None = None,
+                 wandb: Any = None):
+        """`active=False` (every process but 0 of a multi-process run) writes nothing. `wandb`:
+        a callable making the optional third sink (wandb_sink.WandbSink) once the files are
+        open, or None."""
+        self._file, self._tb, self._wandb = None, None, None
         self._tokens_per_step, self._tokens_at_0 = tokens_per_step, 0
+        # Training FLOPs: `flops` at step `step` of the anchor, and per token from there on.
+        self._flops_anchor, self._flops_per_token, self._rate_set = (0, 0.0), 0.0, False
         self._started = time.time() if started is None else started
         if not active:
             return
@@ -129,9 +136,12 @@ class MetricsWriter:
             # then at this run's (a resume may change the batch shape).
             at_resume = last["tokens"] + (resume_after - last["step"]) * last["tokens"] // last["step"]
             self._tokens_at_0 = at_resume - resume_after * tokens_per_step
+        if isinstance(last.get("flops"), float | int):
+            self._flops_anchor = (int(last["step"]), float(last["flops"]))
         self._file = open(path, "a")  # noqa: SIM115 — closed in close().
         purge = resume_after + 1 if resume_after > 0 else None
         self._tb = EventFile(workdir / "tb", purge_step=purge) if tensorboard else None
+        self._wandb = wandb() if wandb is not None else None
 
     @staticmethod
     def keep_previous(workdir: pathlib.Path, shown: str | None = None) -> None:
@@ -146,6 +156,18 @@ class MetricsWriter:
             logging.warning("%s held an earlier run's metrics; kept as metrics.prev%d.jsonl",
                             shown or workdir, n)
 
+    def set_flops_per_token(self, flops_per_token: float, step: int) -> None:
+        """Training FLOPs per token from step `step` on (rows before it keep the old rate). The
+        first call sets the rate from the last kept row on: after a resume, the steps between
+        that row and the checkpoint ran at it."""
+        if self._rate_set:
+            self._flops_anchor = (step, self._flops_at(step))
+        self._flops_per_token, self._rate_set = float(flops_per_token), True
+
+    def _flops_at(self, step: int) -> float:
+        anchor_step, anchor_flops = self._flops_anchor
+        return anchor_flops + (step - anchor_step) * self._tokens_per_step * self._flops_per_token
+
     def elapsed(self) -> float:
         """Wall seconds since the run's first start (what rows record as `time`)."""
         return time.time() - self._started
@@ -159,17 +181,23 @@ class MetricsWriter:
             row[k] = _to_python(v)
         row["time"] = round(self.elapsed(), 3)
         row["tokens"] = self._tokens_at_0 + int(step) * self._tokens_per_step
+        row["flops"] = self._flops_at(int(step))
+        scalars = {k: v for k, v in row.items()
+                   if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
         if self._tb is not None:  # First: a kill between the two leaves JSONL ⊆ TensorBoard.
-            self._tb.write(step, {k: v for k, v in row.items() if k != "step"
-                                  and isinstance(v, int | float) and math.isfinite(v)})
+            self._tb.write(step, scalars)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(int(step), scalars)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def _last_row(path: pathlib.Path) -> dict[str, Any]:

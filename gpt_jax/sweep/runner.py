@@ -1,0 +1,321 @@
+"""Runs a sweep's points: each an ordinary `python -m gpt_jax.train` process (then its evals),
+sequentially or N at a time with the devices split between them; writes a SLURM job array.
+
+A run is done when its metrics.jsonl has the final val row (step train.num_steps) and each eval
+its record; a launch skips done runs, and an interrupted one (killed, preempted, a failed step)
+is simply started again: training resumes from its newest checkpoint. Two launches never train
+one run at once: the run's workdir lock (gpt_jax/training/lock.py) refuses the second, which
+reports the run as busy and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from gpt_jax import cli
+from gpt_jax.sweep.declare import Point, Sweep, value_arg
+
+SWEEP_LOG = "sweep.jsonl"  # Beside the runs: one line per launch (start, end, host, outcome).
+EVALS = "evals"  # In a run's workdir: evals/NAME.jsonl, evaluate's record of each Eval.
+
+
+class SweepError(ValueError):
+    """A sweep file or launch that cannot work; the message names the fix, in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A sweep file's declaration and where its runs live."""
+
+    sweep: Sweep
+    file: pathlib.Path  # The sweep file.
+    root: pathlib.Path  # The runs' workdirs: ROOT/<run name>.
+    repo: pathlib.Path  # The folder the runs start in (configs/ … resolve there).
+
+    @property
+    def name(self) -> str:
+        return self.file.parent.name
+
+    def workdir(self, point: Point) -> pathlib.Path:
+        return self.root / point.name
+
+
+def load(path: str, root: str | None = None) -> Loaded:
+    """The sweep of `path` (a file defining get_sweep() → Sweep); its runs under `root`,
+    default the sweep file's folder's runs/."""
+    file = pathlib.Path(path).expanduser()
+    if not file.is_file():
+        raise SweepError(f"{path}: no such sweep file; give experiments/NAME/sweep.py")
+    spec = importlib.util.spec_from_file_location(f"_sweep_{file.parent.name}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        get = getattr(module, "get_sweep", None)
+        if get is None:
+            raise SweepError(f"{path} defines no get_sweep(); define one returning a "
+                             "gpt_jax.sweep.Sweep (see experiments/README.md)")
+        sweep = get()
+    except SweepError:
+        raise
+    except Exception as e:  # The file's own error: one line, with its line number.
+        raise SweepError(f"{path}: {cli.brief(e, line=-1)}; fix the sweep file") from None
+    if not isinstance(sweep, Sweep):
+        raise SweepError(f"{path}: get_sweep() returned {type(sweep).__name__}, not a Sweep")
+    repo = cli.recipes_dir().parent
+    return Loaded(sweep, file.resolve(), pathlib.Path(root).expanduser().resolve() if root
+                  else file.resolve().parent / "runs", repo)
+
+
+def config_of(loaded: Loaded, point: Point) -> ml_collections.ConfigDict:
+    """The run's config, built here as the train command will build it and validated, so a bad
+    override or value stops the launch before anything runs."""
+    from gpt_jax import config as config_lib
+
+    path, _, variant = loaded.sweep.config.partition(":")
+    file = (loaded.repo / path) if not os.path.isabs(path) else pathlib.Path(path)
+    if not file.is_file():
+        raise SweepError(f"Sweep.config={loaded.sweep.config!r}: no file {file}; give a config "
+                         "file relative to the repository (configs/NAME.py[:VARIANT])")
+    cli.use_own_recipes()
+    spec = importlib.util.spec_from_file_location(f"_sweep_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config(variant) if variant else module.get_config()
+    except Exception as e:
+        raise SweepError(f"Sweep.config={loaded.sweep.config!r}: {cli.brief(e, line=-1)}") from None
+    for key, value in loaded.sweep.overrides(point).items():
+        if msg := cli.unknown_config_key(key, flag=""):
+            raise SweepError(f"run {point.name}: {msg}")
+        group, _, field = key.rpartition(".")
+        try:
+            setattr(config[group] if group else config, field, value)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise SweepError(f"run {point.name}: {key}={value!r}: {cli.brief(e, line=-1)}") from None
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        raise SweepError(f"run {point.name}: {e}") from None
+    return config
+
+
+def train_command(loaded: Loaded, point: Point) -> list[str]:
+    """The run's training command (the README of an experiment shows the same)."""
+    args = [sys.executable, "-m", "gpt_jax.train", f"--config={loaded.sweep.config}",
+            f"--workdir={loaded.workdir(point)}"]
+    args += [f"--config.{k}={value_arg(v)}" for k, v in loaded.sweep.overrides(point).items()]
+    return args
+
+
+def eval_command(loaded: Loaded, point: Point, name: str, args: Sequence[str]) -> list[str]:
+    workdir = loaded.workdir(point)
+    return [sys.executable, "-m", "gpt_jax.evaluate", f"--workdir={workdir}",
+            f"--out={workdir / EVALS / name}.jsonl", *args]
+
+
+def final_row(workdir: pathlib.Path, num_steps: int) -> dict[str, Any] | None:
+    """The run's final val row (step num_steps, with val/loss), or None if it has none yet."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # A line cut by a kill.
+            continue
+        if row.get("step") == num_steps and "val/loss" in row:
+            found = row
+    return found
+
+
+def eval_record(workdir: pathlib.Path, name: str) -> dict[str, Any] | None:
+    """The newest record of the run's eval `name`, or None."""
+    path = workdir / EVALS / f"{name}.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[-1] if rows else None
+
+
+def status(loaded: Loaded, point: Point, num_steps: int) -> str:
+    """done | evals (trained, an eval missing) | partial (a checkpoint to resume) | new."""
+    workdir = loaded.workdir(point)
+    if final_row(workdir, num_steps) is not None:
+        missing = [e for e in loaded.sweep.evals if eval_record(workdir, e.name) is None]
+        return "evals" if missing else "done"
+    checkpoints = workdir / "checkpoints"
+    return "partial" if checkpoints.is_dir() and any(checkpoints.iterdir()) else "new"
+
+
+def device_groups(parallel: int) -> list[dict[str, Any]]:
+    """How `parallel` runs share this machine: each slot's environment (CUDA_VISIBLE_DEVICES of
+    its share of the GPUs) or CPU cores (its share of this process's). One slot: all of it."""
+    if parallel == 1:
+        return [{}]
+    gpus = _visible_gpus()
+    if gpus:
+        if len(gpus) % parallel:
+            raise SweepError(f"--parallel={parallel} does not divide the {len(gpus)} visible GPUs; "
+                             "give a divisor so every run gets the same devices")
+        share = len(gpus) // parallel
+        return [{"env": {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * share:(i + 1) * share])}}
+                for i in range(parallel)]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < parallel:
+        raise SweepError(f"--parallel={parallel} exceeds the {len(cores)} CPU cores this process "
+                         "may use; give at most that many")
+    share = len(cores) // parallel
+    return [{"cores": cores[i * share:(i + 1) * share]} for i in range(parallel)]
+
+
+def _visible_gpus() -> list[str]:
+    """GPU ids this process may use, without starting jax (which would hold them)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+@dataclasses.dataclass
+class _Job:
+    point: Point
+    steps: list[list[str]]  # Commands still to run, in order.
+    log: pathlib.Path
+    slot: int
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+
+
+def run(loaded: Loaded, points: Sequence[Point], parallel: int,
+        say: Callable[[str], None] = print) -> dict[str, list[str]]:
+    """Trains and evaluates every run of `points` that is not done, `parallel` at a time;
+    returns the names of the runs by outcome: done (already), ran, failed, busy."""
+    configs = {p.name: config_of(loaded, p) for p in points}  # Every run checked first.
+    slots = device_groups(parallel)
+    outcome: dict[str, list[str]] = {"done": [], "ran": [], "failed": [], "busy": []}
+    pending = []
+    for p in points:
+        state = status(loaded, p, configs[p.name].train.num_steps)
+        if state == "done":
+            outcome["done"].append(p.name)
+            continue
+        steps = [] if state == "evals" else [train_command(loaded, p)]
+        steps += [eval_command(loaded, p, e.name, e.args) for e in loaded.sweep.evals
+                  if state != "evals" or eval_record(loaded.workdir(p), e.name) is None]
+        log = loaded.root / "logs" / f"{p.name}.log"
+        pending.append(_Job(p, steps, log, slot=-1))
+        say(f"{p.name}: {state}" + (" (resuming from its checkpoint)" if state == "partial" else ""))
+    loaded.root.mkdir(parents=True, exist_ok=True)
+    launch = {"start": _now(), "host": platform.node(), "cpus": len(os.sched_getaffinity(0)),
+              "cpu": _cpu_model(), "parallel": parallel, "runs": [j.point.name for j in pending]}
+    begin, running, free = time.time(), [], list(range(len(slots)))
+    try:
+        while pending or running:
+            while pending and free:
+                job = pending.pop(0)
+                job.slot = free.pop(0)
+                _start(job, slots[job.slot], loaded.repo, say)
+                running.append(job)
+            time.sleep(0.2)
+            for job in list(running):
+                code = job.proc.poll()
+                if code is None:
+                    continue
+                if code == 0 and job.steps:  # Its evals next, in the same slot.
+                    _start(job, slots[job.slot], loaded.repo, say)
+                    continue
+                running.remove(job)
+                free.append(job.slot)
+                kind = "ran" if code == 0 else "busy" if _locked(job.log) else "failed"
+                outcome[kind].append(job.point.name)
+                say(f"{job.point.name}: {'finished' if code == 0 else kind} in "
+                    f"{time.time() - job.started:.0f} s" + ("" if code == 0 else f" (exit {code}; "
+                                                            f"see {job.log})"))
+    finally:
+        for job in running:  # Interrupted (Ctrl-C): the runs stop and resume next launch.
+            if job.proc and job.proc.poll() is None:
+                job.proc.terminate()
+                job.proc.wait()
+        launch.update(end=_now(), seconds=round(time.time() - begin, 1),
+                      **{k: len(v) for k, v in outcome.items()})
+        with open(loaded.root / SWEEP_LOG, "a") as f:
+            f.write(json.dumps(launch) + "\n")
+    return outcome
+
+
+def _start(job: _Job, slot: dict[str, Any], repo: pathlib.Path, say: Callable[[str], None]) -> None:
+    command = job.steps.pop(0)
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **slot.get("env", {}), "PYTHONUNBUFFERED": "1"}
+    cores = slot.get("cores")
+    with open(job.log, "a") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        job.proc = subprocess.Popen(
+            command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+    if not job.started:
+        job.started = time.time()
+        say(f"{job.point.name}: started" + (f" on cores {cores}" if cores else "")
+            + (f" on GPUs {slot['env']['CUDA_VISIBLE_DEVICES']}" if "env" in slot else ""))
+
+
+def _locked(log: pathlib.Path) -> bool:
+    """Whether the run was refused because another launch holds its workdir."""
+    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+    return "is in use by" in tail or "holds the workdir" in tail or "is locked by" in tail
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def slurm_script(loaded: Loaded, points: Sequence[Point], extra: Sequence[str],
+                 concurrent: int | None) -> str:
+    """A SLURM job array: task K runs the sweep's K-th run (`--point=K`), which skips itself
+    when done and resumes when interrupted, so the array can simply be resubmitted."""
+    limit = f"%{concurrent}" if concurrent else ""
+    lines = ["#!/bin/bash",
+             f"#SBATCH --job-name={loaded.name}",
+             f"#SBATCH --array=0-{len(points) - 1}{limit}",
+             f"#SBATCH --output={loaded.root}/logs/slurm-%A_%a.out",
+             *[f"#SBATCH {arg}" for arg in extra],
+             f"# {len(points)} runs of {loaded.file}; after they finish:",
+             f"#   python -m gpt_jax.sweep {loaded.file} --root={loaded.root} --report",
+             "set -euo pipefail",
+             f"cd {shlex.quote(str(loaded.repo))}",
+             f"exec {shlex.quote(sys.executable)} -m gpt_jax.sweep {shlex.quote(str(loaded.file))} "
+             f"--root={shlex.quote(str(loaded.root))} --point=\"$SLURM_ARRAY_TASK_ID\""]
+    return "\n".join(lines) + "\n"
