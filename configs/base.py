@@ -266,7 +266,7 @@ def get_config() -> ml_collections.ConfigDict:
     lg.tensorboard = True  # Write TensorBoard events to WORKDIR/tb (flushed at every row).
     # Also log every row to Weights & Biases (pip install -r requirements-wandb.txt): offline
     # (files under WORKDIR/wandb, no network; `wandb sync` uploads them) | online (needs a
-    # login). A resumed run continues its wandb run (its id is kept in WORKDIR/wandb_id).
+    # login). A resumed run logs under its wandb run's id (kept in WORKDIR/wandb_id).
     lg.wandb = False
     lg.wandb_mode = "offline"
     lg.wandb_project = "gpt_jax"  # The wandb project the runs go to.

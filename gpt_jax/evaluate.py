@@ -30,34 +30,42 @@ COMMAND = "python -m gpt_jax.evaluate"
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "A training run's workdir (required).")
-    flags.DEFINE_string("checkpoint", "newest", "newest | best (lowest val loss) | a step number.")
-    flags.DEFINE_string("data", None, "Text file, folder, .jsonl or prepared folder to score.")
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Defines the command's flags on `fv` (the sweep runner checks an Eval's arguments on its own
+    FlagValues)."""
+    into = {"flag_values": fv}
+    flags.DEFINE_string("workdir", None, "A training run's workdir (required).", **into)
+    flags.DEFINE_string("checkpoint", "newest", "newest | best (lowest val loss) | a step number.",
+                        **into)
+    flags.DEFINE_string("data", None, "Text file, folder, .jsonl or prepared folder to score.",
+                        **into)
     flags.DEFINE_string("split", None, "all | train | val: training's split of --data (default "
-                        "all with --data: both splits and their total; val without).")
-    flags.DEFINE_string("text_field", "text", "The text field of a .jsonl --data.")
-    flags.DEFINE_integer("seq_len", None, "Tokens per window (default: the run's data.seq_len).")
+                        "all with --data: both splits and their total; val without).", **into)
+    flags.DEFINE_string("text_field", "text", "The text field of a .jsonl --data.", **into)
+    flags.DEFINE_integer("seq_len", None, "Tokens per window (default: the run's data.seq_len).",
+                         **into)
     flags.DEFINE_integer("stride", None, "New tokens scored per window (default: --seq_len, "
-                         "non-overlapping windows).")
+                         "non-overlapping windows).", **into)
     flags.DEFINE_integer("batch_size", None, "Windows or task rows per step (default: the run's "
-                         "train.batch_size).")
+                         "train.batch_size).", **into)
     flags.DEFINE_boolean("per_position", False, "Also the mean loss at each position of the "
                          "non-overlapping windows of --seq_len tokens (how loss falls with "
-                         "context), in the record as per_position.")
-    flags.DEFINE_multi_string("task", [], "A task JSONL file or built-in name (repeatable).")
+                         "context), in the record as per_position.", **into)
+    flags.DEFINE_multi_string("task", [], "A task JSONL file or built-in name (repeatable).", **into)
     flags.DEFINE_string("task_source", None, "The text a built-in task is made from, where it "
-                        "needs one (shakespeare_cloze: Tiny Shakespeare).")
-    flags.DEFINE_integer("num_fewshot", 0, "Train examples in each task prompt.", lower_bound=0)
+                        "needs one (shakespeare_cloze: Tiny Shakespeare).", **into)
+    flags.DEFINE_integer("num_fewshot", 0, "Train examples in each task prompt.", lower_bound=0,
+                         **into)
     flags.DEFINE_string("fewshot_separator", None, "Between prompt examples (default: the "
-                        "task's, else a blank line).")
+                        "task's, else a blank line).", **into)
     flags.DEFINE_string("target_delimiter", None, "Between a context and its answer (default: "
-                        "the task's, else a space).")
-    flags.DEFINE_integer("fewshot_seed", 1234, "Seed of the few-shot draws.", lower_bound=0)
+                        "the task's, else a space).", **into)
+    flags.DEFINE_integer("fewshot_seed", 1234, "Seed of the few-shot draws.", lower_bound=0,
+                         **into)
     flags.DEFINE_integer("limit", None, "Score only the first N test examples of each task.",
-                         lower_bound=2)
+                         lower_bound=2, **into)
     flags.DEFINE_string("out", None, "JSON-lines file the results are appended to (default "
-                        "WORKDIR/eval.jsonl).")
+                        "WORKDIR/eval.jsonl).", **into)
 
 
 def main(argv: list[str], overrides: list[str]) -> None:
@@ -198,7 +206,7 @@ def _score_tasks(run, loaded_tasks: list, show: bool) -> list[dict]:
 
 def run_main() -> None:
     """The command (`python -m gpt_jax.evaluate`)."""
-    _define_flags()
+    define_flags()
     overrides: list[str] = []
     parse = cli.flags_parser(COMMAND)
 

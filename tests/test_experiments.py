@@ -63,3 +63,14 @@ def test_scaling_fit_is_the_csvs(folder):
         assert point[k] == pytest.approx(fit["fit"][k], rel=1e-6), k
     assert report.readme_block(folder / "README.md", scaling.FIT_BEGIN,
                                scaling.FIT_END) == scaling.fit_block(fit)
+
+
+def test_the_index_quotes_each_experiments_table():
+    index = (EXPERIMENTS[0].parent / "README.md").read_text()
+    for line in index.splitlines():
+        link = re.match(r"\| \[(\w+)\]\(\w+/\) \| (.*) \|$", line)
+        if not link:
+            continue
+        block = report.readme_block(EXPERIMENTS[0].parent / link.group(1) / "README.md") or ""
+        for quoted in re.findall(r"\d[\d,.]* ± [\d,.]*\d", link.group(2)):
+            assert quoted in block, f"experiments/README.md quotes {quoted} for {link.group(1)}"

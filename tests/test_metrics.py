@@ -247,3 +247,19 @@ def test_a_resume_counts_the_steps_between_the_last_row_and_the_checkpoint(tmp_p
     resumed.close()
     last = read_rows(tmp_path / "metrics.jsonl")[-1]
     assert (last["tokens"], last["flops"]) == (90, 9 * 10 * 100.0)
+
+
+def test_a_resume_with_another_batch_counts_flops_as_tokens(tmp_path):
+    """Rows to step 8 at 100 tokens a step, a checkpoint at 10, resumed with 200: the steps 8..10
+    trained 200 tokens at the old shape, counted at the rate the resumed run sets."""
+    w = MetricsWriter(tmp_path, tensorboard=False, tokens_per_step=100)
+    w.set_flops_per_token(3.0, 0)
+    w.write(8, {"train/loss": 1.0})
+    w.close()
+    resumed = MetricsWriter(tmp_path, tensorboard=False, resume_after=10, tokens_per_step=200)
+    resumed.set_flops_per_token(3.0, 10)
+    resumed.write(12, {"train/loss": 1.0})
+    resumed.close()
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["tokens"] == 1000 + 2 * 200
+    assert last["flops"] == 3.0 * last["tokens"]

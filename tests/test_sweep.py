@@ -68,6 +68,10 @@ def test_labels_and_names():
 
 
 @pytest.mark.parametrize("kwargs, match", [
+    ({"points": [{"data.path": "a/b"}, {"data.path": "a:b"}]}, "share the run folder"),
+    ({"points": [{"optim.lr": 0.1}, {"optim.lr": "0.1"}]}, "share the run folder"),
+    ({"points": [{"optim.lr": 0.1, "model.d_model": 64}, {"optim.lr": 0.2, "model.d_model": 64}],
+      "labels": {"optim.lr": None}}, "both labelled 'd_model=64'"),
     ({"points": []}, "points is empty"),
     ({"seeds": (1, 1)}, "distinct seeds"),
     ({"points": [{"train.seed": 1}]}, "Sweep.seeds"),
@@ -86,6 +90,13 @@ def test_bad_eval_names_and_args():
         Eval("a b")
     with pytest.raises(ValueError, match="sets --workdir"):
         Eval("x", ("--workdir=/tmp",))
+    with pytest.raises(ValueError, match="a tuple of flags"):
+        Eval("x", "--per_position")
+    with pytest.raises(ValueError, match="Did you mean: per_position"):
+        Eval("x", ("--per_positon",))  # Refused now, not after every run has trained.
+    with pytest.raises(ValueError, match="--seq_len=x"):
+        Eval("x", ("--seq_len=x",))
+    Eval("ok", ("--per_position", "--seq_len=128"))
 
 
 def _sweep_file(folder: pathlib.Path, body: str) -> pathlib.Path:
@@ -137,6 +148,7 @@ def test_a_bad_sweep_file_is_one_line(tmp_path, body, match):
     ({"model.num_layers": "two"}, "model.num_layers='two'"),
     ({"model.positions": "spiral"}, "model.positions"),
     ({"train.num_steps": 0}, "train.num_steps=0 must be"),
+    ({"train.final_eval": "none"}, "final_eval=none leaves no final val row"),
 ])
 def test_bad_overrides_are_refused_by_name(tmp_path, corpus, point, match):
     config = _tiny_config_file(tmp_path, corpus)
@@ -202,12 +214,68 @@ def test_status_done_evals_partial_new(tmp_path):
     runs = loaded.sweep.runs()
     _fake_run(loaded.workdir(runs[0]), 10, final=True)
     (loaded.workdir(runs[0]) / "evals").mkdir()
-    (loaded.workdir(runs[0]) / "evals" / "x.jsonl").write_text('{"text": []}\n')
+    (loaded.workdir(runs[0]) / "evals" / "x.jsonl").write_text('{"step": 10, "text": []}\n{"st')
     _fake_run(loaded.workdir(runs[1]), 10, final=True)
+    (loaded.workdir(runs[1]) / "evals").mkdir()  # A record of an earlier checkpoint: not done.
+    (loaded.workdir(runs[1]) / "evals" / "x.jsonl").write_text('{"step": 5, "text": []}\n')
     _fake_run(loaded.workdir(runs[2]), 10, final=False, checkpoint=True)
     assert [runner.status(loaded, r, 10) for r in runs] == ["done", "evals", "partial", "new"]
     assert runner.status(loaded, runs[0], 20) == "partial" or runner.status(
         loaded, runs[0], 20) == "new"  # More steps asked: not done.
+
+
+def test_a_run_made_with_another_config_stops_the_launch(tmp_path, corpus):
+    config = _tiny_config_file(tmp_path, corpus)
+    path = _sweep_file(tmp_path / "exp", f"def get_sweep():\n    return Sweep(config={str(config)!r}, "
+                                         "base={'optim.lr': 0.003})\n")
+    loaded = runner.load(str(path))
+    (point,) = loaded.sweep.runs()
+    saved = runner.config_of(loaded, point)
+    assert runner.stale_field(loaded.workdir(point), saved) is None  # No run yet.
+    saved.optim.lr, saved.log.every = 0.001, 7  # log.* may differ: it trains the same.
+    _fake_run(loaded.workdir(point), 30, final=True)
+    (loaded.workdir(point) / "config.json").write_text(saved.to_json())
+    with pytest.raises(runner.SweepError, match=r"another config \(optim.lr: 0.001 → 0.003\)"):
+        runner.run(loaded, [point], parallel=1, say=lambda _: None)
+
+
+def test_busy_is_read_from_this_launchs_output_only(tmp_path):
+    log = tmp_path / "run.log"
+    refused = "error: /x is in use by another training run (pid 1 on host h); wait for it\n"
+    log.write_text("$ train\n" + refused)
+    assert runner._locked(log, 0)
+    start = log.stat().st_size
+    log.write_text(log.read_text() + "$ train\nerror: out of memory\n")
+    assert not runner._locked(log, start)  # An earlier launch's refusal is not this failure.
+
+
+def test_report_with_another_root_leaves_the_experiment_alone(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    path = _sweep_file(exp, "def get_sweep():\n    return Sweep(config='configs/quickstart.py')\n")
+    (exp / "README.md").write_text("kept\n")
+    loaded = runner.load(str(path), str(tmp_path / "elsewhere"))
+    (point,) = loaded.sweep.runs()
+    _fake_run(loaded.workdir(point), 10, final=True)
+    (loaded.workdir(point) / "config.json").write_text(json.dumps({"train": {"num_steps": 10}}))
+    sweep_main.main([str(path), f"--root={tmp_path / 'elsewhere'}", "--report"])
+    assert (tmp_path / "elsewhere" / "results.csv").is_file()
+    assert sorted(p.name for p in exp.iterdir()) == ["README.md", "sweep.py"]
+    assert (exp / "README.md").read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--slurm_arg=--gres=gpu:1"], "give --slurm too"),
+    (["--report", "--parallel=2"], "leave it out with --report"),
+    (["--slurm=x.sh", "--slurm_concurrent=0"], "give at least 1"),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, args, match):
+    path = _sweep_file(tmp_path / "exp",
+                       "def get_sweep():\n    return Sweep(config='configs/quickstart.py')\n")
+    with pytest.raises((SystemExit, runner.SweepError)) as e:
+        sweep_main.main([str(path), *[a.replace("x.sh", str(tmp_path / "x.sh")) for a in args]])
+    said = str(e.value) if e.type is runner.SweepError else capsys.readouterr().err
+    assert match in said and len(said.strip().splitlines()) == 1
+    assert not (tmp_path / "x.sh").exists()
 
 
 def test_device_groups_split_gpus_and_cores(monkeypatch):
@@ -234,7 +302,8 @@ def test_slurm_array_has_one_task_per_run_and_is_valid_bash(tmp_path, corpus):
                      "--slurm_concurrent=2"])
     text = script.read_text()
     assert "#SBATCH --array=0-5%2\n" in text and "#SBATCH --gres=gpu:1\n" in text
-    assert '--point="$SLURM_ARRAY_TASK_ID"' in text
+    assert '--point="${SLURM_ARRAY_TASK_ID}"' in text and "#SBATCH --requeue\n" in text
+    assert (tmp_path / "exp" / "runs" / "logs").is_dir()  # Where SLURM writes the task logs.
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     shellcheck = pathlib.Path(sys.executable).parent / "shellcheck"
     if shellcheck.exists():
@@ -242,6 +311,33 @@ def test_slurm_array_has_one_task_per_run_and_is_valid_bash(tmp_path, corpus):
         assert check.returncode == 0, check.stdout
     with pytest.raises(runner.SweepError, match=r"runs 0\.\.5"):
         sweep_main.main([str(path), "--point=6"])
+
+
+def test_slurm_task_runs_its_point_and_requeues_when_preempted(tmp_path, corpus):
+    """The script under bash with stand-ins for srun (records its argv, exits FAKE_STATUS) and
+    scontrol: task 3 asks for run 3; exit 130 (stopped by SLURM's signal, saved) requeues."""
+    config = _tiny_config_file(tmp_path, corpus)
+    path = _sweep_file(tmp_path / "exp", f"def get_sweep():\n    return Sweep(config={str(config)!r}, "
+                                         "seeds=(0, 1, 2, 3))\n")
+    script = tmp_path / "array.sh"
+    sweep_main.main([str(path), f"--slurm={script}"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", 'exit "${FAKE_STATUS:-0}"'), ("scontrol", "")):
+        (bin_dir / name).write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > "{tmp_path}/{name}.args"\n'
+                                    f"{body}\n")
+        (bin_dir / name).chmod(0o755)
+    for status, requeued in ((0, False), (1, False), (130, True)):
+        (tmp_path / "scontrol.args").unlink(missing_ok=True)
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+               "SLURM_ARRAY_TASK_ID": "3", "FAKE_STATUS": str(status)}
+        r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+        assert r.returncode == status, r.stderr
+        srun = (tmp_path / "srun.args").read_text().splitlines()
+        assert srun[:5] == ["--ntasks=1", "python", "-m", "gpt_jax.sweep", str(path)]
+        assert srun[-1] == "--point=3"
+        assert (tmp_path / "scontrol.args").exists() == requeued
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "77"]
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -303,5 +399,21 @@ def test_a_run_another_launch_holds_is_reported_busy(tmp_path, corpus):
     loaded.workdir(point).mkdir(parents=True)
     with lock.WorkdirLock(loaded.workdir(point)):  # As a launch training it would hold it.
         outcome = runner.run(loaded, [point], parallel=1, say=lambda _: None)
-    assert outcome == {"done": [], "ran": [], "failed": [], "busy": [point.name]}
+    assert outcome == {"done": [], "ran": [], "failed": [], "busy": [point.name], "stopped": []}
     assert not (loaded.workdir(point) / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("code, kind", [(143, "stopped"), (130, "stopped"), (1, "failed")])
+def test_a_run_stopped_by_a_signal_is_not_a_failure(tmp_path, corpus, monkeypatch, code, kind):
+    """A run that exits 128 + SIGTERM/SIGINT saved a checkpoint (the loop's preemption path):
+    the launch reports it stopped, and a --point task exits 130 so SLURM requeues it."""
+    config = _tiny_config_file(tmp_path, corpus)
+    path = _sweep_file(tmp_path / "exp", f"def get_sweep():\n    return Sweep(config={str(config)!r})\n")
+    monkeypatch.setattr(runner, "train_command",
+                        lambda loaded, p: [sys.executable, "-c", f"raise SystemExit({code})"])
+    loaded = runner.load(str(path))
+    outcome = runner.run(loaded, loaded.sweep.runs(), parallel=1, say=lambda _: None)
+    assert outcome[kind] == ["base,seed=0"]
+    with pytest.raises(SystemExit) as e:
+        sweep_main.main([str(path), "--point=0"])
+    assert e.value.code == (130 if kind == "stopped" else 1)

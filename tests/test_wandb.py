@@ -102,3 +102,16 @@ def test_an_offline_run_logs_every_row_and_a_resume_continues_it(small_run, trai
         want = [(r["step"], r[key]) for r in rows if key in r]
         assert want and want == [(r["step"], r[key]) for r in logged if key in r], key
     assert all(r["params"] > 0 for r in rows if "val/loss" in r)
+
+
+@pytest.mark.slow
+def test_a_run_from_scratch_gets_a_new_wandb_run(tmp_path, monkeypatch):
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    ids = []
+    for resumed in (False, True, False):
+        sink = wandb_sink.WandbSink(tmp_path, "t", "offline", {"a": 1}, resumed=resumed)
+        sink.log(1, {"x": 1.0})
+        sink.close()
+        ids.append((tmp_path / wandb_sink.ID_FILE).read_text().strip())
+    assert ids[0] == ids[1] != ids[2]

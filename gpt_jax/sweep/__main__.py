@@ -3,8 +3,9 @@
 
 - no flag: train (and evaluate) the runs not yet done, sequentially or `--parallel=N` at a time
   with the GPUs or CPU cores split between them, then write the report;
-- `--report`: only the report, from the runs there are: ROOT/../results.csv, results.md, the
-  curves and points plots, and the results block of the experiment's README.md;
+- `--report`: only the report, from the runs there are: results.csv, results.md, the plots,
+  and the results block of the experiment's README.md, beside the sweep file; with a --root
+  elsewhere, in ROOT (the experiment's own record and README are left alone);
 - `--dry_run`: list the runs, their state and commands; run nothing;
 - `--slurm=FILE`: write a SLURM job-array script, one task per run (`--point=K`);
 - `--point=K`: run the K-th run only (what each array task does).
@@ -16,6 +17,7 @@ override or value stops the launch in one line before anything runs.
 from __future__ import annotations
 
 import pathlib
+import shlex
 import sys
 
 from gpt_jax import cli
@@ -42,22 +44,28 @@ def parse(argv: list[str]):
         p.error(f"--parallel={args.parallel} must be ≥ 1")
     if sum(map(bool, (args.report, args.dry_run, args.slurm, args.point is not None))) > 1:
         p.error("give one of --report, --dry_run, --slurm and --point")
+    if (args.slurm_arg or args.slurm_concurrent is not None) and not args.slurm:
+        p.error("--slurm_arg and --slurm_concurrent shape the script --slurm=FILE writes; give "
+                "--slurm too")
+    if args.parallel != 1 and (args.report or args.dry_run or args.slurm):
+        p.error("--parallel runs the runs: leave it out with --report, --dry_run and --slurm")
     return args
 
 
 def write_report(loaded: runner.Loaded, svg: bool) -> list[pathlib.Path]:
-    """results.csv, results.md, curves and points plots beside the sweep file (or, with a --root
-    elsewhere, in ROOT), and the README's results block; returns the files written."""
+    """results.csv, results.md, the plots and the README's results block beside the sweep file
+    (with a --root elsewhere: in ROOT, README untouched); returns the files written."""
     points = loaded.sweep.runs()
     rows = report.collect(loaded, points)
-    out = loaded.file.parent
+    own = loaded.root == loaded.file.parent / "runs"
+    out = loaded.file.parent if own else loaded.root
     if not rows:
         raise runner.SweepError(f"no run of {loaded.file} has finished under {loaded.root}; "
                                 f"run {COMMAND} {loaded.file} first")
     report.write_csv(rows, out / "results.csv")
     table = report.table_from_csv(out / "results.csv")
     block = table + "\n" + report.summary_line(rows, report.launches(loaded.root)) + "\n"
-    (out / "results.md").write_text(block)
+    cli.write_atomically({out / "results.md": block})
     from gpt_jax.sweep import plots  # matplotlib: imported only for a report.
 
     groups: dict[str, list[pathlib.Path]] = {}
@@ -79,7 +87,7 @@ def write_report(loaded: runner.Loaded, svg: bool) -> list[pathlib.Path]:
                                               f"eval {e.name}: mean ± 95% CI over seeds", svg=svg)
     for analysis in loaded.sweep.analyses:
         written += analysis(out)
-    if report.update_readme(out / "README.md", block):
+    if own and report.update_readme(out / "README.md", block):
         written.append(out / "README.md")
     missing = len(points) - len(rows)
     print(table + (f"({missing} of {len(points)} runs not finished: left out)\n" if missing else ""))
@@ -108,14 +116,18 @@ def main(argv: list[str]) -> None:
         for i, p in enumerate(points):
             config = runner.config_of(loaded, p)
             print(f"[{i}] {p.name}: {runner.status(loaded, p, config.train.num_steps)}\n    "
-                  + " ".join(runner.train_command(loaded, p)[1:]))
+                  + shlex.join(runner.train_command(loaded, p)[1:]))
         return
     chosen = [points[args.point]] if args.point is not None else points
     outcome = runner.run(loaded, chosen, args.parallel)
     print(f"{len(outcome['ran'])} ran, {len(outcome['done'])} already done, "
-          f"{len(outcome['busy'])} busy in another launch, {len(outcome['failed'])} failed")
+          f"{len(outcome['busy'])} busy in another launch, {len(outcome['failed'])} failed"
+          + (f", {len(outcome['stopped'])} stopped by a signal" if outcome["stopped"] else ""))
     if args.point is None and (outcome["ran"] or outcome["done"]):
         write_report(loaded, args.svg)
+    if outcome["stopped"] and not outcome["failed"]:  # 130: a SLURM task requeues itself.
+        cli.fail(f"{', '.join(outcome['stopped'])} stopped by a signal after saving; the next "
+                 "launch resumes them", status=130)
     if outcome["failed"]:
         cli.fail(f"{len(outcome['failed'])} run(s) failed: {', '.join(outcome['failed'])}; see "
                  f"their logs in {loaded.root / 'logs'}, fix, and launch again (finished runs "
@@ -124,4 +136,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     with cli.errors_as_one_line(runner.SweepError):
-        main(sys.argv[1:])
+        try:
+            main(sys.argv[1:])
+        except KeyboardInterrupt:
+            cli.fail("interrupted: the runs that were training saved a checkpoint and resume at "
+                     "the next launch", status=130)

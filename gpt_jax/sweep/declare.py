@@ -80,8 +80,21 @@ class Eval:
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9_.@-]+", self.name):
             raise ValueError(f"Eval name {self.name!r}: use letters, digits and _ . @ - only")
+        if isinstance(self.args, str) or not all(isinstance(a, str) for a in self.args):
+            raise ValueError(f"Eval {self.name!r}: args is a tuple of flags, e.g. "
+                             f"('--seq_len=256',), not {self.args!r}")
         if any(a.startswith(("--workdir", "--out")) for a in self.args):
             raise ValueError(f"Eval {self.name!r}: the sweep sets --workdir and --out itself")
+        from absl import flags
+
+        from gpt_jax import evaluate
+
+        known = flags.FlagValues()
+        evaluate.define_flags(known)
+        try:  # Checked now: a misspelt flag would otherwise fail only after every run trained.
+            known(["evaluate", *self.args])
+        except flags.Error as e:
+            raise ValueError(f"Eval {self.name!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +151,17 @@ class Sweep:
         if len(set(keys)) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValueError(f"Sweep.points lists {dup} twice")
+        folders = [run_name(p, 0) for p in self.points]  # Points sharing a workdir would mix.
+        if len(set(folders)) != len(folders):
+            i, j = next((i, j) for i in range(len(folders)) for j in range(i)
+                        if folders[i] == folders[j])
+            raise ValueError(f"Sweep.points {self.points[j]} and {self.points[i]} would share the "
+                             f"run folder {folders[i]!r}; make their values differ as text")
+        labels = [self.names[i] if self.names else self.label(p) for i, p in enumerate(self.points)]
+        if len(set(labels)) != len(labels):
+            dup = next(x for x in labels if labels.count(x) > 1)
+            raise ValueError(f"two points are both labelled {dup!r}, so tables would average them "
+                             "as one; give Sweep.names, or labels that keep the keys that differ")
 
     def runs(self) -> list[Point]:
         """Every run, point by point, each point's seeds in order (the SLURM array's order)."""

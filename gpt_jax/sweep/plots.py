@@ -80,7 +80,9 @@ def curves_figure(groups: dict[str, list[pathlib.Path]], out: pathlib.Path,
     for ax, (x, name) in zip(axes, X_AXES, strict=True):
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
-        if x != "step":
+        xs = np.concatenate([line.get_xdata() for line in ax.get_lines()] or [np.ones(1)])
+        xs = xs[np.isfinite(xs) & (xs > 0)]
+        if x != "step" and xs.size and xs.max() > 20 * xs.min():  # Log where it spans decades.
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # No crowded labels.
         ax.grid(alpha=0.3)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from gpt_jax import cli
 from gpt_jax.sweep import runner
 from gpt_jax.sweep.declare import Point
 
@@ -66,8 +67,11 @@ def read_rows(workdir: pathlib.Path) -> list[dict[str, Any]]:
 def run_summary(workdir: pathlib.Path, num_steps: int) -> dict[str, Any]:
     """One run's report columns from its metrics rows (METRICS' names)."""
     rows = read_rows(workdir)
-    val = [r for r in rows if isinstance(r.get("val/loss"), float | int)]
     final = runner.final_row(workdir, num_steps) or {}
+    # Best: over the evaluations of the final one's kind (val/split), the only comparable ones:
+    # periodic evals score fixed batches, a full final eval every val token.
+    val = [r for r in rows if isinstance(r.get("val/loss"), float | int)
+           and r.get("val/split") == final.get("val/split")]
     speeds = [r["tokens_per_sec"] for r in rows if isinstance(r.get("tokens_per_sec"), float | int)]
     last = rows[-1] if rows else {}
     return {
@@ -126,7 +130,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: _cell(r.get(k)) for k in columns})
-    path.write_text(buf.getvalue())
+    cli.write_atomically({path: buf.getvalue()})
 
 
 def _cell(v: Any) -> Any:
@@ -202,11 +206,13 @@ def summary_line(rows: Sequence[dict[str, Any]], launches: Sequence[dict[str, An
     """Runs, their summed wall time, and the launches' machine and elapsed time."""
     total = sum(_number(str(r.get("wall_s", ""))) or 0.0 for r in rows)
     text = f"{len(rows)} runs; their wall times sum to {total / 60:.1f} min"
+    launches = [x for x in launches if x.get("ran")]  # Relaunches that found all done: none.
     if launches:
         elapsed = sum(float(x.get("seconds", 0)) for x in launches)
         hosts = sorted({f"{x.get('cpus')} × {x.get('cpu')}" for x in launches})
-        text += (f"; {len(launches)} launch(es) took {elapsed / 60:.1f} min on "
-                 f"{'; '.join(hosts)} (trainings plus evals)")
+        text += (f"; the {len(launches)} launch(es) that ran them took {elapsed / 60:.1f} min "
+                 f"together (trainings plus evals; SLURM tasks' times add up) on "
+                 f"{'; '.join(hosts)}")
     return text + "."
 
 
@@ -219,7 +225,8 @@ def update_readme(readme: pathlib.Path, block: str, begin: str = BEGIN, end: str
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
         return False
-    readme.write_text(pattern.sub(lambda _: f"{begin}\n{block}{end}", text, count=1))
+    # Whole or not at all: the README's prose is hand-written.
+    cli.write_atomically({readme: pattern.sub(lambda _: f"{begin}\n{block}{end}", text, count=1)})
     return True
 
 
@@ -232,5 +239,10 @@ def readme_block(readme: pathlib.Path, begin: str = BEGIN, end: str = END) -> st
 
 def launches(root: pathlib.Path) -> list[dict[str, Any]]:
     path = root / runner.SWEEP_LOG
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
-        if path.is_file() else []
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # Cut by a kill, or two SLURM tasks appending at once.
+            continue
+    return out

@@ -10,6 +10,7 @@ reports the run as busy and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -19,6 +20,7 @@ import pathlib
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -111,7 +113,34 @@ def config_of(loaded: Loaded, point: Point) -> ml_collections.ConfigDict:
         config_lib.validate(config)
     except config_lib.ConfigError as e:
         raise SweepError(f"run {point.name}: {e}") from None
+    if config.train.final_eval == "none":  # The final val row marks a run done.
+        raise SweepError(f"run {point.name}: train.final_eval=none leaves no final val row, which "
+                         "marks a sweep's run done and which its report reads; use full or batches")
     return config
+
+
+# Groups whose fields may differ between a finished run and its sweep's config today: they do
+# not change what is trained (logging, sampling at the end, checkpoint cadence).
+_FREE_GROUPS = ("log", "sample", "checkpoint")
+
+
+def stale_field(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> str | None:
+    """The first field (`group.field: saved → now`) in which the run's config.json differs from
+    `config`, the sweep's config for it; None if none does, or the run has no config.json yet.
+    Fields the run resolved from None (the vocabulary size, the position table) are skipped."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    for group, fields in config.to_dict().items():
+        if group in _FREE_GROUPS or not isinstance(fields, dict):
+            continue
+        for field, value in fields.items():
+            old = saved.get(group, {}).get(field, value)
+            if value is not None and old != value and not (
+                    isinstance(value, float) and isinstance(old, int | float) and old == value):
+                return f"{group}.{field}: {old!r} → {value!r}"
+    return None
 
 
 def train_command(loaded: Loaded, point: Point) -> list[str]:
@@ -149,15 +178,27 @@ def eval_record(workdir: pathlib.Path, name: str) -> dict[str, Any] | None:
     path = workdir / EVALS / f"{name}.jsonl"
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # A line cut by a kill.
+            continue
     return rows[-1] if rows else None
+
+
+def has_eval(workdir: pathlib.Path, name: str, num_steps: int) -> bool:
+    """Whether the run's eval `name` has a record of its final checkpoint (another launch may
+    have scored an earlier one while the final save was being written)."""
+    record = eval_record(workdir, name)
+    return record is not None and record.get("step") == num_steps
 
 
 def status(loaded: Loaded, point: Point, num_steps: int) -> str:
     """done | evals (trained, an eval missing) | partial (a checkpoint to resume) | new."""
     workdir = loaded.workdir(point)
     if final_row(workdir, num_steps) is not None:
-        missing = [e for e in loaded.sweep.evals if eval_record(workdir, e.name) is None]
+        missing = [e for e in loaded.sweep.evals if not has_eval(workdir, e.name, num_steps)]
         return "evals" if missing else "done"
     checkpoints = workdir / "checkpoints"
     return "partial" if checkpoints.is_dir() and any(checkpoints.iterdir()) else "new"
@@ -176,6 +217,8 @@ def device_groups(parallel: int) -> list[dict[str, Any]]:
         share = len(gpus) // parallel
         return [{"env": {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * share:(i + 1) * share])}}
                 for i in range(parallel)]
+    if not hasattr(os, "sched_getaffinity"):  # macOS: no affinity; the runs share the cores.
+        return [{} for _ in range(parallel)]
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < parallel:
         raise SweepError(f"--parallel={parallel} exceeds the {len(cores)} CPU cores this process "
@@ -206,15 +249,23 @@ class _Job:
     slot: int
     proc: subprocess.Popen | None = None
     started: float = 0.0
+    log_from: int = 0  # Where this launch's output of the current command starts in the log.
 
 
 def run(loaded: Loaded, points: Sequence[Point], parallel: int,
         say: Callable[[str], None] = print) -> dict[str, list[str]]:
     """Trains and evaluates every run of `points` that is not done, `parallel` at a time;
-    returns the names of the runs by outcome: done (already), ran, failed, busy."""
+    returns the names of the runs by outcome: done (already), ran, failed, busy, stopped (by a
+    signal: it saved a checkpoint and resumes at the next launch)."""
     configs = {p.name: config_of(loaded, p) for p in points}  # Every run checked first.
+    for p in points:
+        if changed := stale_field(loaded.workdir(p), configs[p.name]):
+            raise SweepError(f"run {p.name} in {loaded.root} was made with another config "
+                             f"({changed}); move its workdir away to rerun it, or restore the "
+                             "sweep's setting")
     slots = device_groups(parallel)
-    outcome: dict[str, list[str]] = {"done": [], "ran": [], "failed": [], "busy": []}
+    outcome: dict[str, list[str]] = {"done": [], "ran": [], "failed": [], "busy": [],
+                                     "stopped": []}
     pending = []
     for p in points:
         state = status(loaded, p, configs[p.name].train.num_steps)
@@ -222,15 +273,17 @@ def run(loaded: Loaded, points: Sequence[Point], parallel: int,
             outcome["done"].append(p.name)
             continue
         steps = [] if state == "evals" else [train_command(loaded, p)]
+        num_steps = configs[p.name].train.num_steps
         steps += [eval_command(loaded, p, e.name, e.args) for e in loaded.sweep.evals
-                  if state != "evals" or eval_record(loaded.workdir(p), e.name) is None]
+                  if state != "evals" or not has_eval(loaded.workdir(p), e.name, num_steps)]
         log = loaded.root / "logs" / f"{p.name}.log"
         pending.append(_Job(p, steps, log, slot=-1))
         say(f"{p.name}: {state}" + (" (resuming from its checkpoint)" if state == "partial" else ""))
     loaded.root.mkdir(parents=True, exist_ok=True)
-    launch = {"start": _now(), "host": platform.node(), "cpus": len(os.sched_getaffinity(0)),
+    launch = {"start": _now(), "host": platform.node(), "cpus": os.cpu_count(),
               "cpu": _cpu_model(), "parallel": parallel, "runs": [j.point.name for j in pending]}
     begin, running, free = time.time(), [], list(range(len(slots)))
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # A scheduler's kill: stop as Ctrl-C.
     try:
         while pending or running:
             while pending and free:
@@ -248,21 +301,48 @@ def run(loaded: Loaded, points: Sequence[Point], parallel: int,
                     continue
                 running.remove(job)
                 free.append(job.slot)
-                kind = "ran" if code == 0 else "busy" if _locked(job.log) else "failed"
+                kind = ("ran" if code == 0 else "busy" if _locked(job.log, job.log_from)
+                        else "stopped" if code in _STOPPED else "failed")
                 outcome[kind].append(job.point.name)
                 say(f"{job.point.name}: {'finished' if code == 0 else kind} in "
                     f"{time.time() - job.started:.0f} s" + ("" if code == 0 else f" (exit {code}; "
                                                             f"see {job.log})"))
+    except KeyboardInterrupt:
+        launch["interrupted"] = True
+        raise
     finally:
-        for job in running:  # Interrupted (Ctrl-C): the runs stop and resume next launch.
-            if job.proc and job.proc.poll() is None:
-                job.proc.terminate()
-                job.proc.wait()
-        launch.update(end=_now(), seconds=round(time.time() - begin, 1),
-                      **{k: len(v) for k, v in outcome.items()})
-        with open(loaded.root / SWEEP_LOG, "a") as f:
-            f.write(json.dumps(launch) + "\n")
+        signal.signal(signal.SIGTERM, previous)
+        with _no_interrupts():  # Stopping the runs and the launch's record are not cut short.
+            for job in running:  # They save a checkpoint and resume at the next launch.
+                if job.proc and job.proc.poll() is None:
+                    job.proc.terminate()
+            for job in running:
+                if job.proc:
+                    job.proc.wait()
+            launch.update(end=_now(), seconds=round(time.time() - begin, 1),
+                          **{k: len(v) for k, v in outcome.items()})
+            with open(loaded.root / SWEEP_LOG, "a") as f:
+                f.write(json.dumps(launch) + "\n")
     return outcome
+
+
+# Exit codes of a run stopped by SIGTERM or SIGINT (128 + the signal): it saved and resumes.
+_STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _no_interrupts():
+    """SIGINT and SIGTERM ignored inside."""
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def _start(job: _Job, slot: dict[str, Any], repo: pathlib.Path, say: Callable[[str], None]) -> None:
@@ -271,6 +351,7 @@ def _start(job: _Job, slot: dict[str, Any], repo: pathlib.Path, say: Callable[[s
     env = {**os.environ, **slot.get("env", {}), "PYTHONUNBUFFERED": "1"}
     cores = slot.get("cores")
     with open(job.log, "a") as log:
+        job.log_from = log.tell()
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
         job.proc = subprocess.Popen(
@@ -282,10 +363,13 @@ def _start(job: _Job, slot: dict[str, Any], repo: pathlib.Path, say: Callable[[s
             + (f" on GPUs {slot['env']['CUDA_VISIBLE_DEVICES']}" if "env" in slot else ""))
 
 
-def _locked(log: pathlib.Path) -> bool:
-    """Whether the run was refused because another launch holds its workdir."""
-    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
-    return "is in use by" in tail or "holds the workdir" in tail or "is locked by" in tail
+def _locked(log: pathlib.Path, start: int) -> bool:
+    """Whether the command whose output starts at byte `start` of `log` was refused because
+    another launch holds the run's workdir (training's one-line error, gpt_jax/training/lock.py)."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").strip().splitlines()
+    return bool(lines) and lines[-1].startswith("error: ") and "is in use by another" in lines[-1]
 
 
 def _now() -> str:
@@ -304,18 +388,45 @@ def _cpu_model() -> str:
 
 def slurm_script(loaded: Loaded, points: Sequence[Point], extra: Sequence[str],
                  concurrent: int | None) -> str:
-    """A SLURM job array: task K runs the sweep's K-th run (`--point=K`), which skips itself
-    when done and resumes when interrupted, so the array can simply be resubmitted."""
+    """A SLURM job array: task K runs the sweep's K-th run (`--point=K`) as one job step, which
+    skips itself when done and resumes when interrupted, so the array can be resubmitted as it
+    is. Preemption as tools/slurm/train.sbatch: SIGTERM 120 s before the time limit, the run
+    saves, the launch exits 130, and the task requeues itself. GPT_JAX_ENV (a virtualenv) or
+    GPT_JAX_SETUP (a command) prepare the environment, as there."""
+    if any(c.isspace() or c in "\"'$`\\" for c in str(loaded.root)):
+        raise SweepError(f"--root={loaded.root}: #SBATCH lines cannot quote it; give a root path "
+                         "without spaces or quotes")
+    if concurrent is not None and concurrent < 1:
+        raise SweepError(f"--slurm_concurrent={concurrent}: give at least 1 (or leave it out)")
+    (loaded.root / "logs").mkdir(parents=True, exist_ok=True)  # SLURM does not make --output's.
     limit = f"%{concurrent}" if concurrent else ""
+    sweep = f"{shlex.quote(str(loaded.file))} --root={shlex.quote(str(loaded.root))}"
     lines = ["#!/bin/bash",
+             f"# {len(points)} runs of {loaded.file}. After they finish:",
+             f"#   python -m gpt_jax.sweep {sweep} --report",
              f"#SBATCH --job-name={loaded.name}",
              f"#SBATCH --array=0-{len(points) - 1}{limit}",
+             "#SBATCH --ntasks=1",
+             "#SBATCH --signal=TERM@120",
+             "#SBATCH --requeue",
+             "#SBATCH --open-mode=append",
              f"#SBATCH --output={loaded.root}/logs/slurm-%A_%a.out",
              *[f"#SBATCH {arg}" for arg in extra],
-             f"# {len(points)} runs of {loaded.file}; after they finish:",
-             f"#   python -m gpt_jax.sweep {loaded.file} --root={loaded.root} --report",
-             "set -euo pipefail",
-             f"cd {shlex.quote(str(loaded.repo))}",
-             f"exec {shlex.quote(sys.executable)} -m gpt_jax.sweep {shlex.quote(str(loaded.file))} "
-             f"--root={shlex.quote(str(loaded.root))} --point=\"$SLURM_ARRAY_TASK_ID\""]
+             "set -uo pipefail",
+             f"cd {shlex.quote(str(loaded.repo))} || exit 1",
+             'if [ -n "${GPT_JAX_ENV:-}" ]; then',
+             "  # shellcheck source=/dev/null",
+             '  source "${GPT_JAX_ENV}/bin/activate" || { echo "error: cannot activate '
+             'GPT_JAX_ENV=${GPT_JAX_ENV}" >&2; exit 1; }',
+             "fi",
+             'if [ -n "${GPT_JAX_SETUP:-}" ]; then',
+             '  eval "${GPT_JAX_SETUP}" || { echo "error: GPT_JAX_SETUP failed: ${GPT_JAX_SETUP}" >&2; '
+             "exit 1; }",
+             "fi",
+             f'srun --ntasks=1 python -m gpt_jax.sweep {sweep} --point="${{SLURM_ARRAY_TASK_ID}}"',
+             "status=$?",
+             'if [ "${status}" -eq 130 ]; then  # Stopped by the signal, the run saved: go on later.',
+             '  scontrol requeue "${SLURM_JOB_ID}"',
+             "fi",
+             'exit "${status}"']
     return "\n".join(lines) + "\n"

@@ -166,7 +166,9 @@ def report(folder: pathlib.Path) -> list[pathlib.Path]:
     """Sweep.analyses entry: fit FOLDER/results.csv → fit.json, scaling.png, README fit block."""
     rows = report_lib.read_csv(folder / "results.csv")
     result = analyse(rows)
-    (folder / "fit.json").write_text(json.dumps(result, indent=1) + "\n")
+    from gpt_jax import cli
+
+    cli.write_atomically({folder / "fit.json": json.dumps(result, indent=1) + "\n"})
     written = [folder / "fit.json", *figure(rows, result, folder / "scaling")]
     if report_lib.update_readme(folder / "README.md", fit_block(result), FIT_BEGIN, FIT_END):
         written.append(folder / "README.md")

@@ -174,7 +174,8 @@ class Loop:
         from gpt_jax.training.wandb_sink import WandbSink
 
         return lambda: WandbSink(self.r.workdir, lg.wandb_project, lg.wandb_mode,
-                                 config_lib.from_json(self.config_json).to_dict())
+                                 config_lib.from_json(self.config_json).to_dict(),
+                                 resumed=self.start > 0)
 
     def compile(self) -> None:
         """Compiles the train and eval steps of self.r; stops if the train step cannot fit."""

@@ -123,6 +123,7 @@ class MetricsWriter:
         self._tokens_per_step, self._tokens_at_0 = tokens_per_step, 0
         # Training FLOPs: `flops` at step `step` of the anchor, and per token from there on.
         self._flops_anchor, self._flops_per_token, self._rate_set = (0, 0.0), 0.0, False
+        self._resumed_from: tuple[int, float, int] | None = None
         self._started = time.time() if started is None else started
         if not active:
             return
@@ -136,7 +137,9 @@ class MetricsWriter:
             # then at this run's (a resume may change the batch shape).
             at_resume = last["tokens"] + (resume_after - last["step"]) * last["tokens"] // last["step"]
             self._tokens_at_0 = at_resume - resume_after * tokens_per_step
-        if isinstance(last.get("flops"), float | int):
+        # The last kept row's FLOPs; the first set_flops_per_token counts on from there.
+        if isinstance(last.get("flops"), float | int) and isinstance(last.get("tokens"), int):
+            self._resumed_from = (resume_after, float(last["flops"]), last["tokens"])
             self._flops_anchor = (int(last["step"]), float(last["flops"]))
         self._file = open(path, "a")  # noqa: SIM115 — closed in close().
         purge = resume_after + 1 if resume_after > 0 else None
@@ -162,6 +165,12 @@ class MetricsWriter:
         that row and the checkpoint ran at it."""
         if self._rate_set:
             self._flops_anchor = (step, self._flops_at(step))
+        elif self._resumed_from is not None:
+            # From the last kept row to the checkpoint resumed: the tokens trained in between
+            # (counted at the earlier run's batch shape, as `tokens` is) at this rate.
+            resumed, flops, tokens = self._resumed_from
+            at_resume = self._tokens_at_0 + resumed * self._tokens_per_step
+            self._flops_anchor = (resumed, flops + (at_resume - tokens) * flops_per_token)
         self._flops_per_token, self._rate_set = float(flops_per_token), True
 
     def _flops_at(self, step: int) -> float:

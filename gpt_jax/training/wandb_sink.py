@@ -2,9 +2,12 @@
 a wandb run. log.wandb_mode=offline writes it under WORKDIR/wandb with no network (upload it
 later with `wandb sync`); TensorBoard and metrics.jsonl stay the record either way.
 
-The run's id is kept in WORKDIR/wandb_id, so a resumed training run continues the same wandb run.
-Rows are logged against their training step as the x-axis metric `step` (wandb's own step counter
-only grows, and a resume writes the rolled-back steps again).
+The run's id is kept in WORKDIR/wandb_id: a resumed training run logs under the same id (online,
+wandb continues that run; offline, each start writes its own offline-run folder with the id,
+which `wandb sync` uploads). A run from scratch in the workdir gets a new id. Rows are logged
+against their training step as the x-axis metric `step`: wandb's own step counter only grows,
+and a resume writes the steps after its checkpoint again (TensorBoard hides the earlier ones;
+wandb keeps both).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ class WandbSink:
     """One wandb run for a workdir; `log(step, scalars)` per metrics row, `close()` at the end."""
 
     def __init__(self, workdir: pathlib.Path, project: str, mode: str, config: dict[str, Any],
-                 name: str | None = None):
+                 resumed: bool, name: str | None = None):
+        """`resumed`: the training run resumes (keep the wandb run) or starts from scratch."""
         import wandb
 
         id_file = workdir / ID_FILE
+        if not resumed:  # Another run: its own wandb run (the earlier one's files stay).
+            id_file.unlink(missing_ok=True)
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         if not id_file.is_file():
             id_file.write_text(run_id + "\n")
