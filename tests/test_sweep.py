@@ -96,7 +96,7 @@ def test_bad_eval_names_and_args():
         Eval("x", ("--per_positon",))  # Refused now, not after every run has trained.
     with pytest.raises(ValueError, match="--seq_len=x"):
         Eval("x", ("--seq_len=x",))
-    Eval("ok", ("--per_position", "--seq_len=128"))
+    Eval("ok", ("--per_position", "--seq_len=128", "--config.mesh.data=1"))  # Mesh overrides.
 
 
 def _sweep_file(folder: pathlib.Path, body: str) -> pathlib.Path:
@@ -214,10 +214,10 @@ def test_status_done_evals_partial_new(tmp_path):
     runs = loaded.sweep.runs()
     _fake_run(loaded.workdir(runs[0]), 10, final=True)
     (loaded.workdir(runs[0]) / "evals").mkdir()
-    (loaded.workdir(runs[0]) / "evals" / "x.jsonl").write_text('{"step": 10, "text": []}\n{"st')
+    (loaded.workdir(runs[0]) / "evals" / "x.jsonl").write_text('{"checkpoint": "newest", "step": 10, "text": []}\n{"st')
     _fake_run(loaded.workdir(runs[1]), 10, final=True)
     (loaded.workdir(runs[1]) / "evals").mkdir()  # A record of an earlier checkpoint: not done.
-    (loaded.workdir(runs[1]) / "evals" / "x.jsonl").write_text('{"step": 5, "text": []}\n')
+    (loaded.workdir(runs[1]) / "evals" / "x.jsonl").write_text('{"checkpoint": "newest", "step": 5, "text": []}\n')
     _fake_run(loaded.workdir(runs[2]), 10, final=False, checkpoint=True)
     assert [runner.status(loaded, r, 10) for r in runs] == ["done", "evals", "partial", "new"]
     assert runner.status(loaded, runs[0], 20) == "partial" or runner.status(
@@ -239,6 +239,34 @@ def test_a_run_made_with_another_config_stops_the_launch(tmp_path, corpus):
         runner.run(loaded, [point], parallel=1, say=lambda _: None)
 
 
+def test_a_grown_run_saved_at_a_shallower_depth_is_not_stale(tmp_path, corpus):
+    """With train.grow_at, config.json holds the current depth's config; a run interrupted before
+    its growth resumes (gpt_jax/finetune/grow.py's phase_config is what it saved)."""
+    from gpt_jax.finetune import grow
+
+    config = _tiny_config_file(tmp_path, corpus)
+    path = _sweep_file(tmp_path / "exp", f"def get_sweep():\n    return Sweep(config={str(config)!r}, "
+                                         "base={'model.num_layers': 4, 'train.grow_at': '10'})\n")
+    loaded = runner.load(str(path))
+    (point,) = loaded.sweep.runs()
+    config = runner.config_of(loaded, point)
+    loaded.workdir(point).mkdir(parents=True)
+    for step in (0, 11):
+        (loaded.workdir(point) / "config.json").write_text(grow.phase_config(config, step).to_json())
+        assert runner.stale_field(loaded.workdir(point), config) is None
+    config.optim.lr = 0.5
+    assert runner.stale_field(loaded.workdir(point), config) == "optim.lr: 0.001 → 0.5"
+
+
+def test_an_eval_of_another_checkpoint_is_done_once_recorded(tmp_path):
+    (tmp_path / "evals").mkdir()
+    record = tmp_path / "evals" / "x.jsonl"
+    record.write_text(json.dumps({"checkpoint": "best", "step": 700}) + "\n")
+    assert runner.has_eval(tmp_path, "x", 1000)
+    record.write_text(json.dumps({"checkpoint": "newest", "step": 700}) + "\n")
+    assert not runner.has_eval(tmp_path, "x", 1000)  # An earlier save than the final one.
+
+
 def test_busy_is_read_from_this_launchs_output_only(tmp_path):
     log = tmp_path / "run.log"
     refused = "error: /x is in use by another training run (pid 1 on host h); wait for it\n"
@@ -247,6 +275,9 @@ def test_busy_is_read_from_this_launchs_output_only(tmp_path):
     start = log.stat().st_size
     log.write_text(log.read_text() + "$ train\nerror: out of memory\n")
     assert not runner._locked(log, start)  # An earlier launch's refusal is not this failure.
+    start = log.stat().st_size  # The launch training it writes to the same log meanwhile.
+    log.write_text(log.read_text() + "$ train\n" + refused + "step 40/200: loss 2.1\n")
+    assert runner._locked(log, start)
 
 
 def test_report_with_another_root_leaves_the_experiment_alone(tmp_path, capsys):
@@ -327,14 +358,15 @@ def test_slurm_task_runs_its_point_and_requeues_when_preempted(tmp_path, corpus)
         (bin_dir / name).write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > "{tmp_path}/{name}.args"\n'
                                     f"{body}\n")
         (bin_dir / name).chmod(0o755)
-    for status, requeued in ((0, False), (1, False), (130, True)):
+    for status, requeued in ((0, False), (1, False), (130, True), (143, True)):
         (tmp_path / "scontrol.args").unlink(missing_ok=True)
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
                "SLURM_ARRAY_TASK_ID": "3", "FAKE_STATUS": str(status)}
         r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
         assert r.returncode == status, r.stderr
         srun = (tmp_path / "srun.args").read_text().splitlines()
-        assert srun[:5] == ["--ntasks=1", "python", "-m", "gpt_jax.sweep", str(path)]
+        # The Python that wrote the script (no GPT_JAX_ENV or GPT_JAX_SETUP here).
+        assert srun[:5] == ["--ntasks=1", sys.executable, "-m", "gpt_jax.sweep", str(path)]
         assert srun[-1] == "--point=3"
         assert (tmp_path / "scontrol.args").exists() == requeued
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "77"]

@@ -5,7 +5,7 @@ from gpt_jax.sweep import Sweep
 
 BASE = {"sample.num_samples": 0, "log.every": 25, "log.tensorboard": False}
 # FLOPs per token (6·N + attention, gpt_jax/models/gpt.py): 4 layers 5,168,640, 2 layers
-# 2,609,664. 1,000 steps at 2 layers + 1,495 at 4 = 2,000 steps at 4 layers (0.99997×).
+# 2,609,664. 1,000 steps at 2 layers + 1,495 at 4 = 2,000 steps at 4 layers (0.99995×).
 POINTS = [
     {"train.num_steps": 2000, "optim.decay_steps": 2000},  # 4 layers from scratch.
     {"train.num_steps": 2495, "optim.decay_steps": 2495, "train.grow_at": "1000"},  # Equal FLOPs.

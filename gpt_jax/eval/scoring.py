@@ -146,6 +146,11 @@ def _token_scores(model: nn.Module, params, inputs_BL: jax.Array, targets_BL: ja
     return sharding.replicate(logp_BL, replicated), sharding.replicate(greedy_BL, replicated)
 
 
+def _position_sums(rows: int, logp_BL: jax.Array) -> np.ndarray:
+    """Σ over a batch's first `rows` rows (the rest are padding) of log p at each position."""
+    return np.sum(np.asarray(jax.device_get(logp_BL))[:rows], axis=0, dtype=np.float64)
+
+
 class Scorer:
     """Log-likelihoods of token sequences under one decoder-only model (gpt, lstm)."""
 
@@ -262,8 +267,10 @@ class Scorer:
                     self._replicated, self._rules)[0]))
                 if self._sync:
                     jax.block_until_ready(pending[-1][1])
-        for rows, logp_BL in pending:  # Padding rows (past `rows`) are left out.
-            total_L -= np.sum(np.asarray(jax.device_get(logp_BL))[:rows], axis=0, dtype=np.float64)
+                if len(pending) > 1:  # Summed one batch behind: the device stays busy, memory flat.
+                    total_L -= _position_sums(*pending.pop(0))
+        for rows, logp_BL in pending:
+            total_L -= _position_sums(rows, logp_BL)
         return total_L / len(starts), len(starts)
 
     def _ids(self, ids: Sequence[int], what: str) -> np.ndarray:

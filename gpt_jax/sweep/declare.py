@@ -92,7 +92,8 @@ class Eval:
         known = flags.FlagValues()
         evaluate.define_flags(known)
         try:  # Checked now: a misspelt flag would otherwise fail only after every run trained.
-            known(["evaluate", *self.args])
+            # (--config.mesh.* are evaluate's mesh overrides, not flags: its parser sets them aside.)
+            known(["evaluate", *(a for a in self.args if not a.startswith("--config."))])
         except flags.Error as e:
             raise ValueError(f"Eval {self.name!r}: {e}") from None
 

@@ -91,12 +91,13 @@ def curves_figure(groups: dict[str, list[pathlib.Path]], out: pathlib.Path,
     return _save(fig, out, svg)
 
 
-def _zoom(ax) -> None:
-    """Shows the curves' informative part: early steps' loss (≈ log V) would flatten the rest."""
+def _zoom(ax, top: float = 0.9) -> None:
+    """Shows the curves' informative part: early steps' loss (≈ log V) would flatten the rest;
+    the y-axis ends at the `top` quantile of the values."""
     ys = np.concatenate([line.get_ydata() for line in ax.get_lines()] or [np.zeros(0)])
     ys = ys[np.isfinite(ys)]
     if ys.size:
-        low, high = float(ys.min()), float(np.quantile(ys, 0.9))
+        low, high = float(ys.min()), float(np.quantile(ys, top))
         pad = 0.05 * (high - low or 1.0)
         ax.set_ylim(low - pad, high + pad)
 
@@ -111,7 +112,10 @@ def points_figure(rows: Sequence[dict[str, Any]], out: pathlib.Path, svg: bool =
                              constrained_layout=True, squeeze=False)
     ax = axes[0][0]
     labels = [g["configuration"] for g in groups]
-    for offset, (col, name) in enumerate((("final_val_loss", "final"), ("best_val_loss", "best"))):
+    shown = [("final_val_loss", "final")]
+    if any(g["best_val_loss"] != g["final_val_loss"] for g in groups):
+        shown.append(("best_val_loss", "best"))
+    for offset, (col, name) in enumerate(shown):
         means = [g[col][0] for g in groups]
         halves = [0.0 if math.isnan(g[col][1]) else g[col][1] for g in groups]
         ax.errorbar(np.arange(len(groups)) + 0.12 * offset, means, yerr=halves, fmt="o",
@@ -162,7 +166,7 @@ def positions_figure(groups: dict[str, list[np.ndarray]], out: pathlib.Path, tit
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _zoom(ax)
+    _zoom(ax, top=1.0)  # Every position: the first ones, with the least context, included.
     return _save(fig, out, svg)
 
 

@@ -175,15 +175,18 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         return "(no finished runs yet)\n"
     evals = [k for k in groups[0] if k.startswith(EVAL_PREFIX)]
     shown = [(c, h, f, ci) for c, h, f, ci in METRICS
-             if any(not math.isnan(g[c][0]) for g in groups)]
-    head = ["configuration", "seeds", *(h for _, h, _, _ in shown[:2]),
-            *(e.removeprefix(EVAL_PREFIX) for e in evals), *(h for _, h, _, _ in shown[2:])]
+             if any(not math.isnan(g[c][0]) for g in groups)
+             # Best is the final where that is the only comparable evaluation (a full final).
+             and not (c == "best_val_loss" and all(g[c] == g["final_val_loss"] for g in groups))]
+    losses = sum(c in ("final_val_loss", "best_val_loss") for c, _, _, _ in shown)
+    head = ["configuration", "seeds", *(h for _, h, _, _ in shown[:losses]),
+            *(e.removeprefix(EVAL_PREFIX) for e in evals), *(h for _, h, _, _ in shown[losses:])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["configuration"], str(g["n"])]
-        cells += [_fmt(g[c], f, ci) for c, _, f, ci in shown[:2]]
+        cells += [_fmt(g[c], f, ci) for c, _, f, ci in shown[:losses]]
         cells += [_fmt(g[e], "{:.4f}", True) for e in evals]
-        cells += [_fmt(g[c], f, ci) for c, _, f, ci in shown[2:]]
+        cells += [_fmt(g[c], f, ci) for c, _, f, ci in shown[losses:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -206,7 +209,8 @@ def summary_line(rows: Sequence[dict[str, Any]], launches: Sequence[dict[str, An
     """Runs, their summed wall time, and the launches' machine and elapsed time."""
     total = sum(_number(str(r.get("wall_s", ""))) or 0.0 for r in rows)
     text = f"{len(rows)} runs; their wall times sum to {total / 60:.1f} min"
-    launches = [x for x in launches if x.get("ran")]  # Relaunches that found all done: none.
+    # Relaunches that found every run done did no work; the others' time counts.
+    launches = [x for x in launches if x.get("ran") or x.get("failed") or x.get("stopped")]
     if launches:
         elapsed = sum(float(x.get("seconds", 0)) for x in launches)
         hosts = sorted({f"{x.get('cpus')} × {x.get('cpu')}" for x in launches})

@@ -119,26 +119,53 @@ def config_of(loaded: Loaded, point: Point) -> ml_collections.ConfigDict:
     return config
 
 
-# Groups whose fields may differ between a finished run and its sweep's config today: they do
-# not change what is trained (logging, sampling at the end, checkpoint cadence).
-_FREE_GROUPS = ("log", "sample", "checkpoint")
+# Fields that may differ between a run's config.json and its sweep's config today: they do not
+# change what is trained (logging, sampling, checkpoint cadence, evaluation, input threads, the
+# mesh); `finetune.base` is pinned to a step folder when a run starts (gpt_jax/training/resume.py).
+_FREE_GROUPS = ("log", "sample", "mesh")
+_FREE_FIELDS = {
+    "checkpoint": ("every", "keep"),
+    "data": ("num_threads", "prefetch", "cache_dir", "verify_shards"),
+    "train": ("eval_every", "eval_batches", "eval_decode", "final_eval", "eval_tasks",
+              "eval_tasks_fewshot", "eval_tasks_limit", "eval_tasks_source", "memory_check",
+              "tune_host_malloc"),
+    "finetune": ("base",),
+}
 
 
 def stale_field(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> str | None:
     """The first field (`group.field: saved → now`) in which the run's config.json differs from
-    `config`, the sweep's config for it; None if none does, or the run has no config.json yet.
-    Fields the run resolved from None (the vocabulary size, the position table) are skipped."""
+    `config`, the sweep's config for it, in what is trained; None if none does, or the run has no
+    config.json yet. Fields the run resolved from None (the vocabulary size, the position table)
+    are skipped. A run that grows (train.grow_at) saves the config of its current depth, which
+    is compared with that phase's (gpt_jax/finetune/grow.py)."""
     path = workdir / "config.json"
     if not path.is_file():
         return None
+    from gpt_jax import config as config_lib
+    from gpt_jax.finetune import grow
+
     saved = json.loads(path.read_text())
+    starts = [0, *(g + 1 for g in config_lib.grow_steps(config))]
+    phases = [config] + ([grow.phase_config(config, s) for s in starts] if len(starts) > 1 else [])
+    changes = [_first_change(saved, phase) for phase in phases]
+    if None in changes:
+        return None
+    # Named from the phase of the saved depth, if any: its first difference is the real one.
+    depth = saved.get("model", {}).get("num_layers")
+    return next((c for c, p in zip(changes, phases, strict=True) if p.model.num_layers == depth),
+                changes[0])
+
+
+def _first_change(saved: dict, config: ml_collections.ConfigDict) -> str | None:
     for group, fields in config.to_dict().items():
         if group in _FREE_GROUPS or not isinstance(fields, dict):
             continue
         for field, value in fields.items():
+            if field in _FREE_FIELDS.get(group, ()):
+                continue
             old = saved.get(group, {}).get(field, value)
-            if value is not None and old != value and not (
-                    isinstance(value, float) and isinstance(old, int | float) and old == value):
+            if value is not None and old != value:  # 1e-3 == 0.001, 2 == 2.0: the same.
                 return f"{group}.{field}: {old!r} → {value!r}"
     return None
 
@@ -191,7 +218,10 @@ def has_eval(workdir: pathlib.Path, name: str, num_steps: int) -> bool:
     """Whether the run's eval `name` has a record of its final checkpoint (another launch may
     have scored an earlier one while the final save was being written)."""
     record = eval_record(workdir, name)
-    return record is not None and record.get("step") == num_steps
+    if record is None:
+        return False
+    # An Eval of another checkpoint (--checkpoint=best, a step) scores what it names.
+    return record.get("checkpoint") != "newest" or record.get("step") == num_steps
 
 
 def status(loaded: Loaded, point: Point, num_steps: int) -> str:
@@ -280,7 +310,8 @@ def run(loaded: Loaded, points: Sequence[Point], parallel: int,
         pending.append(_Job(p, steps, log, slot=-1))
         say(f"{p.name}: {state}" + (" (resuming from its checkpoint)" if state == "partial" else ""))
     loaded.root.mkdir(parents=True, exist_ok=True)
-    launch = {"start": _now(), "host": platform.node(), "cpus": os.cpu_count(),
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    launch = {"start": _now(), "host": platform.node(), "cpus": cpus,
               "cpu": _cpu_model(), "parallel": parallel, "runs": [j.point.name for j in pending]}
     begin, running, free = time.time(), [], list(range(len(slots)))
     previous = signal.signal(signal.SIGTERM, _interrupt)  # A scheduler's kill: stop as Ctrl-C.
@@ -326,8 +357,9 @@ def run(loaded: Loaded, points: Sequence[Point], parallel: int,
     return outcome
 
 
-# Exit codes of a run stopped by SIGTERM or SIGINT (128 + the signal): it saved and resumes.
-_STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)
+# Exit codes of a run stopped by SIGTERM or SIGINT: 128 + the signal (it saved a checkpoint), or
+# killed by it before its handler was installed (−signal). Either resumes at the next launch.
+_STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT)
 
 
 def _interrupt(signum, frame) -> None:
@@ -369,7 +401,8 @@ def _locked(log: pathlib.Path, start: int) -> bool:
     with open(log, "rb") as f:
         f.seek(start)
         lines = f.read().decode(errors="replace").strip().splitlines()
-    return bool(lines) and lines[-1].startswith("error: ") and "is in use by another" in lines[-1]
+    # Another launch training the run may write to the same log in between: any line counts.
+    return any(line.startswith("error: ") and "is in use by another" in line for line in lines)
 
 
 def _now() -> str:
@@ -423,9 +456,14 @@ def slurm_script(loaded: Loaded, points: Sequence[Point], extra: Sequence[str],
              '  eval "${GPT_JAX_SETUP}" || { echo "error: GPT_JAX_SETUP failed: ${GPT_JAX_SETUP}" >&2; '
              "exit 1; }",
              "fi",
-             f'srun --ntasks=1 python -m gpt_jax.sweep {sweep} --point="${{SLURM_ARRAY_TASK_ID}}"',
+             "# The Python that wrote this script, unless an environment was set up above.",
+             f"python={shlex.quote(sys.executable)}",
+             'if [ -n "${GPT_JAX_ENV:-}${GPT_JAX_SETUP:-}" ]; then python=python; fi',
+             f'srun --ntasks=1 "${{python}}" -m gpt_jax.sweep {sweep} '
+             '--point="${SLURM_ARRAY_TASK_ID}"',
              "status=$?",
-             'if [ "${status}" -eq 130 ]; then  # Stopped by the signal, the run saved: go on later.',
+             "# Stopped by the signal (130: the launch; 143: before it could catch it): requeue.",
+             'if [ "${status}" -eq 130 ] || [ "${status}" -eq 143 ]; then',
              '  scontrol requeue "${SLURM_JOB_ID}"',
              "fi",
              'exit "${status}"']
