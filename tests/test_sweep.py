@@ -214,10 +214,11 @@ def test_status_done_evals_partial_new(tmp_path):
     runs = loaded.sweep.runs()
     _fake_run(loaded.workdir(runs[0]), 10, final=True)
     (loaded.workdir(runs[0]) / "evals").mkdir()
-    (loaded.workdir(runs[0]) / "evals" / "x.jsonl").write_text('{"checkpoint": "newest", "step": 10, "text": []}\n{"st')
+    newest = '{"checkpoint": "newest", "step": %d, "text": []}\n'
+    (loaded.workdir(runs[0]) / "evals" / "x.jsonl").write_text(newest % 10 + '{"st')
     _fake_run(loaded.workdir(runs[1]), 10, final=True)
     (loaded.workdir(runs[1]) / "evals").mkdir()  # A record of an earlier checkpoint: not done.
-    (loaded.workdir(runs[1]) / "evals" / "x.jsonl").write_text('{"checkpoint": "newest", "step": 5, "text": []}\n')
+    (loaded.workdir(runs[1]) / "evals" / "x.jsonl").write_text(newest % 5)
     _fake_run(loaded.workdir(runs[2]), 10, final=False, checkpoint=True)
     assert [runner.status(loaded, r, 10) for r in runs] == ["done", "evals", "partial", "new"]
     assert runner.status(loaded, runs[0], 20) == "partial" or runner.status(
