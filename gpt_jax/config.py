@@ -222,7 +222,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.log.wandb:
         from gpt_jax.training.wandb_sink import missing_problem
 
-        check(missing_problem() is None, missing_problem() or "")
+        problem = missing_problem()
+        check(problem is None, problem or "")
     check(config.log.upload_every_s >= 0,
           f"log.upload_every_s={config.log.upload_every_s} must be ≥ 0 (0: at every row).")
 

@@ -158,7 +158,7 @@ class Sweep:
                         if folders[i] == folders[j])
             raise ValueError(f"Sweep.points {self.points[j]} and {self.points[i]} would share the "
                              f"run folder {folders[i]!r}; make their values differ as text")
-        labels = [self.names[i] if self.names else self.label(p) for i, p in enumerate(self.points)]
+        labels = self._labels()
         if len(set(labels)) != len(labels):
             dup = next(x for x in labels if labels.count(x) > 1)
             raise ValueError(f"two points are both labelled {dup!r}, so tables would average them "
@@ -167,11 +167,14 @@ class Sweep:
     def runs(self) -> list[Point]:
         """Every run, point by point, each point's seeds in order (the SLURM array's order)."""
         out = []
-        for i, overrides in enumerate(self.points):
-            label = self.names[i] if self.names else self.label(overrides)
+        for overrides, label in zip(self.points, self._labels(), strict=True):
             for seed in self.seeds:
                 out.append(Point(dict(overrides), int(seed), run_name(overrides, seed), label))
         return out
+
+    def _labels(self) -> list[str]:
+        """Each point's name in tables and legends: `names`, else `label(overrides)`."""
+        return list(self.names) if self.names else [self.label(p) for p in self.points]
 
     def label(self, overrides: Overrides) -> str:
         """The configuration's name in tables and legends: `short=value, …`, "base" for {}."""

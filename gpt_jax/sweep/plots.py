@@ -49,10 +49,9 @@ def _group_band(curves: Sequence[dict[str, np.ndarray]], x: str, metric: str):
     steps = sorted(common)
     xs, means, halves = [], [], []
     for s in steps:
-        at = [c for c in curves]
-        idx = [int(np.searchsorted(c["step"], s)) for c in at]
-        xs.append(float(np.mean([c[x][i] for c, i in zip(at, idx, strict=True)])))
-        mean, half, _ = mean_ci([float(c[metric][i]) for c, i in zip(at, idx, strict=True)])
+        idx = [int(np.searchsorted(c["step"], s)) for c in curves]
+        xs.append(float(np.mean([c[x][i] for c, i in zip(curves, idx, strict=True)])))
+        mean, half, _ = mean_ci([float(c[metric][i]) for c, i in zip(curves, idx, strict=True)])
         means.append(mean)
         halves.append(0.0 if math.isnan(half) else half)
     return np.asarray(xs), np.asarray(means), np.asarray(halves)
